@@ -1,0 +1,530 @@
+// CPU kernels of the ttdist TT lookup ops.
+//
+// Symbols: T tables, F features (each feature reads one table: feature_table_map[f]), B bags per
+// feature, N looked-up indices. Table t has d_t cores; core k has layout (p_k, r_k, q_k, r_{k+1})
+// with r_0 = r_d = 1 (0-based here). Row i has digits (i_0..i_{d-1}), row-major over p (i_0 most
+// significant); W[i, :] = S_0(i_0) x S_1(i_1) x ... x S_{d-1}(i_{d-1}) where S_k(i) is the
+// (r_k, q_k * r_{k+1}) slice of core k.
+//
+// One batch of one table is processed as a trie walk over its *sorted unique* rows: rows that
+// share leading digits share the prefix products P_k = S_0 x ... x S_k (shape (q_0..q_k, r_{k+1})),
+// so each prefix is computed once per batch, not once per lookup. The backward walks the same
+// trie in reverse mode: the gradient of a shared prefix is accumulated over its children and pushed
+// into its core slice once. Duplicate indices are summed before any core is touched, so every
+// result is deterministic for a given number of threads.
+#include "tt_lookup_cpu.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <numeric>
+
+namespace ttdist {
+namespace {
+
+using at::Tensor;
+
+// C (M x N) = A (M x K) @ B (K x N); B is read as scalar_t and accumulated in acc_t.
+template <typename acc_t, typename scalar_t>
+inline void gemm_nn(int64_t M, int64_t K, int64_t N, const acc_t* A, const scalar_t* B, acc_t* C) {
+  std::fill(C, C + M * N, acc_t(0));
+  for (int64_t i = 0; i < M; ++i) {
+    acc_t* c = C + i * N;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t a = A[i * K + k];
+      const scalar_t* b = B + k * N;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * static_cast<acc_t>(b[j]);
+    }
+  }
+}
+
+// C (K x N) += A^T @ G where A is (M x K) and G is (M x N).
+template <typename acc_t>
+inline void gemm_tn_acc(int64_t M, int64_t K, int64_t N, const acc_t* A, const acc_t* G, acc_t* C) {
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t* g = G + m * N;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t a = A[m * K + k];
+      acc_t* c = C + k * N;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * g[j];
+    }
+  }
+}
+
+// C (M x K) += G (M x N) @ S^T where S is (K x N).
+template <typename acc_t, typename scalar_t>
+inline void gemm_nt_acc(int64_t M, int64_t K, int64_t N, const acc_t* G, const scalar_t* S, acc_t* C) {
+  for (int64_t m = 0; m < M; ++m) {
+    const acc_t* g = G + m * N;
+    for (int64_t k = 0; k < K; ++k) {
+      const scalar_t* s = S + k * N;
+      acc_t sum = 0;
+      for (int64_t j = 0; j < N; ++j) sum += g[j] * static_cast<acc_t>(s[j]);
+      C[m * K + k] += sum;
+    }
+  }
+}
+
+// Shape of one table: p, q, ranks (d + 1 entries) and derived strides.
+struct TableShape {
+  int64_t d = 0;
+  std::vector<int64_t> p, q, r;
+  std::vector<int64_t> row_stride;  // row_stride[k] = p_{k+1} * ... * p_{d-1}
+  std::vector<int64_t> Q;           // Q[k] = q_0 * ... * q_k
+  std::vector<int64_t> slice;       // slice[k] = r_k * q_k * r_{k+1}
+  int64_t num_rows = 1, dim = 1;
+
+  int64_t digit(int64_t row, int64_t k) const { return (row / row_stride[k]) % p[k]; }
+  // First level at which rows a and b differ (d when equal).
+  int64_t first_diff(int64_t a, int64_t b) const {
+    for (int64_t k = 0; k < d; ++k)
+      if (digit(a, k) != digit(b, k)) return k;
+    return d;
+  }
+};
+
+TableShape table_shape(const std::vector<Tensor>& cores, int64_t begin, int64_t d) {
+  TableShape s;
+  s.d = d;
+  s.r.push_back(1);
+  for (int64_t k = 0; k < d; ++k) {
+    const Tensor& c = cores[begin + k];
+    TORCH_CHECK(c.dim() == 4, "ttdist: core ", k, " must be 4-D (p, r_in, q, r_out), got ", c.sizes());
+    TORCH_CHECK(c.size(1) == s.r.back(), "ttdist: core ", k, " has r_in ", c.size(1), " but the previous core has r_out ", s.r.back());
+    TORCH_CHECK(c.is_contiguous(), "ttdist: cores must be contiguous");
+    s.p.push_back(c.size(0));
+    s.q.push_back(c.size(2));
+    s.r.push_back(c.size(3));
+  }
+  TORCH_CHECK(s.r.back() == 1, "ttdist: the last core must have r_out = 1");
+  s.row_stride.assign(d, 1);
+  for (int64_t k = d - 2; k >= 0; --k) s.row_stride[k] = s.row_stride[k + 1] * s.p[k + 1];
+  s.num_rows = s.row_stride[0] * s.p[0];
+  int64_t acc = 1;
+  for (int64_t k = 0; k < d; ++k) {
+    acc *= s.q[k];
+    s.Q.push_back(acc);
+    s.slice.push_back(s.r[k] * s.q[k] * s.r[k + 1]);
+  }
+  s.dim = acc;
+  return s;
+}
+
+// The looked-up positions of all features that read one table, grouped by unique row.
+struct TableBatch {
+  std::vector<int64_t> rows;        // sorted unique rows, U entries
+  std::vector<int64_t> group;       // U + 1 offsets into `order`
+  std::vector<int64_t> order;       // positions sorted by row
+  std::vector<int64_t> unique_of;   // unique_of[position] = u (only for this table's positions)
+};
+
+// Per-position pooling factor: per-sample weight times 1/len for mean bags.
+template <typename acc_t>
+std::vector<acc_t> position_scales(const LookupArgs& a, const int64_t* offsets, int64_t B, const Tensor& indices) {
+  const int64_t N = indices.numel();
+  std::vector<acc_t> scale(N, acc_t(1));
+  if (a.per_sample_weights.has_value()) {
+    Tensor w = a.per_sample_weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    std::copy(wp, wp + N, scale.begin());
+  }
+  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+  at::parallel_for(0, F * B, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t fb = begin; fb < end; ++fb) {
+      if (a.pooling_modes[fb / B] != kPoolingMean) continue;
+      const int64_t lo = offsets[fb], hi = offsets[fb + 1];
+      for (int64_t j = lo; j < hi; ++j) scale[j] /= static_cast<acc_t>(hi - lo);
+    }
+  });
+  return scale;
+}
+
+TableBatch gather_table(const LookupArgs& a, int64_t t, const TableShape& shape, const int64_t* idx,
+                        const int64_t* offsets, int64_t B, std::vector<int64_t>& unique_of) {
+  TableBatch tb;
+  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+  for (int64_t f = 0; f < F; ++f) {
+    if (a.feature_table_map[f] != t) continue;
+    for (int64_t j = offsets[f * B]; j < offsets[(f + 1) * B]; ++j) {
+      TORCH_CHECK(idx[j] >= 0 && idx[j] < shape.num_rows, "ttdist: index ", idx[j], " at position ", j,
+                  " of feature ", f, " is out of range [0, ", shape.num_rows, ")");
+      tb.order.push_back(j);
+    }
+  }
+  std::stable_sort(tb.order.begin(), tb.order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
+  for (size_t n = 0; n < tb.order.size(); ++n) {
+    const int64_t row = idx[tb.order[n]];
+    if (tb.rows.empty() || tb.rows.back() != row) {
+      tb.rows.push_back(row);
+      tb.group.push_back(static_cast<int64_t>(n));
+    }
+    unique_of[tb.order[n]] = static_cast<int64_t>(tb.rows.size()) - 1;
+  }
+  tb.group.push_back(static_cast<int64_t>(tb.order.size()));
+  return tb;
+}
+
+// Splits [0, U) into contiguous chunks, one per task, so each chunk walks its own trie.
+std::vector<int64_t> chunk_bounds(int64_t U, int64_t min_rows_per_chunk) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), U / min_rows_per_chunk));
+  std::vector<int64_t> bounds(chunks + 1);
+  for (int64_t c = 0; c <= chunks; ++c) bounds[c] = U * c / chunks;
+  return bounds;
+}
+
+// Prefix products of the current row of a trie walk; level k holds P_k, (Q_k, r_{k+1}).
+template <typename acc_t, typename scalar_t>
+struct PrefixStack {
+  const TableShape& s;
+  std::vector<const scalar_t*> core;
+  std::vector<std::vector<acc_t>> P;
+  std::vector<int64_t> digit;
+
+  PrefixStack(const TableShape& shape, std::vector<const scalar_t*> cores) : s(shape), core(std::move(cores)) {
+    for (int64_t k = 0; k < s.d; ++k) P.emplace_back(s.Q[k] * s.r[k + 1]);
+    digit.assign(s.d, -1);
+  }
+  const scalar_t* slice(int64_t k, int64_t i) const { return core[k] + i * s.slice[k]; }
+  // Recomputes P_from..P_to for `row` (P_{from-1} must be current).
+  void advance(int64_t row, int64_t from, int64_t to) {
+    for (int64_t k = from; k <= to; ++k) {
+      digit[k] = s.digit(row, k);
+      const scalar_t* S = slice(k, digit[k]);
+      if (k == 0) {
+        for (int64_t e = 0; e < s.slice[0]; ++e) P[0][e] = static_cast<acc_t>(S[e]);
+      } else {
+        gemm_nn<acc_t, scalar_t>(s.Q[k - 1], s.r[k], s.q[k] * s.r[k + 1], P[k - 1].data(), S, P[k].data());
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+void forward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
+                   at::opmath_type<scalar_t>* rows_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t U = static_cast<int64_t>(tb.rows.size());
+  const auto bounds = chunk_bounds(U, 16);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      PrefixStack<acc_t, scalar_t> stack(s, cores);
+      for (int64_t u = bounds[c]; u < bounds[c + 1]; ++u) {
+        const int64_t from = (u == bounds[c]) ? 0 : s.first_diff(tb.rows[u - 1], tb.rows[u]);
+        stack.advance(tb.rows[u], from, s.d - 1);
+        std::copy(stack.P[s.d - 1].begin(), stack.P[s.d - 1].end(), rows_out + u * s.dim);
+      }
+    }
+  });
+}
+
+// Reverse-mode trie walk: grad_rows (U, D) -> dense core gradients (acc_t, one buffer per core).
+template <typename scalar_t>
+std::vector<std::vector<at::opmath_type<scalar_t>>> backward_table(
+    const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
+    const at::opmath_type<scalar_t>* grad_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t U = static_cast<int64_t>(tb.rows.size());
+  const auto bounds = chunk_bounds(U, 64);
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t d = s.d;
+  // grads[c][k]: chunk c's gradient of core k; chunk 0's buffer is the result.
+  std::vector<std::vector<std::vector<acc_t>>> grads(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      auto& dcore = grads[c];
+      for (int64_t k = 0; k < d; ++k) dcore.emplace_back(s.p[k] * s.slice[k], acc_t(0));
+      PrefixStack<acc_t, scalar_t> stack(s, cores);
+      std::vector<std::vector<acc_t>> dP;  // dP[k]: gradient of the current prefix P_k, k < d - 1
+      for (int64_t k = 0; k + 1 < d; ++k) dP.emplace_back(s.Q[k] * s.r[k + 1], acc_t(0));
+      // Pushes the finished prefix node at level k into its core slice and its parent.
+      auto finalize = [&](int64_t k) {
+        acc_t* dS = dcore[k].data() + stack.digit[k] * s.slice[k];
+        if (k == 0) {
+          for (int64_t e = 0; e < s.slice[0]; ++e) dS[e] += dP[0][e];
+        } else {
+          const int64_t M = s.Q[k - 1], K = s.r[k], N = s.q[k] * s.r[k + 1];
+          gemm_tn_acc<acc_t>(M, K, N, stack.P[k - 1].data(), dP[k].data(), dS);
+          gemm_nt_acc<acc_t, scalar_t>(M, K, N, dP[k].data(), stack.slice(k, stack.digit[k]), dP[k - 1].data());
+        }
+        std::fill(dP[k].begin(), dP[k].end(), acc_t(0));
+      };
+      for (int64_t u = bounds[c]; u < bounds[c + 1]; ++u) {
+        const int64_t row = tb.rows[u];
+        int64_t from = 0;
+        if (u != bounds[c]) {
+          from = std::min(s.first_diff(tb.rows[u - 1], row), d - 1);
+          for (int64_t k = d - 2; k >= from; --k) finalize(k);
+        }
+        stack.advance(row, from, d - 2);
+        stack.digit[d - 1] = s.digit(row, d - 1);
+        // Leaf: W_row = P_{d-2} (Q_{d-2}, r_{d-1}) @ S_{d-1} (r_{d-1}, q_{d-1}).
+        const int64_t M = s.Q[d - 2], K = s.r[d - 1], N = s.q[d - 1];
+        const acc_t* g = grad_rows + u * s.dim;
+        acc_t* dS = dcore[d - 1].data() + stack.digit[d - 1] * s.slice[d - 1];
+        gemm_tn_acc<acc_t>(M, K, N, stack.P[d - 2].data(), g, dS);
+        gemm_nt_acc<acc_t, scalar_t>(M, K, N, g, stack.slice(d - 1, stack.digit[d - 1]), dP[d - 2].data());
+      }
+      if (bounds[c + 1] > bounds[c])
+        for (int64_t k = d - 2; k >= 0; --k) finalize(k);
+    }
+  });
+  for (int64_t c = 1; c < chunks; ++c)
+    for (int64_t k = 0; k < d; ++k) {
+      auto& dst = grads[0][k];
+      const auto& src = grads[c][k];
+      at::parallel_for(0, static_cast<int64_t>(dst.size()), 4096, [&](int64_t b, int64_t e) {
+        for (int64_t x = b; x < e; ++x) dst[x] += src[x];
+      });
+    }
+  return std::move(grads[0]);
+}
+
+// Everything one call needs about its tables and positions.
+struct Prepared {
+  int64_t B = 0;
+  std::vector<TableShape> shapes;
+  std::vector<int64_t> core_begin;
+  std::vector<int64_t> col_offset;  // per feature, in the (B, sum D) output
+  int64_t total_dim = 0;
+  std::vector<TableBatch> batches;
+  std::vector<int64_t> unique_of;
+};
+
+Prepared prepare(const std::vector<Tensor>& cores, const LookupArgs& a, const Tensor& indices, const Tensor& offsets) {
+  Prepared pr;
+  const int64_t T = static_cast<int64_t>(a.table_num_cores.size());
+  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+  TORCH_CHECK(F > 0, "ttdist: feature_table_map must name at least one feature");
+  TORCH_CHECK(static_cast<int64_t>(a.pooling_modes.size()) == F, "ttdist: pooling_modes needs one entry per feature");
+  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1, "ttdist: indices and offsets must be 1-D");
+  TORCH_CHECK((offsets.numel() - 1) % F == 0 && offsets.numel() >= 1,
+              "ttdist: offsets must have F * B + 1 entries, got ", offsets.numel(), " for F = ", F);
+  pr.B = (offsets.numel() - 1) / F;
+  int64_t begin = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    pr.core_begin.push_back(begin);
+    pr.shapes.push_back(table_shape(cores, begin, a.table_num_cores[t]));
+    begin += a.table_num_cores[t];
+  }
+  TORCH_CHECK(begin == static_cast<int64_t>(cores.size()), "ttdist: table_num_cores sums to ", begin, " but ", cores.size(), " cores were given");
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t t = a.feature_table_map[f];
+    TORCH_CHECK(t >= 0 && t < T, "ttdist: feature ", f, " maps to table ", t, ", valid range [0, ", T, ")");
+    pr.col_offset.push_back(pr.total_dim);
+    pr.total_dim += pr.shapes[t].dim;
+  }
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[offsets.numel() - 1] == indices.numel(), "ttdist: offsets must start at 0 and end at the number of indices");
+  for (int64_t x = 0; x + 1 < offsets.numel(); ++x) TORCH_CHECK(off[x] <= off[x + 1], "ttdist: offsets must be non-decreasing");
+  pr.unique_of.assign(indices.numel(), -1);
+  for (int64_t t = 0; t < T; ++t)
+    pr.batches.push_back(gather_table(a, t, pr.shapes[t], indices.data_ptr<int64_t>(), off, pr.B, pr.unique_of));
+  return pr;
+}
+
+template <typename scalar_t>
+std::vector<const scalar_t*> table_core_ptrs(const std::vector<Tensor>& cores, const Prepared& pr, int64_t t) {
+  std::vector<const scalar_t*> ptrs;
+  for (int64_t k = 0; k < pr.shapes[t].d; ++k) ptrs.push_back(cores[pr.core_begin[t] + k].data_ptr<scalar_t>());
+  return ptrs;
+}
+
+// Gradient of each unique row of table t: sum over its positions of scale * grad_output[bag, cols].
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> row_gradients(const LookupArgs& a, const Prepared& pr, int64_t t, const Tensor& grad_output,
+                                 const int64_t* off, const std::vector<acc_t>& scale) {
+  const TableBatch& tb = pr.batches[t];
+  const int64_t D = pr.shapes[t].dim, U = static_cast<int64_t>(tb.rows.size());
+  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+  std::vector<acc_t> grad(U * D, acc_t(0));
+  const scalar_t* go = grad_output.data_ptr<scalar_t>();
+  const int64_t ld = grad_output.size(1);
+  // position -> (feature, bag) via binary search in offsets.
+  at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      acc_t* g = grad.data() + u * D;
+      for (int64_t n = tb.group[u]; n < tb.group[u + 1]; ++n) {
+        const int64_t j = tb.order[n];
+        const int64_t fb = std::upper_bound(off, off + F * pr.B + 1, j) - off - 1;
+        const scalar_t* src = go + (fb % pr.B) * ld + pr.col_offset[fb / pr.B];
+        for (int64_t e = 0; e < D; ++e) g[e] += scale[j] * static_cast<acc_t>(src[e]);
+      }
+    }
+  });
+  return grad;
+}
+
+// Applies one optimizer step to the listed rows of `weight` (rows, row_len).
+template <typename scalar_t, typename GradRow>
+void update_rows(scalar_t* weight, at::opmath_type<scalar_t>* state, int64_t row_len, const std::vector<int64_t>& ids,
+                 GradRow grad_row, int64_t optimizer, double lr, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, static_cast<int64_t>(ids.size()), 16, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const int64_t row = ids[n];
+      const acc_t* g = grad_row(n);
+      scalar_t* w = weight + row * row_len;
+      if (optimizer == kOptimSGD) {
+        for (int64_t x = 0; x < row_len; ++x) w[x] = static_cast<scalar_t>(static_cast<acc_t>(w[x]) - acc_t(lr) * g[x]);
+      } else if (optimizer == kOptimAdagrad) {
+        acc_t* st = state + row * row_len;
+        for (int64_t x = 0; x < row_len; ++x) {
+          st[x] += g[x] * g[x];
+          w[x] = static_cast<scalar_t>(static_cast<acc_t>(w[x]) - acc_t(lr) * g[x] / (std::sqrt(st[x]) + acc_t(eps)));
+        }
+      } else {
+        acc_t sq = 0;
+        for (int64_t x = 0; x < row_len; ++x) sq += g[x] * g[x];
+        state[row] += sq / static_cast<acc_t>(row_len);
+        const acc_t step = acc_t(lr) / (std::sqrt(state[row]) + acc_t(eps));
+        for (int64_t x = 0; x < row_len; ++x) w[x] = static_cast<scalar_t>(static_cast<acc_t>(w[x]) - step * g[x]);
+      }
+    }
+  });
+}
+
+void check_optimizer_state(const Tensor& weight, const Tensor& state, int64_t rows, int64_t row_len, int64_t optimizer) {
+  TORCH_CHECK(optimizer == kOptimSGD || optimizer == kOptimAdagrad || optimizer == kOptimRowwiseAdagrad,
+              "ttdist: unknown optimizer code ", optimizer);
+  if (optimizer == kOptimSGD) return;
+  const int64_t want = optimizer == kOptimAdagrad ? rows * row_len : rows;
+  TORCH_CHECK(state.numel() == want && state.is_contiguous(), "ttdist: optimizer state has ", state.numel(),
+              " elements, expected ", want);
+  TORCH_CHECK(state.scalar_type() == at::toOpMathType(weight.scalar_type()), "ttdist: optimizer state must be ",
+              at::toOpMathType(weight.scalar_type()));
+}
+
+// Shared by tt_backward and tt_backward_fused_: calls `consume(t, dense core grads of table t,
+// unique rows of table t)` once per table.
+template <typename scalar_t, typename Consume>
+void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores, const LookupArgs& a,
+                     const Tensor& indices_in, const Tensor& offsets_in, Consume consume) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Tensor indices = indices_in.to(at::kLong).contiguous();
+  const Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  Prepared pr = prepare(cores, a, indices, offsets);
+  const Tensor go = grad_output.contiguous();
+  TORCH_CHECK(go.dim() == 2 && go.size(0) == pr.B && go.size(1) == pr.total_dim, "ttdist: grad_output must be (",
+              pr.B, ", ", pr.total_dim, "), got ", go.sizes());
+  const auto scale = position_scales<acc_t>(a, offsets.data_ptr<int64_t>(), pr.B, indices);
+  for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
+    if (pr.batches[t].rows.empty()) {
+      consume(t, std::vector<std::vector<acc_t>>(), pr.batches[t].rows, pr.shapes[t], pr.core_begin[t]);
+      continue;
+    }
+    const auto grad_rows = row_gradients<acc_t, scalar_t>(a, pr, t, go, offsets.data_ptr<int64_t>(), scale);
+    auto grads = backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.data());
+    consume(t, grads, pr.batches[t].rows, pr.shapes[t], pr.core_begin[t]);
+  }
+}
+
+}  // namespace
+
+Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, const Tensor& indices_in, const Tensor& offsets_in) {
+  TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
+  const Tensor indices = indices_in.to(at::kLong).contiguous();
+  const Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  Prepared pr = prepare(cores, a, indices, offsets);
+  Tensor out = at::zeros({pr.B, pr.total_dim}, cores[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores[0].scalar_type(), "tt_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto scale = position_scales<acc_t>(a, offsets.data_ptr<int64_t>(), pr.B, indices);
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+    for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
+      const TableBatch& tb = pr.batches[t];
+      const int64_t D = pr.shapes[t].dim;
+      std::vector<acc_t> rows(tb.rows.size() * D);
+      forward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), tb, rows.data());
+      for (int64_t f = 0; f < F; ++f) {
+        if (a.feature_table_map[f] != t) continue;
+        at::parallel_for(0, pr.B, 64, [&](int64_t b0, int64_t b1) {
+          std::vector<acc_t> bag(D);
+          for (int64_t b = b0; b < b1; ++b) {
+            std::fill(bag.begin(), bag.end(), acc_t(0));
+            for (int64_t j = off[f * pr.B + b]; j < off[f * pr.B + b + 1]; ++j) {
+              const acc_t* src = rows.data() + pr.unique_of[j] * D;
+              for (int64_t e = 0; e < D; ++e) bag[e] += scale[j] * src[e];
+            }
+            scalar_t* dst = o + b * pr.total_dim + pr.col_offset[f];
+            for (int64_t e = 0; e < D; ++e) dst[e] = static_cast<scalar_t>(bag[e]);
+          }
+        });
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<Tensor> tt_backward_cpu(const Tensor& grad_output, const std::vector<Tensor>& cores, const LookupArgs& a,
+                                    const Tensor& indices, const Tensor& offsets) {
+  std::vector<Tensor> out;
+  for (const auto& c : cores) out.push_back(at::zeros_like(c));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores.at(0).scalar_type(), "tt_backward_cpu", [&] {
+    backward_tables<scalar_t>(grad_output, cores, a, indices, offsets,
+                              [&](int64_t, const auto& grads, const auto&, const TableShape& s, int64_t begin) {
+                                for (size_t k = 0; k < grads.size(); ++k) {
+                                  Tensor g = at::from_blob(const_cast<at::opmath_type<scalar_t>*>(grads[k].data()),
+                                                           out[begin + k].sizes(), at::TensorOptions().dtype(c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value));
+                                  out[begin + k].copy_(g);
+                                }
+                                (void)s;
+                              });
+  });
+  return out;
+}
+
+void tt_backward_fused_cpu(const Tensor& grad_output, const std::vector<Tensor>& cores,
+                           const std::vector<Tensor>& optimizer_states, const LookupArgs& a, const Tensor& indices,
+                           const Tensor& offsets, int64_t optimizer, double learning_rate, double eps) {
+  TORCH_CHECK(optimizer_states.size() == cores.size(), "ttdist: one optimizer state per core is required");
+  for (size_t k = 0; k < cores.size(); ++k)
+    check_optimizer_state(cores[k], optimizer_states[k], cores[k].size(0), cores[k].numel() / cores[k].size(0), optimizer);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores.at(0).scalar_type(), "tt_backward_fused_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_tables<scalar_t>(
+        grad_output, cores, a, indices, offsets,
+        [&](int64_t, const auto& grads, const std::vector<int64_t>& rows, const TableShape& s, int64_t begin) {
+          if (rows.empty()) return;
+          for (int64_t k = 0; k < s.d; ++k) {
+            // The slices of core k that this batch touched: every distinct digit i_k.
+            std::vector<int64_t> ids;
+            for (int64_t row : rows) ids.push_back(s.digit(row, k));
+            std::sort(ids.begin(), ids.end());
+            ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+            const acc_t* g = grads[k].data();
+            const int64_t len = s.slice[k];
+            acc_t* state = optimizer == kOptimSGD ? nullptr : optimizer_states[begin + k].data_ptr<acc_t>();
+            update_rows<scalar_t>(cores[begin + k].data_ptr<scalar_t>(), state, len, ids,
+                                  [&](int64_t n) { return g + ids[n] * len; }, optimizer, learning_rate, eps);
+          }
+        });
+  });
+}
+
+void sparse_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, const Tensor& row_ids_in,
+                           const Tensor& row_grads_in, int64_t optimizer, double learning_rate, double eps) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "ttdist: sparse_row_update_ needs a contiguous 2-D weight");
+  const Tensor row_ids = row_ids_in.to(at::kLong).contiguous();
+  const Tensor row_grads = row_grads_in.to(at::toOpMathType(weight.scalar_type())).contiguous();
+  const int64_t rows = weight.size(0), len = weight.size(1);
+  TORCH_CHECK(row_grads.dim() == 2 && row_grads.size(0) == row_ids.numel() && row_grads.size(1) == len,
+              "ttdist: row_grads must be (", row_ids.numel(), ", ", len, ")");
+  check_optimizer_state(weight, optimizer_state, rows, len, optimizer);
+  std::vector<int64_t> ids(row_ids.data_ptr<int64_t>(), row_ids.data_ptr<int64_t>() + row_ids.numel());
+  for (int64_t r : ids) TORCH_CHECK(r >= 0 && r < rows, "ttdist: row id ", r, " out of range [0, ", rows, ")");
+  std::vector<int64_t> sorted = ids;
+  std::sort(sorted.begin(), sorted.end());
+  TORCH_CHECK(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), "ttdist: row ids must be unique");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sparse_row_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g = row_grads.data_ptr<acc_t>();
+    acc_t* state = optimizer == kOptimSGD ? nullptr : optimizer_state.data_ptr<acc_t>();
+    update_rows<scalar_t>(weight.data_ptr<scalar_t>(), state, len, ids, [&](int64_t n) { return g + n * len; },
+                          optimizer, learning_rate, eps);
+  });
+}
+
+}  // namespace ttdist

@@ -1,0 +1,42 @@
+// CPU implementations of the ttdist TT lookup ops (schemas and docs: csrc/ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace ttdist {
+
+// Pooling modes, per feature (match ttdist/ops.py).
+constexpr int64_t kPoolingSum = 0;
+constexpr int64_t kPoolingMean = 1;
+
+// Fused optimizers (match ttdist.modules.optim.OptimType codes).
+constexpr int64_t kOptimSGD = 0;
+constexpr int64_t kOptimAdagrad = 1;
+constexpr int64_t kOptimRowwiseAdagrad = 2;
+
+// The non-tensor description of one table-batched lookup.
+struct LookupArgs {
+  std::vector<int64_t> table_num_cores;    // T entries: d_t
+  std::vector<int64_t> feature_table_map;  // F entries: table of feature f
+  std::vector<int64_t> pooling_modes;      // F entries: kPoolingSum | kPoolingMean
+  std::optional<at::Tensor> per_sample_weights;
+};
+
+at::Tensor tt_forward_cpu(const std::vector<at::Tensor>& cores, const LookupArgs& args, const at::Tensor& indices,
+                          const at::Tensor& offsets);
+
+std::vector<at::Tensor> tt_backward_cpu(const at::Tensor& grad_output, const std::vector<at::Tensor>& cores,
+                                        const LookupArgs& args, const at::Tensor& indices, const at::Tensor& offsets);
+
+void tt_backward_fused_cpu(const at::Tensor& grad_output, const std::vector<at::Tensor>& cores,
+                           const std::vector<at::Tensor>& optimizer_states, const LookupArgs& args,
+                           const at::Tensor& indices, const at::Tensor& offsets, int64_t optimizer,
+                           double learning_rate, double eps);
+
+void sparse_row_update_cpu(const at::Tensor& weight, const at::Tensor& optimizer_state, const at::Tensor& row_ids,
+                           const at::Tensor& row_grads, int64_t optimizer, double learning_rate, double eps);
+
+}  // namespace ttdist

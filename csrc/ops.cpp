@@ -1,0 +1,82 @@
+// The ttdist op registry: one schema per op, CPU implementations registered here; the CUDA
+// implementations are registered beside them in csrc/cuda/ops_cuda.cpp when CUDA is built.
+//
+// Conventions shared by every lookup op (T tables, F features, B bags per feature):
+//   cores              all tables' cores, table after table; core k of a table is
+//                      (p_k, r_{k-1}, q_k, r_k) with r_0 = r_d = 1
+//   table_num_cores    [T]  number of cores d_t of each table
+//   feature_table_map  [F]  the table each feature reads
+//   pooling_modes      [F]  0 = sum, 1 = mean
+//   indices            [N]  int64 rows, feature after feature
+//   offsets            [F * B + 1]  bag boundaries into indices (fbgemm's TBE layout)
+//   per_sample_weights [N]  optional, multiplies each looked-up row
+//   output             [B, sum_f D_{t(f)}]  pooled rows, features side by side
+#include <torch/library.h>
+
+#include "cpu/tt_lookup_cpu.h"
+
+namespace ttdist {
+namespace {
+
+LookupArgs make_args(at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+                     at::IntArrayRef pooling_modes, const std::optional<at::Tensor>& per_sample_weights,
+                     int64_t num_indices) {
+  if (per_sample_weights.has_value())
+    TORCH_CHECK(per_sample_weights->numel() == num_indices, "ttdist: per_sample_weights has ",
+                per_sample_weights->numel(), " entries but there are ", num_indices, " indices");
+  return LookupArgs{table_num_cores.vec(), feature_table_map.vec(), pooling_modes.vec(), per_sample_weights};
+}
+
+at::Tensor tt_forward(at::TensorList cores, at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+                      at::IntArrayRef pooling_modes, const at::Tensor& indices, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& per_sample_weights) {
+  return tt_forward_cpu(cores.vec(), make_args(table_num_cores, feature_table_map, pooling_modes, per_sample_weights, indices.numel()),
+                        indices, offsets);
+}
+
+std::vector<at::Tensor> tt_backward(const at::Tensor& grad_output, at::TensorList cores, at::IntArrayRef table_num_cores,
+                                    at::IntArrayRef feature_table_map, at::IntArrayRef pooling_modes,
+                                    const at::Tensor& indices, const at::Tensor& offsets,
+                                    const std::optional<at::Tensor>& per_sample_weights) {
+  return tt_backward_cpu(grad_output, cores.vec(),
+                         make_args(table_num_cores, feature_table_map, pooling_modes, per_sample_weights, indices.numel()),
+                         indices, offsets);
+}
+
+void tt_backward_fused_(const at::Tensor& grad_output, at::TensorList cores, at::TensorList optimizer_states,
+                        at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+                        at::IntArrayRef pooling_modes, const at::Tensor& indices, const at::Tensor& offsets,
+                        const std::optional<at::Tensor>& per_sample_weights, int64_t optimizer, double learning_rate,
+                        double eps) {
+  tt_backward_fused_cpu(grad_output, cores.vec(), optimizer_states.vec(),
+                        make_args(table_num_cores, feature_table_map, pooling_modes, per_sample_weights, indices.numel()),
+                        indices, offsets, optimizer, learning_rate, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ttdist, m) {
+  // Pooled lookup of the rows `indices` of T TT tables; decompresses only those rows.
+  m.def("tt_forward(Tensor[] cores, int[] table_num_cores, int[] feature_table_map, int[] pooling_modes, "
+        "Tensor indices, Tensor offsets, Tensor? per_sample_weights) -> Tensor");
+  // Dense gradient of every core given d(output); per_sample_weights are constants.
+  m.def("tt_backward(Tensor grad_output, Tensor[] cores, int[] table_num_cores, int[] feature_table_map, "
+        "int[] pooling_modes, Tensor indices, Tensor offsets, Tensor? per_sample_weights) -> Tensor[]");
+  // tt_backward followed by an exact optimizer step (0 SGD, 1 Adagrad, 2 row-wise Adagrad) on
+  // every core slice the batch touched; duplicates are summed first. Updates cores and states.
+  m.def("tt_backward_fused_(Tensor grad_output, Tensor(a!)[] cores, Tensor(b!)[] optimizer_states, "
+        "int[] table_num_cores, int[] feature_table_map, int[] pooling_modes, Tensor indices, Tensor offsets, "
+        "Tensor? per_sample_weights, int optimizer, float learning_rate, float eps) -> ()");
+  // The same optimizer step on rows `row_ids` (unique) of a 2-D weight, e.g. a row cache.
+  m.def("sparse_row_update_(Tensor(a!) weight, Tensor(b!) optimizer_state, Tensor row_ids, Tensor row_grads, "
+        "int optimizer, float learning_rate, float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ttdist, CPU, m) {
+  m.impl("tt_forward", &tt_forward);
+  m.impl("tt_backward", &tt_backward);
+  m.impl("tt_backward_fused_", &tt_backward_fused_);
+  m.impl("sparse_row_update_", &sparse_row_update_cpu);
+}
+
+}  // namespace ttdist

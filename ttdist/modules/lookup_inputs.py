@@ -1,0 +1,68 @@
+"""Validation and normalisation of lookup inputs, before any kernel runs.
+
+Accepts nn.EmbeddingBag's bag layouts per feature block: ``offsets`` of F * B entries (bag
+starts) or, with ``include_last_offset``, F * B + 1 entries; returns the F * B + 1 form.
+Errors name the table, the offending value and the valid range.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def normalize_lookup_inputs(
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Optional[Tensor],
+    feature_names: Sequence[str],
+    feature_num_embeddings: Sequence[int],
+    include_last_offset: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Checks and returns (indices int64 [N], offsets int64 [F * B + 1], weights [N] or None)."""
+    for name, t in (("indices", indices), ("offsets", offsets)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if indices.device != offsets.device:
+        raise ValueError(f"indices ({indices.device}) and offsets ({offsets.device}) must be on the same device")
+    indices, offsets = indices.long(), offsets.long()
+    num_features, n = len(feature_names), indices.numel()
+    if include_last_offset:
+        if offsets.numel() < 1 or (offsets.numel() - 1) % num_features:
+            raise ValueError(f"with include_last_offset=True, offsets must have F * B + 1 entries (F = {num_features}), got {offsets.numel()}")
+        if offsets.numel() and int(offsets[-1]) != n:
+            raise ValueError(f"the last offset ({int(offsets[-1])}) must equal the number of indices ({n})")
+    else:
+        if offsets.numel() % num_features:
+            raise ValueError(f"offsets must have F * B entries (F = {num_features}), got {offsets.numel()}")
+        offsets = torch.cat([offsets, offsets.new_full((1,), n)])
+    if int(offsets[0]) != 0:
+        raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
+    steps = offsets[1:] - offsets[:-1]
+    if offsets.numel() > 1 and bool((steps < 0).any()):
+        bad = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(f"offsets must be non-decreasing: offsets[{bad + 1}] = {int(offsets[bad + 1])} < offsets[{bad}] = {int(offsets[bad])}")
+    if int(offsets.max()) > n:
+        bad = int(torch.nonzero(offsets > n)[0])
+        raise ValueError(f"offsets[{bad}] = {int(offsets[bad])} exceeds the number of indices ({n})")
+    batch = (offsets.numel() - 1) // num_features
+    for f, (name, rows) in enumerate(zip(feature_names, feature_num_embeddings)):
+        seg = indices[int(offsets[f * batch]) : int(offsets[(f + 1) * batch])]
+        bad_mask = (seg < 0) | (seg >= rows)
+        if seg.numel() and bool(bad_mask.any()):
+            pos = int(torch.nonzero(bad_mask)[0])
+            raise IndexError(f"table '{name}': index {int(seg[pos])} at position {int(offsets[f * batch]) + pos} "
+                             f"is out of range [0, {rows})")
+    if per_sample_weights is not None:
+        if not isinstance(per_sample_weights, Tensor) or not per_sample_weights.is_floating_point():
+            raise TypeError("per_sample_weights must be a floating-point tensor")
+        if per_sample_weights.shape != indices.shape:
+            raise ValueError(f"per_sample_weights has shape {tuple(per_sample_weights.shape)}, indices {tuple(indices.shape)}: they must match")
+        per_sample_weights = per_sample_weights.to(dtype).contiguous()
+    return indices.contiguous(), offsets.contiguous(), per_sample_weights

@@ -1,0 +1,218 @@
+"""The ttdist ops (``torch.ops.ttdist.*``): loading, fake impls, autograd, plain-PyTorch references.
+
+Symbols: T tables, F features (feature f reads table ``feature_table_map[f]``), B bags per
+feature, N looked-up indices, D_t the dim of table t. A TT table of d cores has core k of layout
+``(p_k, r_{k-1}, q_k, r_k)`` with ``r_0 = r_d = 1``; row i has digits (i_1..i_d), row-major over
+p (i_1 most significant), column j likewise over q, and
+``W[i, j] = G_1[i_1, :, j_1, :] @ ... @ G_d[i_d, :, j_d, :]``.
+
+Every lookup op takes ``indices`` [N] (int64), ``offsets`` [F * B + 1] (fbgemm's TBE layout,
+features one after another) and optional ``per_sample_weights`` [N]; it returns [B, sum_f D_t(f)].
+Inputs are validated by the modules before these ops run; the kernels check again (cheaply) so
+that a bad call raises instead of reading out of bounds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    from ttdist import _C  # noqa: F401  (registers torch.ops.ttdist.*)
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError(
+        "ttdist's op library ttdist._C is not built. Run `make build` (or "
+        "`pip install --no-build-isolation -e .`) from the repository root."
+    ) from e
+
+POOLING_SUM = 0
+POOLING_MEAN = 1
+POOLING_CODES = {"sum": POOLING_SUM, "mean": POOLING_MEAN}
+
+
+@dataclass(frozen=True)
+class LookupSpec:
+    """The non-tensor part of a table-batched lookup (see the module docstring)."""
+
+    table_num_cores: tuple[int, ...]
+    feature_table_map: tuple[int, ...]
+    pooling_modes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FusedUpdate:
+    """An optimizer step applied inside backward (``sparse=True``), as fbgemm's fused TBE does.
+
+    ``optimizer``: 0 SGD, 1 Adagrad, 2 row-wise Adagrad; ``states``: one tensor per core, shaped
+    like the core (Adagrad), ``(p_k,)`` (row-wise Adagrad) or empty (SGD).
+    """
+
+    optimizer: int
+    learning_rate: float
+    eps: float
+    states: tuple[Tensor, ...]
+
+
+def _table_dims(cores: Sequence[Tensor], table_num_cores: Sequence[int]) -> list[int]:
+    dims, begin = [], 0
+    for d in table_num_cores:
+        dim = 1
+        for core in cores[begin : begin + d]:
+            dim *= core.shape[2]
+        dims.append(dim)
+        begin += d
+    return dims
+
+
+@torch.library.register_fake("ttdist::tt_forward")
+def _tt_forward_fake(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, per_sample_weights):
+    dims = _table_dims(cores, table_num_cores)
+    batch = (offsets.shape[0] - 1) // len(feature_table_map)
+    return cores[0].new_empty((batch, sum(dims[t] for t in feature_table_map)))
+
+
+@torch.library.register_fake("ttdist::tt_backward")
+def _tt_backward_fake(grad_output, cores, *args):
+    return [torch.empty_like(c) for c in cores]
+
+
+class _TTLookup(torch.autograd.Function):
+    """One autograd function for every device: forward and backward re-dispatch to the ops.
+
+    With ``fused`` set, backward updates the cores in place and returns no core gradient; the
+    cores are then read at backward time (not saved), as FBTT and fbgemm's fused TBE do, and
+    ``anchor`` (a 0-element tensor requiring grad) makes autograd call backward at all.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: LookupSpec, fused: Optional[FusedUpdate], indices, offsets, per_sample_weights, anchor, *cores):
+        ctx.spec, ctx.fused = spec, fused
+        if fused is None:
+            ctx.save_for_backward(indices, offsets, per_sample_weights, *cores)
+        else:
+            ctx.inputs, ctx.cores = (indices, offsets, per_sample_weights), cores
+        return torch.ops.ttdist.tt_forward(
+            list(cores), spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets, per_sample_weights
+        )
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        spec, fused = ctx.spec, ctx.fused
+        grad_output = grad_output.contiguous()
+        if fused is None:
+            indices, offsets, per_sample_weights, *cores = ctx.saved_tensors
+            grads = torch.ops.ttdist.tt_backward(
+                grad_output, cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
+                indices, offsets, per_sample_weights,
+            )
+            return (None,) * 6 + tuple(grads)
+        indices, offsets, per_sample_weights = ctx.inputs
+        torch.ops.ttdist.tt_backward_fused_(
+            grad_output, list(ctx.cores), list(fused.states), spec.table_num_cores, spec.feature_table_map,
+            spec.pooling_modes, indices, offsets, per_sample_weights, fused.optimizer, fused.learning_rate, fused.eps,
+        )
+        return (None,) * (6 + len(ctx.cores))
+
+
+def tt_lookup(
+    cores: Sequence[Tensor],
+    spec: LookupSpec,
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Optional[Tensor] = None,
+    fused: Optional[FusedUpdate] = None,
+    anchor: Optional[Tensor] = None,
+) -> Tensor:
+    """Differentiable table-batched TT lookup -> [B, sum_f D_t(f)] (inputs already validated)."""
+    return _TTLookup.apply(spec, fused, indices, offsets, per_sample_weights, anchor, *cores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-PyTorch references: the ground truth every kernel test compares against.
+# ----------------------------------------------------------------------------------------------
+
+
+def row_digits(rows: Tensor, p_shapes: Sequence[int]) -> list[Tensor]:
+    """Mixed-radix digits (i_1..i_d) of ``rows`` over ``p_shapes``, i_1 most significant."""
+    digits, rest = [], rows
+    for p in reversed(p_shapes):
+        digits.append(rest % p)
+        rest = torch.div(rest, p, rounding_mode="floor")
+    return digits[::-1]
+
+
+def tt_rows_reference(cores: Sequence[Tensor], rows: Tensor) -> Tensor:
+    """Rows ``rows`` [n] of one TT table -> [n, D], by gathering core slices (differentiable)."""
+    digits = row_digits(rows.long(), [c.shape[0] for c in cores])
+    n = rows.numel()
+    prefix = cores[0][digits[0]].reshape(n, -1, cores[0].shape[3])  # (n, q_1, r_1)
+    for core, digit in zip(cores[1:], digits[1:]):
+        p, r_in, q, r_out = core.shape
+        prefix = torch.bmm(prefix, core[digit].reshape(n, r_in, q * r_out)).reshape(n, -1, r_out)
+    return prefix.reshape(n, -1)
+
+
+def tt_full_reference(cores: Sequence[Tensor]) -> Tensor:
+    """The whole table [prod p, prod q] by contracting full cores (tests and export only)."""
+    full = cores[0].permute(0, 2, 1, 3).reshape(cores[0].shape[0], cores[0].shape[2], -1)  # (P, Q, r)
+    for core in cores[1:]:
+        p, r_in, q, r_out = core.shape
+        P, Q, _ = full.shape
+        step = torch.einsum("abr,crds->acbds", full, core)  # (P, p, Q, q, r_out)
+        full = step.reshape(P * p, Q * q, r_out)
+    return full.squeeze(-1)
+
+
+def bag_scales(offsets: Tensor, pooling_modes: Sequence[int], num_indices: int,
+               per_sample_weights: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """Per-position pooling factor [N]: per-sample weight, divided by the bag length for mean bags."""
+    lengths = offsets[1:] - offsets[:-1]
+    num_features = len(pooling_modes)
+    batch = lengths.numel() // num_features
+    is_mean = torch.tensor(pooling_modes, dtype=torch.bool, device=offsets.device).repeat_interleave(batch)
+    per_bag = torch.where(is_mean & (lengths > 0), 1.0 / lengths.clamp(min=1).to(dtype), torch.ones((), dtype=dtype, device=offsets.device))
+    scale = per_bag.repeat_interleave(lengths, output_size=num_indices)
+    return scale if per_sample_weights is None else scale * per_sample_weights.to(dtype)
+
+
+def tt_forward_reference(
+    cores: Sequence[Tensor],
+    spec: LookupSpec,
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Optional[Tensor] = None,
+) -> Tensor:
+    """Reference of ``ttdist::tt_forward`` (differentiable; autograd of it is the backward reference)."""
+    num_features = len(spec.feature_table_map)
+    batch = (offsets.numel() - 1) // num_features
+    scale = bag_scales(offsets, spec.pooling_modes, indices.numel(), per_sample_weights, cores[0].dtype)
+    begins = [sum(spec.table_num_cores[:t]) for t in range(len(spec.table_num_cores))]
+    outputs = []
+    for f, t in enumerate(spec.feature_table_map):
+        table = list(cores[begins[t] : begins[t] + spec.table_num_cores[t]])
+        lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+        lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
+        bag_of = torch.arange(batch, device=offsets.device).repeat_interleave(lengths, output_size=hi - lo)
+        rows = tt_rows_reference(table, indices[lo:hi]) * scale[lo:hi, None]
+        dim = 1
+        for core in table:
+            dim *= core.shape[2]
+        outputs.append(torch.zeros(batch, dim, dtype=cores[0].dtype, device=cores[0].device).index_add(0, bag_of, rows))
+    return torch.cat(outputs, dim=1)
+
+
+def sparse_row_update_reference(weight: Tensor, state: Tensor, row_ids: Tensor, row_grads: Tensor,
+                                optimizer: int, learning_rate: float, eps: float) -> None:
+    """Reference of ``ttdist::sparse_row_update_`` on a 2-D ``weight`` (updates in place)."""
+    g = row_grads.to(state.dtype if state.numel() else weight.dtype)
+    if optimizer == 0:
+        weight[row_ids] -= learning_rate * g.to(weight.dtype)
+    elif optimizer == 1:
+        state2 = state.view(weight.shape)
+        state2[row_ids] += g * g
+        weight[row_ids] -= (learning_rate * g / (state2[row_ids].sqrt() + eps)).to(weight.dtype)
+    else:
+        state[row_ids] += (g * g).mean(dim=1)
+        weight[row_ids] -= (learning_rate * g / (state[row_ids].sqrt() + eps)[:, None]).to(weight.dtype)
