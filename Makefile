@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Each creates ./.venv and builds
+# the op library when missing, so each works alone on a fresh machine.
+PY      := .venv/bin/python
+VENV    := .venv/.installed
+EXT     := $(firstword $(wildcard ttdist/_C*.so))
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
+
+.PHONY: demo test test-fast bench build compile-cuda clean
+
+$(VENV): requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# torchrec's metadata pulls the multi-GB CUDA fbgemm-gpu; fbgemm-gpu-cpu (above) replaces it.
+	$(PY) -m pip install -q --no-deps torchrec==1.8.0
+	# Make the repository importable from every process (torchrun workers included).
+	echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/ttdist-repo.pth
+	touch $@
+
+build/.ext-stamp: $(VENV) $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	mkdir -p build && touch $@
+
+build: build/.ext-stamp
+
+demo: build
+	bash launch/local.sh 2 configs/demo.yaml
+
+test: build compile-cuda
+	$(PY) -m pytest -q tests
+
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: build
+	$(PY) benchmarks/run_all.py --quick
+
+compile-cuda:
+	bash .ci/compile_cuda.sh
+
+clean:
+	rm -rf build ttdist/_C*.so
