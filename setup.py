@@ -12,7 +12,7 @@ import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-CXX_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd"]
 
 
 def _extension():

@@ -60,6 +60,7 @@ inline void gemm_nt_acc(int64_t M, int64_t K, int64_t N, const acc_t* G, const s
     for (int64_t k = 0; k < K; ++k) {
       const scalar_t* s = S + k * N;
       acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < N; ++j) sum += g[j] * static_cast<acc_t>(s[j]);
       C[m * K + k] += sum;
     }
