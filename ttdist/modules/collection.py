@@ -1,0 +1,152 @@
+"""TorchRec-facing TT modules: ``TTEmbeddingBagConfig`` and ``TTEmbeddingBagCollection``.
+
+``TTEmbeddingBagCollection`` behaves as TorchRec's ``EmbeddingBagCollection``:
+``forward(KeyedJaggedTensor) -> KeyedTensor`` with one key per feature in config order,
+``embedding_bag_configs()``, ``is_weighted()`` — so ``torchrec.models.dlrm.DLRM`` takes it in
+place of an EBC unchanged. Its TT tables are looked up together by one
+``TableBatchedTTEmbeddingBag`` (one op call). Plain ``EmbeddingBagConfig`` tables (small
+features) may be mixed in: they live in a child TorchRec ``EmbeddingBagCollection``.
+
+Symbols: F features (in config order), B batch size, D_f the dim of feature f's table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from ttdist.modules.optim import OptimType
+from ttdist.modules.tt_embedding_bag import TableBatchedTTEmbeddingBag
+from ttdist.modules.tt_init import table_generator
+from ttdist.modules.tt_shapes import TTShape, make_tt_shape
+
+
+@dataclass
+class TTEmbeddingBagConfig(EmbeddingBagConfig):
+    """TorchRec's EmbeddingBagConfig plus the TT factorisation of the table."""
+
+    tt_ranks: list[int] = field(default_factory=lambda: [16, 16])
+    """Inner TT ranks (d - 1 entries); d = len(tt_ranks) + 1 cores."""
+    tt_p_shapes: Optional[list[int]] = None
+    """Row factors p (prod >= num_embeddings); None = factor automatically."""
+    tt_q_shapes: Optional[list[int]] = None
+    """Column factors q (prod == embedding_dim); None = factor automatically."""
+    weight_dist: str = "approx-normal"
+    """Core initialisation (ttdist.modules.tt_init.WEIGHT_DISTS)."""
+    use_cache: bool = False
+    """Keep the most frequent rows decompressed (TTEmbeddingBag's row cache)."""
+    cache_size: int = 0
+    """Rows in the cache (0 = 10 % of the rows)."""
+    hashtbl_size: int = 0
+    """Buckets of the frequency counter (0 = num_embeddings: exact counts)."""
+
+    def tt_shape(self) -> TTShape:
+        """The validated TT shape (raises ValueError naming this table)."""
+        return make_tt_shape(self.num_embeddings, self.embedding_dim, self.tt_ranks, self.tt_p_shapes,
+                             self.tt_q_shapes, table_name=self.name)
+
+
+AnyTableConfig = Union[TTEmbeddingBagConfig, EmbeddingBagConfig]
+POOLING_NAMES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
+
+
+def pooling_name(config: EmbeddingBagConfig) -> str:
+    if config.pooling not in POOLING_NAMES:
+        raise ValueError(f"table '{config.name}': pooling {config.pooling} is not supported (SUM or MEAN)")
+    return POOLING_NAMES[config.pooling]
+
+
+def build_tt_tables(configs: Sequence[TTEmbeddingBagConfig], fused_params: Optional[dict[str, Any]],
+                    device: Optional[torch.device], seed: int, feature_table_map: Sequence[int]
+                    ) -> TableBatchedTTEmbeddingBag:
+    """One TableBatchedTTEmbeddingBag for ``configs``; initial cores depend only on (seed, table name).
+
+    ``fused_params`` (TorchRec's convention: ``optimizer`` (EmbOptimType/OptimType),
+    ``learning_rate``, ``eps``) turns on the fused update; None = plain autograd gradients.
+    """
+    fused = dict(fused_params or {})
+    return TableBatchedTTEmbeddingBag(
+        len(configs),
+        [c.num_embeddings for c in configs], [c.embedding_dim for c in configs], [list(c.tt_ranks) for c in configs],
+        [c.tt_shape().p for c in configs], [c.tt_shape().q for c in configs],
+        mode=[pooling_name(c) for c in configs],
+        sparse=fused_params is not None,
+        optimizer=OptimType.parse(fused.get("optimizer", OptimType.EXACT_SGD)),
+        learning_rate=float(fused.get("learning_rate", 0.01)), eps=float(fused.get("eps", 1e-10)),
+        use_cache=[c.use_cache for c in configs], cache_size=[c.cache_size for c in configs],
+        hashtbl_size=[c.hashtbl_size for c in configs], weight_dist=[c.weight_dist for c in configs],
+        include_last_offset=True, device=device, feature_table_map=feature_table_map,
+        table_names=[c.name for c in configs], generators=[table_generator(seed, c.name) for c in configs],
+    )
+
+
+class TTEmbeddingBagCollection(nn.Module):
+    """EmbeddingBagCollection of TT tables (and optionally plain tables); see the module docstring.
+
+    Args:
+        tables: table configs; ``TTEmbeddingBagConfig`` tables are TT-compressed, plain
+            ``EmbeddingBagConfig`` tables stay dense (a child TorchRec EmbeddingBagCollection).
+        is_weighted: features carry per-sample weights (KJT.weights()), SUM pooling only.
+        device: where the cores live.
+        seed: initial cores depend only on (seed, table name) — never on world size or plan.
+        fused_params: TorchRec's fused-optimizer convention for the TT tables (see build_tt_tables).
+    """
+
+    def __init__(self, tables: Sequence[AnyTableConfig], is_weighted: bool = False,
+                 device: Optional[torch.device] = None, seed: int = 0,
+                 fused_params: Optional[dict[str, Any]] = None) -> None:
+        super().__init__()
+        self._configs = list(tables)
+        if not self._configs:
+            raise ValueError("TTEmbeddingBagCollection needs at least one table")
+        names = [c.name for c in self._configs]
+        if len(set(names)) != len(names) or any(not n for n in names):
+            raise ValueError(f"table names must be unique and non-empty, got {names}")
+        features = [f for c in self._configs for f in c.feature_names]
+        if len(set(features)) != len(features):
+            raise ValueError(f"a feature may feed only one table, got {features}")
+        self._is_weighted, self.seed, self.fused_params = is_weighted, seed, fused_params
+        self.tt_configs = [c for c in self._configs if isinstance(c, TTEmbeddingBagConfig)]
+        dense_configs = [c for c in self._configs if not isinstance(c, TTEmbeddingBagConfig)]
+        tt_feature_table_map = [t for t, c in enumerate(self.tt_configs) for _ in c.feature_names]
+        self.tt_tables = (build_tt_tables(self.tt_configs, fused_params, device, seed, tt_feature_table_map)
+                          if self.tt_configs else None)
+        self.dense_tables = (EmbeddingBagCollection(dense_configs, is_weighted=is_weighted, device=device)
+                             if dense_configs else None)
+        self.feature_names = features
+        self.tt_feature_names = [f for c in self.tt_configs for f in c.feature_names]
+
+    def embedding_bag_configs(self) -> list[AnyTableConfig]:
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """KJT (keys ⊇ this collection's features) -> KeyedTensor [B, sum_f D_f], config order."""
+        missing = [f for f in self.feature_names if f not in features.keys()]
+        if missing:
+            raise KeyError(f"features {missing} of this TTEmbeddingBagCollection are missing from the "
+                           f"KeyedJaggedTensor (its keys: {features.keys()})")
+        pooled: dict[str, Tensor] = {}
+        if self.tt_tables is not None:
+            tt_kjt = select_features(features, self.tt_feature_names)
+            weights = tt_kjt.weights() if self._is_weighted else None
+            out = self.tt_tables(tt_kjt.values(), tt_kjt.offsets(), weights)
+            pooled.update(zip(self.tt_feature_names, out.split(self.tt_tables.feature_dims, dim=1)))
+        if self.dense_tables is not None:
+            pooled.update(self.dense_tables(features).to_dict())
+        return KeyedTensor.from_tensor_list(self.feature_names, [pooled[f] for f in self.feature_names])
+
+
+def select_features(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
+    """The KJT restricted to ``names``, in that order (no copy when it already is)."""
+    if list(features.keys()) == list(names):
+        return features
+    index = {k: i for i, k in enumerate(features.keys())}
+    return features.permute([index[n] for n in names])
