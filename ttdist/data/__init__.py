@@ -19,13 +19,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ttdist.data.config import DataConfig, scaled_cardinalities
+from ttdist.data.criteo import read_tsv
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from torchrec.datasets.utils import Batch
 
-__all__ = ["DataConfig", "make_dataset", "scaled_cardinalities"]
+__all__ = ["DataConfig", "make_dataset", "read_tsv", "scaled_cardinalities"]
 
 
 def make_dataset(
@@ -42,4 +43,10 @@ def make_dataset(
         from ttdist.data.random_data import RandomCriteo
 
         return RandomCriteo(cfg, split, rank, world_size, start_batch)
-    raise NotImplementedError(f"dataset {cfg.name!r} is not implemented yet")
+    if cfg.name == "criteo_tsv":
+        from ttdist.data.criteo import CriteoTsvDataset
+
+        return CriteoTsvDataset(cfg, split, rank, world_size, start_batch)
+    from ttdist.data.criteo_npy import CriteoNpyDataset  # "criteo_npy", the last valid name
+
+    return CriteoNpyDataset(cfg, split, rank, world_size, start_batch)
