@@ -47,9 +47,13 @@ def test_rank_slices_round_trip(npy_days, world_size):
                 assert x.dense_features.dtype == x.labels.dtype == torch.float32
                 assert x.sparse_features.values().dtype == torch.int64
                 assert len(x.labels) == 8 // world_size
-            np.testing.assert_array_equal(np.concatenate([x.dense_features for x in parts]), dense[rows])
+            np.testing.assert_array_equal(
+                np.concatenate([x.dense_features for x in parts]), dense[rows]
+            )
             got_ids = np.concatenate([x.sparse_features.values().view(26, -1).T for x in parts])
             np.testing.assert_array_equal(got_ids, ids[rows])
-            np.testing.assert_array_equal(np.concatenate([x.labels for x in parts]), labels[rows, 0])
+            np.testing.assert_array_equal(
+                np.concatenate([x.labels for x in parts]), labels[rows, 0]
+            )
     new_state = np.random.get_state()
     assert all(np.array_equal(a, b) for a, b in zip(state, new_state))  # global RNG untouched

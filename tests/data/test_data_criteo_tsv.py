@@ -48,7 +48,9 @@ def reference_parse(data: bytes, rows):
         labels.append(float(fields[0]))
         dense.append(ints)
         sparse.append(ids)
-    dense = np.log1p(np.maximum(np.array(dense, dtype=np.int64).reshape(-1, 13), 0).astype(np.float64))
+    dense = np.log1p(
+        np.maximum(np.array(dense, dtype=np.int64).reshape(-1, 13), 0).astype(np.float64)
+    )
     return (
         dense.astype(np.float32),
         np.array(sparse, dtype=np.int64).reshape(-1, 26),
@@ -121,10 +123,14 @@ def test_streaming_rank_slices_equal_read_tsv(world_size, tmp_path):
             parts = [p[i] for p in per_rank]
             assert all(len(x.labels) == 48 // world_size for x in parts)
             lo, hi = 48 * b, 48 * (b + 1)
-            np.testing.assert_array_equal(np.concatenate([x.dense_features for x in parts]), whole[0][lo:hi])
+            np.testing.assert_array_equal(
+                np.concatenate([x.dense_features for x in parts]), whole[0][lo:hi]
+            )
             ids = np.concatenate([x.sparse_features.values().view(26, -1).T for x in parts])
             np.testing.assert_array_equal(ids, whole[1][lo:hi])
-            np.testing.assert_array_equal(np.concatenate([x.labels for x in parts]), whole[2][lo:hi])
+            np.testing.assert_array_equal(
+                np.concatenate([x.labels for x in parts]), whole[2][lo:hi]
+            )
 
 
 def write(tmp_path, name, lines, end=b"\n"):
@@ -142,7 +148,10 @@ GOOD = b"1\t5\t\t-3" + b"\t7" * 10 + b"\tdeadbeef" + b"\t" * 25
         (GOOD + b"\t", "expected 40 tab-separated fields, got 41"),
         (GOOD.rsplit(b"\t", 1)[0], "got 39"),
         (GOOD.replace(b"deadbeef", b"zz12"), r"field C1 \(column 15\): not a hex hash: 'zz12'"),
-        (GOOD.replace(b"\t5\t", b"\t1.5\t"), r"field I1 \(column 2\): not a base-10 integer: '1.5'"),
+        (
+            GOOD.replace(b"\t5\t", b"\t1.5\t"),
+            r"field I1 \(column 2\): not a base-10 integer: '1.5'",
+        ),
         (b"2" + GOOD[1:], "field label"),
         (b"" + GOOD[2:], "expected 40"),
     ],
@@ -199,8 +208,13 @@ CHARS = [b"\t", b"\r", b"\n", b"z", b"g", b"-", b".", b" ", b"+", b"_", b"x", b"
 @given(
     line=st.integers(0, 199),
     edits=st.lists(
-        st.tuples(st.sampled_from(["replace", "insert", "delete"]), st.integers(0, 400), st.sampled_from(CHARS)),
-        min_size=1, max_size=3,
+        st.tuples(
+            st.sampled_from(["replace", "insert", "delete"]),
+            st.integers(0, 400),
+            st.sampled_from(CHARS),
+        ),
+        min_size=1,
+        max_size=3,
     ),  # fmt: skip
 )
 def test_fuzzed_real_lines_parse_exactly_or_raise_value_error(tmp_path, sample_bytes, line, edits):

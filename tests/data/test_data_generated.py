@@ -86,7 +86,9 @@ def test_eval_split_is_finite(name):
 def test_dataloader_workers_keep_the_order():
     cfg = cfg_for("synthetic", eval_batches=5)
     expected = list(make_dataset(cfg, "eval", 1, 2, start_batch=1))
-    loader = DataLoader(make_dataset(cfg, "eval", 1, 2, start_batch=1), batch_size=None, num_workers=2)
+    loader = DataLoader(
+        make_dataset(cfg, "eval", 1, 2, start_batch=1), batch_size=None, num_workers=2
+    )
     got = list(loader)
     assert len(got) == len(expected) == 4
     for a, b in zip(got, expected):

@@ -47,7 +47,9 @@ def split_paths(cfg: DataConfig, split: str) -> list[str]:
     value = getattr(cfg, field)
     paths = [p.strip() for p in (value or "").split(",") if p.strip()]
     if not paths:
-        raise ValueError(f"{field} must name the {cfg.name} files of the {split} split, got {value!r}")
+        raise ValueError(
+            f"{field} must name the {cfg.name} files of the {split} split, got {value!r}"
+        )
     return paths
 
 

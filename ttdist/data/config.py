@@ -18,6 +18,7 @@ CRITEO_KAGGLE_CARDINALITIES: tuple[int, ...] = (
 )  # fmt: skip
 
 DATASET_NAMES = ("synthetic", "random", "criteo_tsv", "criteo_npy")
+MAX_ROWS = 2**31 - 1  # rows of one table (int32-indexable; keeps the generators' math in int64)
 
 
 @dataclass
@@ -66,6 +67,12 @@ class DataConfig:
         if not (_is_real(self.cardinality_scale) and 0 < self.cardinality_scale < math.inf):
             raise ValueError(
                 f"cardinality_scale must be a finite number > 0, got {self.cardinality_scale!r}"
+            )
+        largest = max(scaled_cardinalities(self))
+        if largest > MAX_ROWS:
+            raise ValueError(
+                f"cardinality_scale {self.cardinality_scale} gives a table of {largest} rows; "
+                f"at most {MAX_ROWS} are supported"
             )
         _check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         if not (_is_real(self.zipf_alpha) and 0 <= self.zipf_alpha < math.inf):

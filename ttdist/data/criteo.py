@@ -20,8 +20,19 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from ttdist.data.batching import check_split, local_batch_size, make_batch, split_paths, worker_shard
-from ttdist.data.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, scaled_cardinalities
+from ttdist.data.batching import (
+    check_split,
+    local_batch_size,
+    make_batch,
+    split_paths,
+    worker_shard,
+)
+from ttdist.data.config import (
+    NUM_DENSE_FEATURES,
+    NUM_SPARSE_FEATURES,
+    DataConfig,
+    scaled_cardinalities,
+)
 
 if TYPE_CHECKING:
     from torchrec.datasets.utils import Batch
@@ -36,7 +47,10 @@ _LINE = re.compile(
 )  # fmt: skip
 _FIELDS = [
     ("label", re.compile(_LABEL), "label must be 0 or 1"),
-    *((f"I{j}", re.compile(_INT), "not a base-10 integer") for j in range(1, NUM_DENSE_FEATURES + 1)),
+    *(
+        (f"I{j}", re.compile(_INT), "not a base-10 integer")
+        for j in range(1, NUM_DENSE_FEATURES + 1)
+    ),
     *((f"C{j}", re.compile(_HEX), "not a hex hash") for j in range(1, NUM_SPARSE_FEATURES + 1)),
 ]
 

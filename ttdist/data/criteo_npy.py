@@ -74,7 +74,9 @@ class CriteoNpyDataset(IterableDataset):
         while True:
             with warnings.catch_warnings():
                 # the datapipe wraps read-only memory-mapped rows as tensors; __iter__ copies them
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                warnings.filterwarnings(
+                    "ignore", "The given NumPy array is not writable", UserWarning
+                )
                 batch = next(batches, None)
             if batch is None:
                 return

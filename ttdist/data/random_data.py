@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ttdist.data.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, scaled_cardinalities
+from ttdist.data.config import (
+    NUM_DENSE_FEATURES,
+    NUM_SPARSE_FEATURES,
+    DataConfig,
+    scaled_cardinalities,
+)
 from ttdist.data.generated import GeneratedDataset, below, derive_key, salts, sample_hashes, to_unit
 
 _RANDOM_TAG = 0x4A11D0  # keeps these streams apart from the synthetic ones
@@ -28,14 +33,14 @@ class RandomCriteo(GeneratedDataset):
             streams={"train": 0, "eval": 1},
         )  # fmt: skip
         self._rows = np.array(scaled_cardinalities(cfg), dtype=np.int64)[:, None]
-        if self._rows.max() >= 2**32:
-            raise ValueError(f"cardinality_scale {cfg.cardinality_scale} gives tables of 2**32 rows or more")
         self._slot_salts = salts(derive_key(cfg.seed, _RANDOM_TAG), _LABEL + 1)
 
     def _generate(
         self, stream: int, sample_ids: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        h = sample_hashes(derive_key(self.cfg.seed, _RANDOM_TAG, stream), sample_ids, self._slot_salts)
+        h = sample_hashes(
+            derive_key(self.cfg.seed, _RANDOM_TAG, stream), sample_ids, self._slot_salts
+        )
         sparse = below(h[_SPARSE], self._rows)
         dense = to_unit(h[_DENSE]).astype(np.float32)
         labels = (h[_LABEL] >> np.uint64(63)).astype(np.float32)

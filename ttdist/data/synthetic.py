@@ -21,7 +21,12 @@ import math
 
 import numpy as np
 
-from ttdist.data.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, scaled_cardinalities
+from ttdist.data.config import (
+    NUM_DENSE_FEATURES,
+    NUM_SPARSE_FEATURES,
+    DataConfig,
+    scaled_cardinalities,
+)
 from ttdist.data.generated import GeneratedDataset, derive_key, mix64, salts, sample_hashes, to_unit
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
@@ -107,7 +112,7 @@ class Teacher:
 
         # Centre the sparse terms under the popularity distribution (over the top ranks, which
         # hold their mean; the damped tail averages out), so the click rate barely depends on
-        # the seed or the cardinalities.
+        # the seed or the cardinalities (the means are zero while _row_terms computes them).
         self._effect_mean = np.zeros((NUM_SPARSE_FEATURES, 1))
         self._latent_mean = np.zeros((len(PAIR_FEATURES), LATENT_DIM, 1))
         top = np.minimum(np.arange(_CENTRING_RANKS), rows - 1)
@@ -160,7 +165,9 @@ class Teacher:
         row, effect, latent = self._row_terms(self.ranks(to_unit(h[_SPARSE])))
         logit = BIAS + effect.sum(axis=0)
         total = latent.sum(axis=0)  # sum_{f<g} <v_f, v_g> = (|sum_f v_f|^2 - sum_f |v_f|^2) / 2
-        logit += 0.5 * (np.einsum("kn,kn->n", total, total) - np.einsum("fkn,fkn->n", latent, latent))
+        logit += 0.5 * (
+            np.einsum("kn,kn->n", total, total) - np.einsum("fkn,fkn->n", latent, latent)
+        )
 
         u = to_unit(h[_DENSE])
         y = DENSE_LOMAX_SCALE[:, None] * np.expm1(-np.log(u) / DENSE_LOMAX_SHAPE[:, None])
@@ -231,4 +238,6 @@ def teacher_auc(cfg: DataConfig, num_samples: int | None = None) -> float:
         teacher.samples(EVAL_STREAM, np.arange(i, min(i + _CHUNK, n), dtype=np.int64))
         for i in range(0, n, _CHUNK)
     ]
-    return binary_auc(np.concatenate([c[3] for c in chunks]), np.concatenate([c[2] for c in chunks]))
+    return binary_auc(
+        np.concatenate([c[3] for c in chunks]), np.concatenate([c[2] for c in chunks])
+    )
