@@ -10,6 +10,7 @@ from ttdist.modules import OptimType, TableBatchedTTEmbeddingBag, TTEmbeddingBag
 _TORCHREC_NAMES = {
     "TTEmbeddingBagConfig": "ttdist.modules.collection",
     "TTEmbeddingBagCollection": "ttdist.modules.collection",
+    "MixedEmbeddingBagCollection": "ttdist.modules.collection",
 }
 
 __all__ = ["ops", "OptimType", "TTEmbeddingBag", "TableBatchedTTEmbeddingBag", "TTShape", "make_tt_shape",

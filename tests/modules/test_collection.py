@@ -7,6 +7,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import ttdist
+from ttdist.modules.collection import MixedEmbeddingBagCollection
 
 TABLES = [
     ttdist.TTEmbeddingBagConfig(num_embeddings=1000, embedding_dim=8, name="t0", feature_names=["f0"], tt_ranks=[4, 4]),
@@ -29,17 +30,19 @@ def dense_twin(collection):
     configs = [EmbeddingBagConfig(num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim, name=c.name,
                                   feature_names=c.feature_names, pooling=c.pooling) for c in collection.embedding_bag_configs()]
     ebc = EmbeddingBagCollection(configs, is_weighted=collection.is_weighted())
+    tt = collection.tt if isinstance(collection, MixedEmbeddingBagCollection) else collection
+    dense = collection.dense if isinstance(collection, MixedEmbeddingBagCollection) else None
     with torch.no_grad():
-        for t, cfg in enumerate(collection.tt_configs):
-            ebc.embedding_bags[cfg.name].weight.copy_(collection.tt_tables.full_weight(t))
-        if collection.dense_tables is not None:
-            for name, bag in collection.dense_tables.embedding_bags.items():
+        for t, cfg in enumerate(tt.embedding_bag_configs()):
+            ebc.embedding_bags[cfg.name].weight.copy_(tt.tt_tables.full_weight(t))
+        if dense is not None:
+            for name, bag in dense.embedding_bags.items():
                 ebc.embedding_bags[name].weight.copy_(bag.weight)
     return ebc
 
 
 def test_collection_equals_dense_ebc_in_config_order_for_any_key_order():
-    tt = ttdist.TTEmbeddingBagCollection(TABLES)
+    tt = MixedEmbeddingBagCollection(TABLES)
     ebc = dense_twin(tt)
     rows = {"f0": 1000, "f1": 10, "f2": 500, "f3": 500}
     kjt = random_kjt(["f3", "f1", "f0", "f2"], rows, batch=7, gen=torch.Generator().manual_seed(0))
@@ -56,25 +59,25 @@ def test_weighted_features():
 
 
 def test_initial_cores_depend_only_on_seed_and_table_name():
-    a = ttdist.TTEmbeddingBagCollection(TABLES, seed=5)
-    b = ttdist.TTEmbeddingBagCollection(list(reversed(TABLES)), seed=5)
-    for t, cfg in enumerate(a.tt_configs):
-        tb = [c.name for c in b.tt_configs].index(cfg.name)
+    a = MixedEmbeddingBagCollection(TABLES, seed=5).tt
+    b = MixedEmbeddingBagCollection(list(reversed(TABLES)), seed=5).tt
+    for t, cfg in enumerate(a.embedding_bag_configs()):
+        tb = [c.name for c in b.embedding_bag_configs()].index(cfg.name)
         assert all(torch.equal(x, y) for x, y in zip(a.tt_tables.table_cores(t), b.tt_tables.table_cores(tb)))
-    c = ttdist.TTEmbeddingBagCollection(TABLES, seed=6)
+    c = MixedEmbeddingBagCollection(TABLES, seed=6).tt
     assert not torch.equal(a.tt_tables.tt_cores[0], c.tt_tables.tt_cores[0])
 
 
 def test_torchrec_dlrm_takes_the_collection_and_trains_it():
-    model = DLRM(embedding_bag_collection=ttdist.TTEmbeddingBagCollection(TABLES), dense_in_features=4,
+    model = DLRM(embedding_bag_collection=MixedEmbeddingBagCollection(TABLES), dense_in_features=4,
                  dense_arch_layer_sizes=[8], over_arch_layer_sizes=[4, 1])
     kjt = random_kjt(["f0", "f1", "f2", "f3"], {"f0": 1000, "f1": 10, "f2": 500, "f3": 500}, 6, torch.Generator().manual_seed(2))
     model(torch.randn(6, 4), kjt).sum().backward()
-    assert model.sparse_arch.embedding_bag_collection.tt_tables.tt_cores[0].grad.abs().sum() > 0
+    assert model.sparse_arch.embedding_bag_collection.tt.tt_tables.tt_cores[0].grad.abs().sum() > 0
 
 
 def test_missing_feature_is_named():
-    tt = ttdist.TTEmbeddingBagCollection(TABLES)
+    tt = MixedEmbeddingBagCollection(TABLES)
     kjt = random_kjt(["f0", "f1", "f2"], {"f0": 1000, "f1": 10, "f2": 500}, 3, torch.Generator().manual_seed(3))
     with pytest.raises(KeyError, match=r"\['f3'\].*missing"):
         tt(kjt)
@@ -86,3 +89,5 @@ def test_bad_configs_name_the_table():
                                                                      feature_names=["x"], tt_q_shapes=[2, 2, 3])])
     with pytest.raises(ValueError, match="unique"):
         ttdist.TTEmbeddingBagCollection([TABLES[0], TABLES[0]])
+    with pytest.raises(TypeError, match="MixedEmbeddingBagCollection"):
+        ttdist.TTEmbeddingBagCollection(TABLES)

@@ -4,8 +4,8 @@
 ``forward(KeyedJaggedTensor) -> KeyedTensor`` with one key per feature in config order,
 ``embedding_bag_configs()``, ``is_weighted()`` — so ``torchrec.models.dlrm.DLRM`` takes it in
 place of an EBC unchanged. Its TT tables are looked up together by one
-``TableBatchedTTEmbeddingBag`` (one op call). Plain ``EmbeddingBagConfig`` tables (small
-features) may be mixed in: they live in a child TorchRec ``EmbeddingBagCollection``.
+``TableBatchedTTEmbeddingBag`` (one op call). ``MixedEmbeddingBagCollection`` puts plain
+TorchRec tables (small features) beside them.
 
 Symbols: F features (in config order), B batch size, D_f the dim of feature f's table.
 """
@@ -86,40 +86,66 @@ def build_tt_tables(configs: Sequence[TTEmbeddingBagConfig], fused_params: Optio
 
 
 class TTEmbeddingBagCollection(nn.Module):
-    """EmbeddingBagCollection of TT tables (and optionally plain tables); see the module docstring.
+    """EmbeddingBagCollection of TT tables, looked up by one table-batched op call.
 
     Args:
-        tables: table configs; ``TTEmbeddingBagConfig`` tables are TT-compressed, plain
-            ``EmbeddingBagConfig`` tables stay dense (a child TorchRec EmbeddingBagCollection).
+        tables: ``TTEmbeddingBagConfig`` per table (for plain tables beside them use
+            ``MixedEmbeddingBagCollection``).
         is_weighted: features carry per-sample weights (KJT.weights()), SUM pooling only.
         device: where the cores live.
         seed: initial cores depend only on (seed, table name) — never on world size or plan.
-        fused_params: TorchRec's fused-optimizer convention for the TT tables (see build_tt_tables).
+        fused_params: TorchRec's fused-optimizer convention (see build_tt_tables); None = plain
+            autograd gradients on ``tt_tables.tt_cores``.
+    """
+
+    def __init__(self, tables: Sequence[TTEmbeddingBagConfig], is_weighted: bool = False,
+                 device: Optional[torch.device] = None, seed: int = 0,
+                 fused_params: Optional[dict[str, Any]] = None) -> None:
+        super().__init__()
+        check_table_configs(tables)
+        plain = [c.name for c in tables if not isinstance(c, TTEmbeddingBagConfig)]
+        if plain:
+            raise TypeError(f"tables {plain} are not TTEmbeddingBagConfig; use MixedEmbeddingBagCollection to "
+                            "combine TT tables with plain TorchRec tables")
+        self._configs = list(tables)
+        self._is_weighted, self.seed, self.fused_params = is_weighted, seed, fused_params
+        self.feature_names = [f for c in self._configs for f in c.feature_names]
+        feature_table_map = [t for t, c in enumerate(self._configs) for _ in c.feature_names]
+        self.tt_tables = build_tt_tables(self._configs, fused_params, device, seed, feature_table_map)
+
+    def embedding_bag_configs(self) -> list[TTEmbeddingBagConfig]:
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """KJT (keys ⊇ this collection's features) -> KeyedTensor [B, sum_f D_f], config order."""
+        kjt = select_features(features, self.feature_names)
+        out = self.tt_tables(kjt.values(), kjt.offsets(), kjt.weights() if self._is_weighted else None)
+        return KeyedTensor(keys=self.feature_names, length_per_key=self.tt_tables.feature_dims, values=out)
+
+
+class MixedEmbeddingBagCollection(nn.Module):
+    """TT tables and plain TorchRec tables behind one EmbeddingBagCollection interface.
+
+    Holds a ``TTEmbeddingBagCollection`` (child ``tt``) and a TorchRec
+    ``EmbeddingBagCollection`` (child ``dense``); TorchRec's planner and DMP walk into the
+    children and shard each with its own sharder. Output keys follow the config order.
     """
 
     def __init__(self, tables: Sequence[AnyTableConfig], is_weighted: bool = False,
                  device: Optional[torch.device] = None, seed: int = 0,
                  fused_params: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
-        self._configs = list(tables)
-        if not self._configs:
-            raise ValueError("TTEmbeddingBagCollection needs at least one table")
-        names = [c.name for c in self._configs]
-        if len(set(names)) != len(names) or any(not n for n in names):
-            raise ValueError(f"table names must be unique and non-empty, got {names}")
-        features = [f for c in self._configs for f in c.feature_names]
-        if len(set(features)) != len(features):
-            raise ValueError(f"a feature may feed only one table, got {features}")
-        self._is_weighted, self.seed, self.fused_params = is_weighted, seed, fused_params
-        self.tt_configs = [c for c in self._configs if isinstance(c, TTEmbeddingBagConfig)]
-        dense_configs = [c for c in self._configs if not isinstance(c, TTEmbeddingBagConfig)]
-        tt_feature_table_map = [t for t, c in enumerate(self.tt_configs) for _ in c.feature_names]
-        self.tt_tables = (build_tt_tables(self.tt_configs, fused_params, device, seed, tt_feature_table_map)
-                          if self.tt_configs else None)
-        self.dense_tables = (EmbeddingBagCollection(dense_configs, is_weighted=is_weighted, device=device)
-                             if dense_configs else None)
-        self.feature_names = features
-        self.tt_feature_names = [f for c in self.tt_configs for f in c.feature_names]
+        check_table_configs(tables)
+        self._configs = list(tables)  # kept here: DMP replaces the children by sharded modules
+        self._is_weighted = is_weighted
+        tt = [c for c in tables if isinstance(c, TTEmbeddingBagConfig)]
+        dense = [c for c in tables if not isinstance(c, TTEmbeddingBagConfig)]
+        self.tt = TTEmbeddingBagCollection(tt, is_weighted, device, seed, fused_params) if tt else None
+        self.dense = EmbeddingBagCollection(dense, is_weighted=is_weighted, device=device) if dense else None
+        self.feature_names = [f for c in self._configs for f in c.feature_names]
 
     def embedding_bag_configs(self) -> list[AnyTableConfig]:
         return self._configs
@@ -128,20 +154,29 @@ class TTEmbeddingBagCollection(nn.Module):
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """KJT (keys ⊇ this collection's features) -> KeyedTensor [B, sum_f D_f], config order."""
-        missing = [f for f in self.feature_names if f not in features.keys()]
-        if missing:
-            raise KeyError(f"features {missing} of this TTEmbeddingBagCollection are missing from the "
-                           f"KeyedJaggedTensor (its keys: {features.keys()})")
         pooled: dict[str, Tensor] = {}
-        if self.tt_tables is not None:
-            tt_kjt = select_features(features, self.tt_feature_names)
-            weights = tt_kjt.weights() if self._is_weighted else None
-            out = self.tt_tables(tt_kjt.values(), tt_kjt.offsets(), weights)
-            pooled.update(zip(self.tt_feature_names, out.split(self.tt_tables.feature_dims, dim=1)))
-        if self.dense_tables is not None:
-            pooled.update(self.dense_tables(features).to_dict())
+        for child in (self.tt, self.dense):
+            if child is not None:
+                names = [f for c in self._child_configs(child) for f in c.feature_names]
+                out = child(select_features(features, names))
+                pooled.update((out.wait() if hasattr(out, "wait") else out).to_dict())
         return KeyedTensor.from_tensor_list(self.feature_names, [pooled[f] for f in self.feature_names])
+
+    def _child_configs(self, child: nn.Module) -> list[AnyTableConfig]:
+        is_tt = child is self.tt
+        return [c for c in self._configs if isinstance(c, TTEmbeddingBagConfig) == is_tt]
+
+
+def check_table_configs(tables: Sequence[AnyTableConfig]) -> None:
+    """Unique non-empty table names; each feature feeds one table."""
+    if not tables:
+        raise ValueError("an embedding bag collection needs at least one table")
+    names = [c.name for c in tables]
+    if len(set(names)) != len(names) or any(not n for n in names):
+        raise ValueError(f"table names must be unique and non-empty, got {names}")
+    features = [f for c in tables for f in c.feature_names]
+    if len(set(features)) != len(features):
+        raise ValueError(f"a feature may feed only one table, got {features}")
 
 
 def select_features(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
@@ -149,4 +184,7 @@ def select_features(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJ
     if list(features.keys()) == list(names):
         return features
     index = {k: i for i, k in enumerate(features.keys())}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise KeyError(f"features {missing} are missing from the KeyedJaggedTensor (its keys: {features.keys()})")
     return features.permute([index[n] for n in names])
