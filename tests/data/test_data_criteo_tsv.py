@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -236,3 +237,19 @@ def test_fuzzed_real_lines_parse_exactly_or_raise_value_error(tmp_path, sample_b
             read_tsv(path, ROWS)
     else:
         assert_arrays_equal(read_tsv(path, ROWS), expected)
+
+
+@needs_sample
+def test_dataloader_workers_keep_the_order():
+    from torch.utils.data import DataLoader
+
+    cfg = DataConfig(name="criteo_tsv", batch_size=32, train_path=str(SAMPLE))
+    expected = list(make_dataset(cfg, "train", 1, 2, start_batch=1))  # batches 1..5 of 6
+    loader = DataLoader(
+        make_dataset(cfg, "train", 1, 2, start_batch=1), batch_size=None, num_workers=2
+    )
+    got = list(loader)
+    assert len(got) == len(expected) == 5
+    for a, b in zip(got, expected):
+        assert torch.equal(a.dense_features, b.dense_features)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
