@@ -37,20 +37,6 @@ SHAPES = {
 }
 
 
-def flops_per_row(p: list[int], q: list[int], ranks: list[int]) -> int:
-    r = [1] + ranks + [1]
-    total, Q = 0, q[0]
-    for k in range(1, len(p)):
-        total += 2 * Q * r[k] * q[k] * r[k + 1]
-        Q *= q[k]
-    return total
-
-
-def bytes_per_row(p: list[int], q: list[int], ranks: list[int], elem: int = 4) -> int:
-    r = [1] + ranks + [1]
-    return elem * (sum(r[k] * q[k] * r[k + 1] for k in range(len(p))) + math.prod(q))
-
-
 def timeit(fn: Callable[[], None], device: str, repeat: int, warmup: int = 2) -> float:
     """Median seconds of ``fn`` over ``repeat`` runs."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -100,7 +86,7 @@ def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, re
         dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
         runs["dense_embedding_bag"] = measure(lambda: dense(indices, offsets), device, repeat)
         del dense
-    f, b = flops_per_row(p, q, ranks), bytes_per_row(p, q, ranks)
+    f, b = tt.shapes[0].flops_per_row(), tt.shapes[0].bytes_per_row()
     for run in runs.values():
         for key in ("fwd", "bwd", "fwd_bwd"):
             run[f"{key}_us_per_row"] = run[f"{key}_s"] * 1e6 / n

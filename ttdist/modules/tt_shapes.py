@@ -38,6 +38,14 @@ class TTShape:
     def num_parameters(self) -> int:
         return sum(math.prod(s) for s in self.core_shapes)
 
+    def flops_per_row(self) -> int:
+        """FLOPs to decompress one row: 2 * sum_{k=2..d} (q_1...q_{k-1}) * r_{k-1} * q_k * r_k."""
+        return sum(2 * math.prod(self.q[:k]) * self.ranks[k] * self.q[k] * self.ranks[k + 1] for k in range(1, self.d))
+
+    def bytes_per_row(self, element_size: int = 4) -> int:
+        """Bytes a lookup moves: one slice of every core read, one row written."""
+        return element_size * (sum(self.ranks[k] * self.q[k] * self.ranks[k + 1] for k in range(self.d)) + self.embedding_dim)
+
     @property
     def rows_per_p1(self) -> int:
         """Rows covered by one slice of core 1 (``prod(p_2..p_d)``): the row-wise shard granule."""

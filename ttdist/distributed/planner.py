@@ -1,0 +1,140 @@
+"""TorchRec planner support for TT tables: estimators and a planner factory.
+
+TorchRec's ``EmbeddingShardingPlanner`` plans 2-D parameters and never calls
+``ModuleSharder.storage_usage()``; it asks its estimators. ``TTStorageEstimator`` gives every
+TT sharding option the real bytes of the shard (its slice of G_1 plus the replicated cores —
+``ttdist.distributed.shard_layout``), plus optimizer state and row cache; every other option
+goes to TorchRec's own estimators, so dense tables keep TorchRec's numbers. On CPU TorchRec's
+perf model knows only the dense/fused/quant kernels; ``TTPerfEstimator`` models the TT kernel.
+
+Storage of one TT shard (bytes, e = element size):
+    e * shard_params * (1 + s) + cache_size * D * e + 16 * hashtbl_size (cached tables)
+with s = 1 for Adagrad (element-wise state), 0 for SGD, and row-wise Adagrad adding 4 bytes per
+core slice. Transient input/output buffers are not counted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
+from torchrec.distributed.planner.types import ParameterConstraints, Perf, ShardEstimator, ShardingOption, Storage
+from torchrec.distributed.planner.utils import sharder_name
+
+from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL
+from ttdist.distributed.shard_layout import table_shards
+from ttdist.modules.collection import TTEmbeddingBagCollection, TTEmbeddingBagConfig
+from ttdist.modules.optim import OptimType
+from ttdist.modules.tt_shapes import TTShape
+
+TT_MODULE_KEY = sharder_name(TTEmbeddingBagCollection)
+INFEASIBLE = 2**62
+
+
+def _config(option: ShardingOption) -> TTEmbeddingBagConfig:
+    return next(c for c in option.module[1].embedding_bag_configs() if c.name == option.name)
+
+
+def _option_shards(option: ShardingOption, shape: TTShape, world_size: int):
+    """The TT shards of a planner option (ranks are not chosen yet: shard j on rank j)."""
+    n = len(option.shards)
+    ranks = list(range(world_size)) if option.sharding_type == "row_wise" else list(range(min(n, world_size)))
+    return table_shards(option.name, shape, option.sharding_type, ranks[:1] if option.sharding_type == "table_wise" else ranks,
+                        world_size, shard_ranks=[j % world_size for j in range(n)] if option.sharding_type == "column_wise" else None)
+
+
+def tt_shard_bytes(config: TTEmbeddingBagConfig, shard_params: int, optimizer: OptimType, slices: int,
+                   element_size: int = 4) -> int:
+    """Bytes one shard holds (see the module docstring)."""
+    state = {0: 0, 1: shard_params * 4, 2: slices * 4}[optimizer.code]
+    cache = (config.cache_size * config.embedding_dim * element_size + 16 * (config.hashtbl_size or config.num_embeddings)
+             if config.use_cache else 0)
+    return shard_params * element_size + state + cache
+
+
+class TTStorageEstimator(ShardEstimator):
+    """Real TT bytes for TT options; TorchRec's EmbeddingStorageEstimator for the rest."""
+
+    def __init__(self, topology: Topology, constraints: Optional[dict[str, ParameterConstraints]] = None,
+                 optimizer: OptimType = OptimType.EXACT_SGD) -> None:
+        self._topology, self._optimizer = topology, optimizer
+        self._default = EmbeddingStorageEstimator(topology=topology, constraints=constraints)
+
+    def estimate(self, sharding_options: list[ShardingOption], sharder_data_map=None) -> None:
+        rest = [o for o in sharding_options if o.module_type_key != TT_MODULE_KEY]
+        if rest:
+            self._default.estimate(rest, sharder_data_map)
+        on_gpu = self._topology.compute_device in ("cuda", "mtia")
+        for option in (o for o in sharding_options if o.module_type_key == TT_MODULE_KEY):
+            config = _config(option)
+            shape = config.tt_shape()
+            try:
+                shards = _option_shards(option, shape, self._topology.world_size)
+            except ValueError:  # e.g. more column shards than q_1: never choose this option
+                shards = None
+            for j, planner_shard in enumerate(option.shards):
+                if shards is None:
+                    nbytes = INFEASIBLE
+                else:
+                    local = shards[j].local_shape(shape)
+                    nbytes = tt_shard_bytes(config, local.num_parameters, self._optimizer, sum(local.p),
+                                            option.tensor.element_size())
+                planner_shard.storage = Storage(hbm=nbytes if on_gpu else 0, ddr=0 if on_gpu else nbytes)
+
+
+class TTPerfEstimator(ShardEstimator):
+    """A roofline model of the TT kernel: FLOPs at ``flops_per_s``, pooled output over ``comm_bw``.
+
+    fwd = lookups * flops_per_row / flops_per_s; bwd = 2 * fwd; comms = B * D_shard * 4 bytes
+    each way (plus the replicated cores' all-reduce for row-/column-wise and data-parallel).
+    """
+
+    def __init__(self, topology: Topology, constraints: Optional[dict[str, ParameterConstraints]] = None,
+                 flops_per_s: float = 5e10, comm_bw: float = 1e10) -> None:
+        self._topology, self._flops, self._bw = topology, flops_per_s, comm_bw
+        self._default = EmbeddingPerfEstimator(topology=topology, constraints=constraints)
+
+    def estimate(self, sharding_options: list[ShardingOption], sharder_data_map=None) -> None:
+        rest = [o for o in sharding_options if o.module_type_key != TT_MODULE_KEY]
+        if rest:
+            self._default.estimate(rest, sharder_data_map)
+        world = self._topology.world_size
+        for option in (o for o in sharding_options if o.module_type_key == TT_MODULE_KEY):
+            shape = _config(option).tt_shape()
+            dp = option.sharding_type == "data_parallel"
+            batch = option.batch_size * (1 if dp else world)
+            pooling = sum(option.input_lengths)
+            for planner_shard in option.shards:
+                frac_rows = 1 / world if option.sharding_type == "row_wise" else 1.0
+                frac_cols = planner_shard.size[1] / shape.embedding_dim
+                fwd = batch * pooling * frac_rows * shape.flops_per_row() * frac_cols / self._flops
+                out_bytes = 0 if dp else batch * planner_shard.size[1] * 4
+                replicas = 0 if option.sharding_type == "table_wise" else 8 * shape.num_parameters
+                planner_shard.perf = Perf(fwd_compute=fwd, fwd_comms=out_bytes / self._bw, bwd_compute=2 * fwd,
+                                          bwd_comms=(out_bytes + replicas) / self._bw)
+
+
+def tt_constraints(tables: dict[str, str], constraints: Optional[dict[str, ParameterConstraints]] = None
+                   ) -> dict[str, ParameterConstraints]:
+    """ParameterConstraints forcing ``{table: sharding_type}`` with the TT kernel."""
+    out = dict(constraints or {})
+    for name, sharding_type in tables.items():
+        out[name] = ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[TT_COMPUTE_KERNEL],
+                                         min_partition=1)
+    return out
+
+
+def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict[str, ParameterConstraints]] = None,
+                 optimizer: OptimType = OptimType.EXACT_SGD) -> EmbeddingShardingPlanner:
+    """TorchRec's EmbeddingShardingPlanner with the TT estimators (dense tables keep TorchRec's).
+
+    ``batch_size``: per-rank batch size, as TorchRec's planner expects.
+    """
+    estimators = [TTPerfEstimator(topology, constraints), TTStorageEstimator(topology, constraints, optimizer)]
+    enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints,
+                                     estimator=estimators)
+    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, enumerator=enumerator,
+                                    constraints=constraints)
