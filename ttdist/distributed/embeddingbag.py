@@ -462,14 +462,14 @@ class TTFusedOptimizer(FusedOptimizer):
     """The optimizer fused into the sharded TT backward, as TorchRec exposes fbgemm's.
 
     ``step()`` and ``zero_grad()`` do nothing (the update runs in backward); ``param_groups[0]["lr"]``
-    is read at every backward, so a learning-rate schedule applies; ``state`` holds the Adagrad
-    accumulators.
+    is read at every backward, so a learning-rate schedule applies. Its ``state`` is empty: the
+    Adagrad accumulators live in the module's state_dict (``tt_tables.optimizer_state_<i>``),
+    sharded like the cores, so they are checkpointed and resharded with the model.
     """
 
     def __init__(self, module: ShardedTTEmbeddingBagCollection, learning_rate: float) -> None:
         params = dict(module._cores.items())
-        state = {p: {"optimizer_state": getattr(module, f"_state_{k}")} for k, p in params.items()}
-        super().__init__(params, state, [{"params": list(params.values()), "lr": learning_rate}])
+        super().__init__(params, {}, [{"params": list(params.values()), "lr": learning_rate}])
 
     def step(self, closure: Any = None) -> None:
         pass
