@@ -76,8 +76,12 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
                 for c in module.embedding_bag_configs()}
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value,
-                ShardingType.DATA_PARALLEL.value]
+        """All four, except column_wise under row-wise Adagrad (its per-slice state would be split)."""
+        types = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value,
+                 ShardingType.DATA_PARALLEL.value]
+        if OptimType.parse(self._fused_params["optimizer"]) == OptimType.EXACT_ROWWISE_ADAGRAD:
+            types.remove(ShardingType.COLUMN_WISE.value)
+        return types
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
         return [TT_COMPUTE_KERNEL]

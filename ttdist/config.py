@@ -1,0 +1,310 @@
+"""Training configuration: small dataclasses, one per component, loaded from YAML.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``key.sub=value`` overrides (values
+parsed as YAML), and validates: unknown keys, wrong types and impossible values raise
+``ConfigError`` naming the dotted key to fix (e.g. ``model.tt_ranks``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+from ttdist.data.config import DataConfig, scaled_cardinalities
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 needs ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass
+class ModelConfig:
+    """DLRM architecture and which tables are TT-compressed."""
+
+    embedding_dim: int = 16
+    """Dimension D of every table (DLRM's dot interaction needs one D)."""
+    dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 16])
+    """Bottom MLP (13 -> ... -> D); the last size must equal embedding_dim."""
+    over_arch_layer_sizes: list[int] = field(default_factory=lambda: [512, 256, 1])
+    """Top MLP; the last size must be 1 (the logit)."""
+    tt_tables: int = 7
+    """Number of largest tables stored as TT; the others stay dense TorchRec tables."""
+    tt_ranks: list[int] = field(default_factory=lambda: [32, 32])
+    """Inner TT ranks of every TT table (d = len + 1 cores)."""
+    weight_dist: str = "approx-normal"
+    """Initialisation of the TT cores."""
+    max_rows: int = 0
+    """Cap on rows per table (hashing larger ones modulo the cap, as DLRM's terabyte runs); 0 = none."""
+    dense_baseline: bool = False
+    """Store every table dense (the comparison run)."""
+
+
+@dataclass
+class OptimConfig:
+    """Fused embedding optimizer (TT and dense tables) and the MLPs' optimizer and schedule."""
+
+    embedding_optimizer: str = "exact_row_wise_adagrad"
+    """fbgemm EmbOptimType value: exact_sgd, exact_adagrad or exact_row_wise_adagrad."""
+    embedding_lr: float = 0.05
+    """Learning rate of the embedding tables."""
+    eps: float = 1e-8
+    """Adagrad epsilon."""
+    dense_optimizer: str = "adagrad"
+    """Any torch.optim class name, case-insensitive (sgd, adagrad, adam, ...)."""
+    dense_lr: float = 0.05
+    """Learning rate of the MLPs."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up (DLRM's schedule)."""
+    decay_start_step: int = 0
+    """Step at which polynomial decay starts (0 = no decay)."""
+    decay_steps: int = 0
+    """Steps over which the rate decays to 0 (DLRM: power 2)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """torch.distributed.checkpoint saves (atomic: written aside, then renamed)."""
+
+    every_steps: int = 0
+    """Save every N steps (0 = only at the end when `at_end`)."""
+    at_end: bool = True
+    """Save after the last step."""
+    keep_last_n: int = 2
+    """Complete checkpoints kept; older ones are pruned after a new one is complete."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint of this run, if any."""
+
+
+@dataclass
+class TrainConfig:
+    """The run: steps, evaluation, logging, distributed settings."""
+
+    name: str = "run"
+    """Run name; outputs go to `<output_dir>/<name>/`."""
+    output_dir: str = "runs"
+    """Directory of all runs."""
+    steps: int = 100
+    """Training steps (global batches)."""
+    eval_every_steps: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    log_every_steps: int = 10
+    """Append training metrics to metrics.jsonl every N steps."""
+    seed: int = 0
+    """Seed of model initialisation (cores: per table name) and RNGs."""
+    world_size: int = 0
+    """Expected number of ranks (0 = whatever torchrun gives); a mismatch is an error."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
+    collective_timeout_s: float = 300.0
+    """Every collective fails with an error after this many seconds instead of hanging."""
+    sharding_types: dict[str, str] = field(default_factory=dict)
+    """Force a sharding type per table name (table_wise, row_wise, column_wise, data_parallel)."""
+    plan_path: Optional[str] = None
+    """Load the sharding plan from this YAML file (ttdist.plan) instead of planning."""
+    nonfinite: str = "stop"
+    """On a non-finite loss: stop (raise, naming step and table) or skip (drop the batch, count it)."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+
+
+@dataclass
+class Config:
+    """Everything a training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def table_rows(self) -> list[int]:
+        """Rows of each of the 26 tables after scaling and the max_rows cap."""
+        rows = scaled_cardinalities(self.data)
+        return [min(r, self.model.max_rows) if self.model.max_rows else r for r in rows]
+
+    def tt_table_indices(self) -> list[int]:
+        """Indices of the tables stored as TT: the `model.tt_tables` largest (none for the baseline)."""
+        if self.model.dense_baseline:
+            return []
+        rows = self.table_rows()
+        return sorted(sorted(range(len(rows)), key=lambda t: -rows[t])[: self.model.tt_tables])
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Returns ``value`` converted to ``annotation`` where lossless (int -> float), else raises."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        k_type, v_type = typing.get_args(annotation)
+        return {_check_type(f"{key}", k, k_type): _check_type(f"{key}.{k}", v, v_type) for k, v in value.items()}
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation in (int, str, bool):
+        if isinstance(value, bool) != (annotation is bool) or not isinstance(value, annotation):
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; valid keys under '{prefix or '.'}': {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{prefix}{name}", value, hint)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a component's own validation (e.g. DataConfig)
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Cross-field checks; ``world_size`` (when known) is checked against the config."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    _require(m.embedding_dim > 0, "model.embedding_dim", "must be positive")
+    _require(bool(m.dense_arch_layer_sizes) and m.dense_arch_layer_sizes[-1] == m.embedding_dim,
+             "model.dense_arch_layer_sizes", f"must end with embedding_dim ({m.embedding_dim})")
+    _require(bool(m.over_arch_layer_sizes) and m.over_arch_layer_sizes[-1] == 1, "model.over_arch_layer_sizes", "must end with 1")
+    _require(0 <= m.tt_tables <= 26, "model.tt_tables", "must be in [0, 26]")
+    _require(m.max_rows >= 0, "model.max_rows", "must be >= 0")
+    from ttdist.modules.tt_init import WEIGHT_DISTS
+    from ttdist.modules.tt_shapes import make_tt_shape
+
+    _require(m.weight_dist in WEIGHT_DISTS, "model.weight_dist", f"must be one of {WEIGHT_DISTS}")
+    rows = cfg.table_rows()
+    for table in cfg.tt_table_indices():
+        try:
+            make_tt_shape(rows[table], m.embedding_dim, m.tt_ranks, table_name=f"t_cat_{table}")
+        except ValueError as e:
+            raise ConfigError(f"model.tt_ranks: {e}") from None
+    from ttdist.modules.optim import OptimType
+
+    try:
+        OptimType.parse(o.embedding_optimizer)
+    except ValueError as e:
+        raise ConfigError(f"optim.embedding_optimizer: {e}") from None
+    import torch
+
+    _require(any(n.lower() == o.dense_optimizer.lower() for n in dir(torch.optim)), "optim.dense_optimizer",
+             f"no torch.optim class named {o.dense_optimizer!r}")
+    for key in ("embedding_lr", "dense_lr", "eps"):
+        value = getattr(o, key)
+        _require(math.isfinite(value) and value > 0, f"optim.{key}", f"must be a positive finite number, got {value}")
+    for key in ("warmup_steps", "decay_start_step", "decay_steps"):
+        _require(getattr(o, key) >= 0, f"optim.{key}", "must be >= 0")
+    _require(t.steps > 0, "train.steps", "must be positive")
+    _require(t.backend in ("auto", "gloo", "nccl"), "train.backend", "must be auto, gloo or nccl")
+    _require(t.nonfinite in ("stop", "skip"), "train.nonfinite", "must be stop or skip")
+    _require(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
+    for key in ("eval_every_steps", "log_every_steps", "world_size"):
+        _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
+    valid_types = ("table_wise", "row_wise", "column_wise", "data_parallel")
+    for table, kind in t.sharding_types.items():
+        _require(kind in valid_types, f"train.sharding_types.{table}", f"must be one of {valid_types}")
+    _require(cfg.checkpoint.keep_last_n >= 1, "checkpoint.keep_last_n", "must be >= 1")
+    _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+    if world_size is not None:
+        _require(t.world_size in (0, world_size), "train.world_size",
+                 f"the config expects {t.world_size} ranks but torchrun started {world_size}")
+        _require(cfg.data.batch_size % world_size == 0, "data.batch_size",
+                 f"{cfg.data.batch_size} is not divisible by the world size {world_size}")
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Applies ``a.b.c=value`` overrides (value parsed as YAML) to the raw mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = _load_yaml(raw)
+    return data
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
+                world_size: Optional[int] = None) -> Config:
+    """Config from a YAML file plus overrides, validated (see module docstring)."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = _load_yaml(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    cfg = _build(Config, apply_overrides(data, overrides), "")
+    validate(cfg, world_size)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain mapping of the config (written next to a run's outputs)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,47 @@
+"""Evaluation metrics gathered across ranks, and the run's metrics log."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torchmetrics.functional.classification import binary_auroc
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
+    """AUC, logloss and accuracy of ``model`` over every rank's eval batches (all ranks get them)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in batches:
+        batch = batch.to(device)
+        logits.append(model(batch.dense_features, batch.sparse_features).squeeze(-1).float())
+        labels.append(batch.labels.float())
+    model.train(was_training)
+    local = torch.stack([torch.cat(logits), torch.cat(labels)]) if logits else torch.zeros(2, 0, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        local = torch.cat(gathered, dim=1)
+    logit, label = local[0].cpu(), local[1].cpu()
+    return {
+        "auc": float(binary_auroc(torch.sigmoid(logit), label.long())),
+        "logloss": float(torch.nn.functional.binary_cross_entropy_with_logits(logit, label)),
+        "accuracy": float(((logit > 0).float() == label).float().mean()),
+        "eval_samples": int(label.numel()),
+    }
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
