@@ -19,15 +19,30 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
+
+#include "tt_gemm.h"
 
 namespace ttdist {
 namespace {
 
 using at::Tensor;
 
+// fp32 / fp64 products go to the vectorized kernels of tt_gemm.h (AVX2 when the CPU has it);
+// the loops below serve the mixed bf16 -> fp32 case.
+template <typename acc_t, typename scalar_t>
+constexpr bool kFastGemm = std::is_same_v<acc_t, scalar_t> && (std::is_same_v<acc_t, float> || std::is_same_v<acc_t, double>);
+
+template <typename T>
+inline const kern::GemmKernels<T>& fast_gemm() {
+  if constexpr (std::is_same_v<T, float>) return kern::gemm_kernels_f32();
+  else return kern::gemm_kernels_f64();
+}
+
 // C (M x N) = A (M x K) @ B (K x N); B is read as scalar_t and accumulated in acc_t.
 template <typename acc_t, typename scalar_t>
 inline void gemm_nn(int64_t M, int64_t K, int64_t N, const acc_t* A, const scalar_t* B, acc_t* C) {
+  if constexpr (kFastGemm<acc_t, scalar_t>) return fast_gemm<acc_t>().nn(M, K, N, A, B, C);
   std::fill(C, C + M * N, acc_t(0));
   for (int64_t i = 0; i < M; ++i) {
     acc_t* c = C + i * N;
@@ -42,6 +57,7 @@ inline void gemm_nn(int64_t M, int64_t K, int64_t N, const acc_t* A, const scala
 // C (K x N) += A^T @ G where A is (M x K) and G is (M x N).
 template <typename acc_t>
 inline void gemm_tn_acc(int64_t M, int64_t K, int64_t N, const acc_t* A, const acc_t* G, acc_t* C) {
+  if constexpr (kFastGemm<acc_t, acc_t>) return fast_gemm<acc_t>().tn_acc(M, K, N, A, G, C);
   for (int64_t m = 0; m < M; ++m) {
     const acc_t* g = G + m * N;
     for (int64_t k = 0; k < K; ++k) {
@@ -55,6 +71,7 @@ inline void gemm_tn_acc(int64_t M, int64_t K, int64_t N, const acc_t* A, const a
 // C (M x K) += G (M x N) @ S^T where S is (K x N).
 template <typename acc_t, typename scalar_t>
 inline void gemm_nt_acc(int64_t M, int64_t K, int64_t N, const acc_t* G, const scalar_t* S, acc_t* C) {
+  if constexpr (kFastGemm<acc_t, scalar_t>) return fast_gemm<acc_t>().nt_acc(M, K, N, G, S, C);
   for (int64_t m = 0; m < M; ++m) {
     const acc_t* g = G + m * N;
     for (int64_t k = 0; k < K; ++k) {

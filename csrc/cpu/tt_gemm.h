@@ -1,0 +1,35 @@
+// Small dense GEMM kernels of the TT lookup (row-major, fp32 / fp64), compiled twice: a baseline
+// x86-64 build (tt_gemm_base.cpp) and an AVX2+FMA build (tt_gemm_avx2.cpp); gemm_kernels<T>()
+// picks one at first use with __builtin_cpu_supports, so the library still runs on CPUs without
+// AVX2. Each kernel's summation order is fixed (it depends only on the shapes), so results are
+// deterministic on a given machine.
+#pragma once
+
+#include <cstdint>
+
+namespace ttdist {
+namespace kern {
+
+template <typename T>
+struct GemmKernels {
+  // C (M x N) = A (M x K) @ B (K x N).
+  void (*nn)(int64_t M, int64_t K, int64_t N, const T* A, const T* B, T* C);
+  // C (K x N) += A^T @ G, A (M x K), G (M x N).
+  void (*tn_acc)(int64_t M, int64_t K, int64_t N, const T* A, const T* G, T* C);
+  // C (M x K) += G (M x N) @ S^T, S (K x N).
+  void (*nt_acc)(int64_t M, int64_t K, int64_t N, const T* G, const T* S, T* C);
+  const char* isa;
+};
+
+// The kernels for this CPU (selected once).
+const GemmKernels<float>& gemm_kernels_f32();
+const GemmKernels<double>& gemm_kernels_f64();
+
+// Builds of the kernels (defined in tt_gemm_base.cpp / tt_gemm_avx2.cpp).
+GemmKernels<float> gemm_kernels_f32_base();
+GemmKernels<double> gemm_kernels_f64_base();
+GemmKernels<float> gemm_kernels_f32_avx2();
+GemmKernels<double> gemm_kernels_f64_avx2();
+
+}  // namespace kern
+}  // namespace ttdist
