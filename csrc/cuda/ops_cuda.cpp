@@ -1,0 +1,217 @@
+// torch binding of the CUDA kernels: tensor checks, the current stream, temporary memory from
+// torch's caching allocator, and TORCH_LIBRARY_IMPL(ttdist, CUDA) for the four ops whose schemas
+// csrc/ops.cpp defines. Compiled only when torch has CUDA (setup.py defines TTDIST_WITH_CUDA).
+// The kernels themselves (tt_kernels.cu) see raw pointers only.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "tt_kernels.h"
+
+namespace ttdist {
+namespace {
+
+using at::Tensor;
+
+// Temporary device memory of one op call, from torch's caching allocator on the current stream;
+// released (back to the cache, stream-ordered) when the op returns.
+class TorchAllocator final : public cuda::Allocator {
+ public:
+  explicit TorchAllocator(at::Device device) : device_(device) {}
+  void* allocate(size_t bytes) override {
+    buffers_.push_back(at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device_)));
+    return buffers_.back().data_ptr();
+  }
+
+ private:
+  at::Device device_;
+  std::vector<Tensor> buffers_;
+};
+
+void raise_if_error(const cuda::Status& s) {
+  if (s.ok()) return;
+  if (s.code == cuda::Status::kIndexError) TORCH_CHECK_INDEX(false, s.message);
+  TORCH_CHECK(false, s.message);
+}
+
+cuda::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kDouble: return cuda::DType::kFloat64;
+    default: TORCH_CHECK(false, "ttdist (CUDA): cores must be float32, bfloat16 or float64, got ", t);
+  }
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_on(const Tensor& t, const at::Device& device, const char* name) {
+  TORCH_CHECK(t.device() == device, "ttdist (CUDA): ", name, " is on ", t.device(), " but the cores are on ", device);
+}
+
+cuda::LookupProblem make_problem(at::TensorList cores, at::IntArrayRef table_num_cores,
+                                 at::IntArrayRef feature_table_map, at::IntArrayRef pooling_modes,
+                                 const Tensor& indices, const Tensor& offsets) {
+  TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
+  const at::Device device = cores[0].device();
+  const at::ScalarType dtype = cores[0].scalar_type();
+  cuda::LookupProblem lp;
+  lp.dtype = to_dtype(dtype);
+  for (size_t c = 0; c < cores.size(); ++c) {
+    const Tensor& t = cores[c];
+    TORCH_CHECK(t.is_cuda() && t.device() == device, "ttdist (CUDA): core ", c, " is on ", t.device(),
+                ", core 0 on ", device);
+    TORCH_CHECK(t.scalar_type() == dtype, "ttdist (CUDA): all cores must have one dtype; core ", c, " is ",
+                t.scalar_type(), ", core 0 ", dtype);
+    TORCH_CHECK(t.dim() == 4, "ttdist: core ", c, " must be 4-D (p, r_in, q, r_out), got ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), "ttdist: cores must be contiguous");
+    lp.core_shapes.push_back({t.size(0), t.size(1), t.size(2), t.size(3)});
+    lp.cores.push_back(t.data_ptr());
+  }
+  lp.table_num_cores = table_num_cores.vec();
+  lp.feature_table_map = feature_table_map.vec();
+  lp.pooling_modes = pooling_modes.vec();
+  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1, "ttdist: indices and offsets must be 1-D");
+  lp.num_indices = indices.numel();
+  lp.num_offsets = offsets.numel();
+  return lp;
+}
+
+// int64 contiguous indices / offsets and accumulation-type weights on the cores' device.
+struct Inputs {
+  Tensor indices, offsets, weights;
+  cuda::LookupInputs raw;
+};
+
+Inputs make_inputs(const Tensor& indices, const Tensor& offsets, const std::optional<Tensor>& per_sample_weights,
+                   const Tensor& core0) {
+  const at::Device device = core0.device();
+  check_on(indices, device, "indices");
+  check_on(offsets, device, "offsets");
+  Inputs in;
+  in.indices = indices.to(at::kLong).contiguous();
+  in.offsets = offsets.to(at::kLong).contiguous();
+  in.raw.indices = in.indices.data_ptr<int64_t>();
+  in.raw.offsets = in.offsets.data_ptr<int64_t>();
+  if (per_sample_weights.has_value() && per_sample_weights->defined()) {
+    const Tensor& w = *per_sample_weights;
+    check_on(w, device, "per_sample_weights");
+    TORCH_CHECK(w.numel() == indices.numel(), "ttdist: per_sample_weights has ", w.numel(),
+                " entries but there are ", indices.numel(), " indices");
+    in.weights = w.to(at::toOpMathType(core0.scalar_type())).contiguous();
+    in.raw.per_sample_weights = in.weights.data_ptr();
+  }
+  return in;
+}
+
+Tensor grad_output_for(const Tensor& grad_output, const Tensor& core0, int64_t batch, int64_t total_dim) {
+  check_on(grad_output, core0.device(), "grad_output");
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == batch && grad_output.size(1) == total_dim,
+              "ttdist: grad_output must be (", batch, ", ", total_dim, "), got ", grad_output.sizes());
+  return grad_output.to(core0.scalar_type()).contiguous();
+}
+
+void check_optimizer_state(const Tensor& core, const Tensor& state, int64_t optimizer, size_t c) {
+  TORCH_CHECK(optimizer == 0 || optimizer == 1 || optimizer == 2, "ttdist: unknown optimizer code ", optimizer);
+  if (optimizer == 0) return;
+  const int64_t want = optimizer == 1 ? core.numel() : core.size(0);
+  check_on(state, core.device(), "an optimizer state");
+  TORCH_CHECK(state.numel() == want && state.is_contiguous(), "ttdist: optimizer state ", c, " has ", state.numel(),
+              " elements, expected ", want);
+  TORCH_CHECK(state.scalar_type() == at::toOpMathType(core.scalar_type()), "ttdist: optimizer state must be ",
+              at::toOpMathType(core.scalar_type()));
+}
+
+Tensor tt_forward_cuda(at::TensorList cores, at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+                       at::IntArrayRef pooling_modes, const Tensor& indices, const Tensor& offsets,
+                       const std::optional<Tensor>& per_sample_weights) {
+  TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
+  c10::cuda::CUDAGuard guard(cores[0].device());
+  const cuda::LookupProblem lp = make_problem(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets);
+  int64_t batch = 0, total_dim = 0;
+  raise_if_error(cuda::check_lookup_problem(lp, &batch, &total_dim));
+  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0]);
+  Tensor out = at::empty({batch, total_dim}, cores[0].options());
+  TorchAllocator alloc(cores[0].device());
+  raise_if_error(cuda::tt_forward(lp, in.raw, out.data_ptr(), alloc, current_stream()));
+  return out;
+}
+
+std::vector<Tensor> tt_backward_cuda(const Tensor& grad_output, at::TensorList cores, at::IntArrayRef table_num_cores,
+                                     at::IntArrayRef feature_table_map, at::IntArrayRef pooling_modes,
+                                     const Tensor& indices, const Tensor& offsets,
+                                     const std::optional<Tensor>& per_sample_weights) {
+  TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
+  c10::cuda::CUDAGuard guard(cores[0].device());
+  const cuda::LookupProblem lp = make_problem(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets);
+  int64_t batch = 0, total_dim = 0;
+  raise_if_error(cuda::check_lookup_problem(lp, &batch, &total_dim));
+  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0]);
+  const Tensor go = grad_output_for(grad_output, cores[0], batch, total_dim);
+  std::vector<Tensor> grads;
+  std::vector<void*> ptrs;
+  for (const auto& c : cores) {
+    grads.push_back(at::empty_like(c, at::MemoryFormat::Contiguous));
+    ptrs.push_back(grads.back().data_ptr());
+  }
+  TorchAllocator alloc(cores[0].device());
+  raise_if_error(cuda::tt_backward(lp, in.raw, go.data_ptr(), ptrs, alloc, current_stream()));
+  return grads;
+}
+
+void tt_backward_fused_cuda(const Tensor& grad_output, at::TensorList cores, at::TensorList optimizer_states,
+                            at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+                            at::IntArrayRef pooling_modes, const Tensor& indices, const Tensor& offsets,
+                            const std::optional<Tensor>& per_sample_weights, int64_t optimizer, double learning_rate,
+                            double eps) {
+  TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
+  c10::cuda::CUDAGuard guard(cores[0].device());
+  TORCH_CHECK(optimizer_states.size() == cores.size(), "ttdist: one optimizer state per core is required");
+  for (size_t c = 0; c < cores.size(); ++c) check_optimizer_state(cores[c], optimizer_states[c], optimizer, c);
+  const cuda::LookupProblem lp = make_problem(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets);
+  int64_t batch = 0, total_dim = 0;
+  raise_if_error(cuda::check_lookup_problem(lp, &batch, &total_dim));
+  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0]);
+  const Tensor go = grad_output_for(grad_output, cores[0], batch, total_dim);
+  std::vector<void*> states;
+  for (const auto& s : optimizer_states) states.push_back(optimizer == 0 ? nullptr : s.data_ptr());
+  TorchAllocator alloc(cores[0].device());
+  raise_if_error(cuda::tt_backward_fused(lp, in.raw, go.data_ptr(), states, static_cast<int>(optimizer), learning_rate,
+                                         eps, alloc, current_stream()));
+}
+
+void sparse_row_update_cuda(const Tensor& weight, const Tensor& optimizer_state, const Tensor& row_ids_in,
+                            const Tensor& row_grads_in, int64_t optimizer, double learning_rate, double eps) {
+  TORCH_CHECK(weight.is_cuda(), "ttdist (CUDA): weight must be a CUDA tensor");
+  c10::cuda::CUDAGuard guard(weight.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "ttdist: sparse_row_update_ needs a contiguous 2-D weight");
+  const cuda::DType dtype = to_dtype(weight.scalar_type());
+  check_on(row_ids_in, weight.device(), "row_ids");
+  check_on(row_grads_in, weight.device(), "row_grads");
+  const Tensor row_ids = row_ids_in.to(at::kLong).contiguous();
+  const Tensor row_grads = row_grads_in.to(at::toOpMathType(weight.scalar_type())).contiguous();
+  const int64_t rows = weight.size(0), len = weight.size(1);
+  TORCH_CHECK(row_grads.dim() == 2 && row_grads.size(0) == row_ids.numel() && row_grads.size(1) == len,
+              "ttdist: row_grads must be (", row_ids.numel(), ", ", len, ")");
+  check_optimizer_state(weight, optimizer_state, optimizer, 0);
+  TorchAllocator alloc(weight.device());
+  raise_if_error(cuda::sparse_row_update(dtype, weight.data_ptr(), optimizer == 0 ? nullptr : optimizer_state.data_ptr(),
+                                         rows, len, row_ids.data_ptr<int64_t>(), row_ids.numel(), row_grads.data_ptr(),
+                                         static_cast<int>(optimizer), learning_rate, eps, alloc, current_stream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ttdist, CUDA, m) {
+  m.impl("tt_forward", &tt_forward_cuda);
+  m.impl("tt_backward", &tt_backward_cuda);
+  m.impl("tt_backward_fused_", &tt_backward_fused_cuda);
+  m.impl("sparse_row_update_", &sparse_row_update_cuda);
+}
+
+}  // namespace ttdist

@@ -1,0 +1,96 @@
+// Host API of the ttdist CUDA kernels (implemented in tt_kernels.cu). Plain C++: no torch, no
+// CUDA device code, so the torch binding (ops_cuda.cpp, compiled by the host compiler) and any
+// other host program can include it. Semantics of the ops: csrc/ops.cpp and csrc/cpu.
+//
+// Every launcher takes raw device pointers, the sizes, a caller-provided Allocator for temporary
+// device memory and the cudaStream_t to run on. Each call validates its inputs on the device
+// (index ranges, offsets) before any kernel reads a core through an index, synchronises the
+// stream once to read the verdict, and returns it as a Status instead of touching memory out of
+// bounds; the caller raises. Accumulation is in float (double for double cores).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ttdist {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat64 = 2 };
+
+// Bytes of one element of the core dtype and of its accumulation type (float / double).
+size_t dtype_size(DType t);
+size_t acc_size(DType t);
+
+// Temporary device memory for one launcher call. The memory must stay valid, for work queued on
+// `stream`, until the launcher returns (a stream-ordered allocator such as torch's caching
+// allocator on the current stream, or cudaMallocAsync / cudaFreeAsync, satisfies this).
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual void* allocate(size_t bytes) = 0;
+};
+
+struct Status {
+  enum Code : int { kOk = 0, kInvalidArgument = 1, kIndexError = 2, kCudaError = 3 };
+  int code = kOk;
+  std::string message;
+  bool ok() const { return code == kOk; }
+  static Status Ok() { return Status(); }
+  static Status Error(int c, std::string m) {
+    Status s;
+    s.code = c;
+    s.message = std::move(m);
+    return s;
+  }
+};
+
+// The non-tensor description of one table-batched lookup (see csrc/ops.cpp).
+struct LookupProblem {
+  DType dtype = DType::kFloat32;
+  std::vector<std::array<int64_t, 4>> core_shapes;  // (p, r_in, q, r_out) per core, tables in order
+  std::vector<const void*> cores;                   // device pointers, contiguous, dtype
+  std::vector<int64_t> table_num_cores;             // [T]
+  std::vector<int64_t> feature_table_map;           // [F]
+  std::vector<int64_t> pooling_modes;               // [F] 1 = mean, anything else = sum (as the CPU op)
+  int64_t num_indices = 0;                          // N
+  int64_t num_offsets = 0;                          // F * B + 1
+};
+
+struct LookupInputs {
+  const int64_t* indices = nullptr;       // [N]
+  const int64_t* offsets = nullptr;       // [F * B + 1]
+  const void* per_sample_weights = nullptr;  // [N] in the accumulation type, or null
+};
+
+// Host-side validation of shapes and sizes; on success sets batch B and the output width.
+Status check_lookup_problem(const LookupProblem& problem, int64_t* batch, int64_t* total_dim);
+
+// output: (B, total_dim) in the core dtype; every element is written.
+Status tt_forward(const LookupProblem& problem, const LookupInputs& inputs, void* output, Allocator& alloc,
+                  cudaStream_t stream);
+
+// grad_output: (B, total_dim) contiguous in the core dtype; core_grads[c]: device buffer shaped
+// like core c in the core dtype; every element is written (zeros where untouched).
+Status tt_backward(const LookupProblem& problem, const LookupInputs& inputs, const void* grad_output,
+                   const std::vector<void*>& core_grads, Allocator& alloc, cudaStream_t stream);
+
+// Summed core gradients, then one optimizer step (0 SGD, 1 Adagrad, 2 row-wise Adagrad) on every
+// slice the batch touched; updates the cores (problem.cores, cast away const) and states
+// (accumulation type: like the core for Adagrad, (p,) for row-wise Adagrad, unused for SGD).
+Status tt_backward_fused(const LookupProblem& problem, const LookupInputs& inputs, const void* grad_output,
+                         const std::vector<void*>& optimizer_states, int optimizer, double learning_rate, double eps,
+                         Allocator& alloc, cudaStream_t stream);
+
+// The same step on rows row_ids[n] (unique, in [0, rows)) of weight (rows, row_len); row_grads
+// (num_ids, row_len) and the state are in the accumulation type.
+Status sparse_row_update(DType dtype, void* weight, void* optimizer_state, int64_t rows, int64_t row_len,
+                         const int64_t* row_ids, int64_t num_ids, const void* row_grads, int optimizer,
+                         double learning_rate, double eps, Allocator& alloc, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ttdist

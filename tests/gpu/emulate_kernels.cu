@@ -1,0 +1,818 @@
+// Host emulation of the ttdist CUDA kernels: runs the op drivers of csrc/cuda/tt_driver.cuh with a
+// CPU executor that executes every item op and every block-program phase of
+// csrc/cuda/tt_device.cuh on the CPU, thread by thread in shuffled orders, and compares the
+// results with a naive double-precision reference (no dedup, no trie: one chain per position).
+//
+// What this checks without a GPU: all index math (digits, trie, prefix reuse, scratch layout,
+// row-buffer offsets, pooling, segment reduction, slice gradients, optimizer updates, touched
+// slices), the host planning (chunk sizes, shared vs global scratch), validation errors, and
+// that every phase returns the same "more" on every thread (barrier uniformity). What it cannot
+// check: CUDA launches, CUB, warp shuffles (group_sum has a host branch), real concurrency.
+//
+// Build and run (no GPU needed; .ci/compile_cuda.sh does this):
+//   nvcc -std=c++17 -O2 -o /tmp/tt_emulate tests/gpu/emulate_kernels.cu && /tmp/tt_emulate
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "../../csrc/cuda/tt_driver.cuh"
+
+using namespace ttdist::cuda;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+#define EXPECT(cond, ...)                                        \
+  do {                                                           \
+    ++g_checks;                                                  \
+    if (!(cond)) {                                               \
+      ++g_failures;                                              \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);  \
+      std::fprintf(stderr, __VA_ARGS__);                         \
+      std::fprintf(stderr, "\n");                                \
+    }                                                            \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// CPU executor.
+// ---------------------------------------------------------------------------------------------
+constexpr size_t kCanary = 64;
+
+struct CpuExec {
+  std::mt19937_64* rng;
+  int order = 2;         // thread order per phase: 0 ascending, 1 descending, 2 shuffled
+  int grid = 3;          // emulated resident blocks (each keeps its shared memory across items)
+  int chunk_threads = kChunkThreads;
+  int sms = 4;
+  size_t optin = 96 * 1024;
+  std::vector<std::pair<unsigned char*, size_t>> blocks;
+  std::vector<std::unique_ptr<unsigned char[]>> owned;
+  Status st;
+
+  void* alloc(size_t bytes) {
+    owned.emplace_back(new unsigned char[bytes + kCanary]);
+    unsigned char* p = owned.back().get();
+    std::memset(p, 0xCD, bytes);  // garbage: a missing initialisation shows up as a wrong result
+    std::memset(p + bytes, 0xA5, kCanary);
+    blocks.emplace_back(p, bytes);
+    return p;
+  }
+  bool canaries_intact() const {
+    for (const auto& b : blocks)
+      for (size_t i = 0; i < kCanary; ++i)
+        if (b.first[b.second + i] != 0xA5) return false;
+    return true;
+  }
+  void upload(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+  void download(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+  void zero(void* p, size_t n) { std::memset(p, 0, n); }
+
+  std::vector<int64_t> permutation(int64_t n) {
+    std::vector<int64_t> v(n);
+    std::iota(v.begin(), v.end(), 0);
+    if (order == 1) std::reverse(v.begin(), v.end());
+    if (order == 2) std::shuffle(v.begin(), v.end(), *rng);
+    return v;
+  }
+
+  template <class Op>
+  void for_each(int64_t n, const Op& op) {
+    for (int64_t i : permutation(n)) op(i);
+  }
+
+  template <class Prog>
+  void run_program(const Prog& prog, int64_t items, size_t smem_bytes, int64_t global_scratch_elems) {
+    using scratch_t = typename Prog::scratch_t;
+    using Shared = typename Prog::Shared;
+    const int nt = Prog::kThreads == kChunkThreads ? chunk_threads : Prog::kThreads;
+    if (smem_bytes > 0) EXPECT(smem_bytes <= optin, "dynamic smem %zu over the opt-in limit %zu", smem_bytes, optin);
+    const int64_t elems = global_scratch_elems > 0 ? global_scratch_elems : static_cast<int64_t>(smem_bytes / sizeof(scratch_t));
+    const int64_t g = std::max<int64_t>(1, std::min<int64_t>(grid, items));
+    for (int64_t b = 0; b < g; ++b) {
+      std::unique_ptr<unsigned char[]> sh_mem(new unsigned char[sizeof(Shared)]);
+      std::memset(sh_mem.get(), 0xCD, sizeof(Shared));
+      Shared& sh = *reinterpret_cast<Shared*>(sh_mem.get());
+      const size_t bytes = sizeof(scratch_t) * static_cast<size_t>(std::max<int64_t>(elems, 1));
+      std::unique_ptr<unsigned char[]> scratch(new unsigned char[bytes + kCanary]);
+      std::memset(scratch.get(), 0xCD, bytes);
+      std::memset(scratch.get() + bytes, 0xA5, kCanary);
+      for (int64_t item = b; item < items; item += g) {
+        for (int ph = 0;; ++ph) {
+          int more = -1;
+          for (int64_t tid : permutation(nt)) {
+            const bool m = prog.phase(ph, item, sh, reinterpret_cast<scratch_t*>(scratch.get()), static_cast<int>(tid), nt);
+            if (more == -1) more = m;
+            else if (more != static_cast<int>(m)) {
+              EXPECT(false, "phase %d of item %lld: threads disagree on whether more phases follow", ph, (long long)item);
+              return;
+            }
+          }
+          if (ph > 200) {
+            EXPECT(false, "runaway phases");
+            return;
+          }
+          if (!more) break;
+        }
+        for (size_t i = 0; i < kCanary; ++i)
+          if (scratch[bytes + i] != 0xA5) {
+            EXPECT(false, "block scratch overrun (%lld elements)", (long long)elems);
+            return;
+          }
+      }
+    }
+  }
+
+  void sort_pairs(const uint64_t* kin, uint64_t* kout, const int64_t* vin, int64_t* vout, int64_t n, int bits) {
+    std::vector<int64_t> idx(n);
+    std::iota(idx.begin(), idx.end(), 0);
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT(bits >= 64 || (kin[i] >> bits) == 0, "sort key %llu needs more than %d bits", (unsigned long long)kin[i], bits);
+    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return kin[a] < kin[b]; });
+    for (int64_t i = 0; i < n; ++i) {
+      kout[i] = kin[idx[i]];
+      vout[i] = vin[idx[i]];
+    }
+  }
+  void sort_keys(const int64_t* in, int64_t* out, int64_t n) {
+    std::copy(in, in + n, out);
+    std::sort(out, out + n);
+  }
+  void inclusive_sum(const int64_t* in, int64_t* out, int64_t n) { std::partial_sum(in, in + n, out); }
+  int sm_count() const { return sms; }
+  size_t smem_optin() const { return optin; }
+  Status status() const { return st; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Typed host storage and conversions.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+double as_double(T x) { return static_cast<double>(to_acc(x)); }
+template <typename T>
+T from_double(double x) {
+  T out;
+  from_acc(static_cast<typename AccOf<T>::type>(x), &out);
+  return out;
+}
+template <typename T>
+DType dtype_of();
+template <>
+DType dtype_of<float>() { return DType::kFloat32; }
+template <>
+DType dtype_of<double>() { return DType::kFloat64; }
+template <>
+DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+template <typename T>
+const char* name_of();
+template <>
+const char* name_of<float>() { return "fp32"; }
+template <>
+const char* name_of<double>() { return "fp64"; }
+template <>
+const char* name_of<__nv_bfloat16>() { return "bf16"; }
+
+struct TableSpec {
+  std::vector<int64_t> p, q, r;  // r has d + 1 entries
+  int64_t d() const { return static_cast<int64_t>(p.size()); }
+  int64_t rows() const { int64_t n = 1; for (auto x : p) n *= x; return n; }
+  int64_t dim() const { int64_t n = 1; for (auto x : q) n *= x; return n; }
+};
+
+struct Case {
+  std::vector<TableSpec> tables;
+  std::vector<int64_t> ftm, modes;
+  int64_t B = 0;
+  std::vector<int64_t> indices, offsets;
+  std::vector<double> psw;  // empty: none
+  std::vector<std::vector<double>> cores;  // master values (already representable in the dtype)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Naive reference (double): one chain per position.
+// ---------------------------------------------------------------------------------------------
+// Prefixes P_0..P_{d-1} of one row; P_k is (Q_k, r_{k+1}) row-major.
+std::vector<std::vector<double>> prefixes(const TableSpec& s, const std::vector<const std::vector<double>*>& cores,
+                                          int64_t row, std::vector<int64_t>* digits) {
+  const int64_t d = s.d();
+  digits->assign(d, 0);
+  int64_t rest = row;
+  for (int64_t k = d - 1; k >= 0; --k) {
+    (*digits)[k] = rest % s.p[k];
+    rest /= s.p[k];
+  }
+  std::vector<std::vector<double>> P(d);
+  const int64_t slice0 = s.q[0] * s.r[1];
+  P[0].assign(cores[0]->begin() + (*digits)[0] * slice0, cores[0]->begin() + ((*digits)[0] + 1) * slice0);
+  int64_t Q = s.q[0];
+  for (int64_t k = 1; k < d; ++k) {
+    const int64_t K = s.r[k], N = s.q[k] * s.r[k + 1];
+    const double* S = cores[k]->data() + (*digits)[k] * K * N;
+    P[k].assign(Q * N, 0.0);
+    for (int64_t m = 0; m < Q; ++m)
+      for (int64_t kk = 0; kk < K; ++kk)
+        for (int64_t n = 0; n < N; ++n) P[k][m * N + n] += P[k - 1][m * K + kk] * S[kk * N + n];
+    Q *= s.q[k];
+  }
+  return P;
+}
+
+std::vector<const std::vector<double>*> table_cores(const Case& c, int64_t t) {
+  int64_t begin = 0;
+  for (int64_t x = 0; x < t; ++x) begin += c.tables[x].d();
+  std::vector<const std::vector<double>*> out;
+  for (int64_t k = 0; k < c.tables[t].d(); ++k) out.push_back(&c.cores[begin + k]);
+  return out;
+}
+
+int64_t core_begin(const Case& c, int64_t t) {
+  int64_t begin = 0;
+  for (int64_t x = 0; x < t; ++x) begin += c.tables[x].d();
+  return begin;
+}
+
+double scale_of(const Case& c, int64_t fb, int64_t j) {
+  double w = c.psw.empty() ? 1.0 : c.psw[j];
+  const int64_t f = fb / c.B;
+  if (c.modes[f] == 1) w /= static_cast<double>(c.offsets[fb + 1] - c.offsets[fb]);
+  return w;
+}
+
+int64_t total_dim(const Case& c) {
+  int64_t D = 0;
+  for (auto t : c.ftm) D += c.tables[t].dim();
+  return D;
+}
+
+std::vector<double> ref_forward(const Case& c) {
+  const int64_t F = static_cast<int64_t>(c.ftm.size()), TD = total_dim(c);
+  std::vector<double> out(c.B * TD, 0.0);
+  int64_t col = 0;
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t t = c.ftm[f];
+    const TableSpec& s = c.tables[t];
+    const auto cores = table_cores(c, t);
+    for (int64_t b = 0; b < c.B; ++b) {
+      const int64_t fb = f * c.B + b;
+      for (int64_t j = c.offsets[fb]; j < c.offsets[fb + 1]; ++j) {
+        std::vector<int64_t> dg;
+        const auto P = prefixes(s, cores, c.indices[j], &dg);
+        const double w = scale_of(c, fb, j);
+        for (int64_t e = 0; e < s.dim(); ++e) out[b * TD + col + e] += w * P[s.d() - 1][e];
+      }
+    }
+    col += s.dim();
+  }
+  return out;
+}
+
+// Dense core gradients for grad_output `go` (B, TD).
+std::vector<std::vector<double>> ref_backward(const Case& c, const std::vector<double>& go) {
+  const int64_t F = static_cast<int64_t>(c.ftm.size()), TD = total_dim(c);
+  std::vector<std::vector<double>> grads;
+  for (const auto& core : c.cores) grads.emplace_back(core.size(), 0.0);
+  int64_t col = 0;
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t t = c.ftm[f];
+    const TableSpec& s = c.tables[t];
+    const int64_t d = s.d(), cb = core_begin(c, t);
+    const auto cores = table_cores(c, t);
+    for (int64_t b = 0; b < c.B; ++b) {
+      const int64_t fb = f * c.B + b;
+      for (int64_t j = c.offsets[fb]; j < c.offsets[fb + 1]; ++j) {
+        std::vector<int64_t> dg;
+        const auto P = prefixes(s, cores, c.indices[j], &dg);
+        const double w = scale_of(c, fb, j);
+        std::vector<double> dP(s.dim());
+        for (int64_t e = 0; e < s.dim(); ++e) dP[e] = w * go[b * TD + col + e];
+        int64_t Q = s.dim() / s.q[d - 1];
+        for (int64_t k = d - 1; k >= 1; --k) {
+          const int64_t M = Q, K = s.r[k], N = s.q[k] * s.r[k + 1];
+          const double* S = cores[k]->data() + dg[k] * K * N;
+          double* dS = grads[cb + k].data() + dg[k] * K * N;
+          std::vector<double> dprev(M * K, 0.0);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t kk = 0; kk < K; ++kk)
+              for (int64_t n = 0; n < N; ++n) {
+                dS[kk * N + n] += P[k - 1][m * K + kk] * dP[m * N + n];
+                dprev[m * K + kk] += dP[m * N + n] * S[kk * N + n];
+              }
+          dP.swap(dprev);
+          Q /= s.q[k - 1];
+        }
+        double* dS0 = grads[cb].data() + dg[0] * s.q[0] * s.r[1];
+        for (int64_t e = 0; e < s.q[0] * s.r[1]; ++e) dS0[e] += dP[e];
+      }
+    }
+    col += s.dim();
+  }
+  return grads;
+}
+
+void ref_update(double* w, double* state, const double* g, int64_t len, int opt, double lr, double eps) {
+  if (opt == 0) {
+    for (int64_t x = 0; x < len; ++x) w[x] -= lr * g[x];
+  } else if (opt == 1) {
+    for (int64_t x = 0; x < len; ++x) {
+      state[x] += g[x] * g[x];
+      w[x] -= lr * g[x] / (std::sqrt(state[x]) + eps);
+    }
+  } else {
+    double sq = 0;
+    for (int64_t x = 0; x < len; ++x) sq += g[x] * g[x];
+    state[0] += sq / static_cast<double>(len);
+    const double step = lr / (std::sqrt(state[0]) + eps);
+    for (int64_t x = 0; x < len; ++x) w[x] -= step * g[x];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case generation.
+// ---------------------------------------------------------------------------------------------
+int64_t rand_int(std::mt19937_64& rng, int64_t lo, int64_t hi) {  // inclusive
+  return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+}
+double rand_double(std::mt19937_64& rng, double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
+
+template <typename T>
+double representable(double x) { return as_double(from_double<T>(x)); }
+
+template <typename T>
+Case make_case(std::mt19937_64& rng, const std::vector<TableSpec>& tables, int64_t F, int64_t B, int max_bag,
+               bool with_psw, double hot_fraction, const std::vector<int64_t>& ftm = {}) {
+  Case c;
+  c.tables = tables;
+  const int64_t num_tables = static_cast<int64_t>(tables.size());
+  for (int64_t f = 0; f < F; ++f) {
+    c.ftm.push_back(!ftm.empty() ? ftm[f] : f < num_tables ? f : rand_int(rng, 0, num_tables - 1));
+    c.modes.push_back(with_psw ? 0 : rand_int(rng, 0, 1));
+  }
+  c.B = B;
+  for (const auto& s : tables)
+    for (int64_t k = 0; k < s.d(); ++k) {
+      std::vector<double> core(s.p[k] * s.r[k] * s.q[k] * s.r[k + 1]);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(s.r[k]));
+      for (auto& v : core) v = representable<T>(rand_double(rng, -1, 1) * scale);
+      c.cores.push_back(core);
+    }
+  c.offsets.push_back(0);
+  for (int64_t f = 0; f < F; ++f) {
+    const TableSpec& s = tables[c.ftm[f]];
+    const int64_t rows = s.rows();
+    std::vector<int64_t> hot;  // a few rows that repeat (duplicates, shared prefixes)
+    for (int x = 0; x < 4; ++x) hot.push_back(rand_int(rng, 0, rows - 1));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t len = rand_int(rng, 0, max_bag);
+      for (int64_t x = 0; x < len; ++x) {
+        int64_t row;
+        const double u = rand_double(rng, 0, 1);
+        if (u < hot_fraction) row = hot[rand_int(rng, 0, 3)];
+        else if (u < hot_fraction + 0.2) row = std::min(rows - 1, hot[0] + rand_int(rng, 0, 3));  // neighbours share prefixes
+        else row = rand_int(rng, 0, rows - 1);
+        c.indices.push_back(row);
+      }
+      c.offsets.push_back(static_cast<int64_t>(c.indices.size()));
+    }
+  }
+  if (with_psw)
+    for (size_t j = 0; j < c.indices.size(); ++j) c.psw.push_back(representable<T>(rand_double(rng, -2, 2)));
+  return c;
+}
+
+TableSpec random_table(std::mt19937_64& rng, int64_t d) {
+  TableSpec s;
+  s.r.push_back(1);
+  for (int64_t k = 0; k < d; ++k) {
+    s.p.push_back(rand_int(rng, 1, 7));
+    s.q.push_back(rand_int(rng, 1, 4));
+    s.r.push_back(k + 1 == d ? 1 : rand_int(rng, 1, 6));
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a case through the drivers.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Device {  // typed copies of a case's tensors
+  std::vector<std::vector<T>> cores;
+  std::vector<int64_t> indices, offsets;
+  std::vector<typename AccOf<T>::type> psw;
+  LookupProblem lp;
+  LookupInputs in;
+  explicit Device(const Case& c) {
+    for (const auto& core : c.cores) {
+      cores.emplace_back();
+      for (double v : core) cores.back().push_back(from_double<T>(v));
+    }
+    indices = c.indices;
+    offsets = c.offsets;
+    for (double v : c.psw) psw.push_back(static_cast<typename AccOf<T>::type>(v));
+    lp.dtype = dtype_of<T>();
+    for (size_t k = 0, t = 0, kk = 0; k < c.cores.size(); ++k) {
+      const TableSpec& s = c.tables[t];
+      lp.core_shapes.push_back({s.p[kk], s.r[kk], s.q[kk], s.r[kk + 1]});
+      lp.cores.push_back(cores[k].data());
+      if (++kk == static_cast<size_t>(s.d())) {
+        kk = 0;
+        ++t;
+      }
+    }
+    for (const auto& s : c.tables) lp.table_num_cores.push_back(s.d());
+    lp.feature_table_map = c.ftm;
+    lp.pooling_modes = c.modes;
+    lp.num_indices = static_cast<int64_t>(indices.size());
+    lp.num_offsets = static_cast<int64_t>(offsets.size());
+    in.indices = indices.data();
+    in.offsets = offsets.data();
+    in.per_sample_weights = psw.empty() ? nullptr : psw.data();
+  }
+};
+
+template <typename T>
+double tol_of() { return std::is_same<T, double>::value ? 1e-11 : std::is_same<T, float>::value ? 1e-5 : 1.5e-2; }
+
+// max |a - b| / max(max |b|, floor)
+double rel_err(const std::vector<double>& a, const std::vector<double>& b, double floor = 1e-6) {
+  double m = floor, e = 0;
+  for (size_t i = 0; i < b.size(); ++i) m = std::max(m, std::fabs(b[i]));
+  for (size_t i = 0; i < b.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]));
+  return e / m;
+}
+
+struct RunOptions {
+  DriverOptions drv;
+  int order = 2, grid = 3, chunk_threads = kChunkThreads, sms = 4;
+  size_t optin = 96 * 1024;
+};
+
+RunOptions random_options(std::mt19937_64& rng) {
+  RunOptions o;
+  const int rows[] = {0, 0, 1, 2, 3, 5, 7, 32};
+  o.drv.chunk_rows = rows[rand_int(rng, 0, 7)];
+  o.drv.force_global_scratch = rand_int(rng, 0, 3) == 0;
+  o.drv.smem_budget = rand_int(rng, 0, 1) ? 48 * 1024 : static_cast<size_t>(rand_int(rng, 256, 4096));
+  o.order = static_cast<int>(rand_int(rng, 0, 2));
+  o.grid = static_cast<int>(rand_int(rng, 1, 4));
+  const int nts[] = {kChunkThreads, kChunkThreads, 32, 7, 64};
+  o.chunk_threads = nts[rand_int(rng, 0, 4)];
+  o.sms = static_cast<int>(rand_int(rng, 1, 8));
+  return o;
+}
+
+CpuExec make_exec(std::mt19937_64& rng, const RunOptions& o) {
+  CpuExec ex;
+  ex.rng = &rng;
+  ex.order = o.order;
+  ex.grid = o.grid;
+  ex.chunk_threads = o.chunk_threads;
+  ex.sms = o.sms;
+  ex.optin = o.optin;
+  return ex;
+}
+
+template <typename T>
+void check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, const char* what) {
+  Device<T> dev(c);
+  Problem pb;
+  Status s = build_problem(dev.lp, &pb);
+  EXPECT(s.ok(), "%s: build_problem: %s", what, s.message.c_str());
+  if (!s.ok()) return;
+  CpuExec ex = make_exec(rng, o);
+  std::vector<T> out(c.B * pb.total_dim);
+  std::memset(out.data(), 0xCD, sizeof(T) * out.size());  // every element must be written
+  s = forward_impl<T>(ex, pb, dev.in, out.data(), o.drv);
+  EXPECT(s.ok(), "%s: forward: %s", what, s.message.c_str());
+  const auto ref = ref_forward(c);
+  std::vector<double> got;
+  for (const auto& v : out) got.push_back(as_double(v));
+  const double err = rel_err(got, ref);
+  EXPECT(err <= tol_of<T>(), "%s %s forward: relative error %.3g (R=%d)", what, name_of<T>(), err, o.drv.chunk_rows);
+  EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
+}
+
+template <typename T>
+void check_backward(std::mt19937_64& rng, const Case& c, const RunOptions& o, const char* what) {
+  Device<T> dev(c);
+  Problem pb;
+  if (!build_problem(dev.lp, &pb).ok()) return;
+  std::vector<double> go_d(c.B * pb.total_dim);
+  std::vector<T> go;
+  for (auto& v : go_d) {
+    v = representable<T>(rand_double(rng, -1, 1));
+    go.push_back(from_double<T>(v));
+  }
+  std::vector<std::vector<T>> grads;
+  std::vector<void*> ptrs;
+  for (const auto& core : c.cores) {
+    grads.emplace_back(core.size());
+    std::memset(grads.back().data(), 0xCD, sizeof(T) * core.size());
+    ptrs.push_back(grads.back().data());
+  }
+  CpuExec ex = make_exec(rng, o);
+  const Status s = backward_impl<T>(ex, pb, dev.in, go.data(), ptrs, o.drv);
+  EXPECT(s.ok(), "%s: backward: %s", what, s.message.c_str());
+  const auto ref = ref_backward(c, go_d);
+  std::vector<double> got, want;
+  for (size_t k = 0; k < ref.size(); ++k) {
+    for (const auto& v : grads[k]) got.push_back(as_double(v));
+    want.insert(want.end(), ref[k].begin(), ref[k].end());
+  }
+  const double err = rel_err(got, want);
+  EXPECT(err <= tol_of<T>(), "%s %s backward: relative error %.3g (R=%d)", what, name_of<T>(), err, o.drv.chunk_rows);
+  EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
+}
+
+template <typename T>
+void check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int opt, const char* what) {
+  using acc_t = typename AccOf<T>::type;
+  Device<T> dev(c);
+  Problem pb;
+  if (!build_problem(dev.lp, &pb).ok()) return;
+  std::vector<double> go_d(c.B * pb.total_dim);
+  std::vector<T> go;
+  for (auto& v : go_d) {
+    v = representable<T>(rand_double(rng, -1, 1));
+    go.push_back(from_double<T>(v));
+  }
+  const double lr = rand_double(rng, 0.01, 0.5), eps = opt == 0 ? 0.0 : rand_double(rng, 1e-8, 1e-2);
+  // States: start from random non-negative values (exercises the accumulation).
+  std::vector<std::vector<double>> st_d;
+  std::vector<std::vector<acc_t>> st;
+  std::vector<void*> st_ptrs;
+  for (size_t k = 0; k < c.cores.size(); ++k) {
+    const int64_t p = dev.lp.core_shapes[k][0];
+    const int64_t n = opt == 1 ? static_cast<int64_t>(c.cores[k].size()) : opt == 2 ? p : 0;
+    st_d.emplace_back(n);
+    st.emplace_back(n);
+    for (int64_t i = 0; i < n; ++i) {
+      st[k][i] = static_cast<acc_t>(rand_double(rng, 0, 0.5));
+      st_d[k][i] = static_cast<double>(st[k][i]);
+    }
+    st_ptrs.push_back(n ? st[k].data() : nullptr);
+  }
+  CpuExec ex = make_exec(rng, o);
+  const Status s = backward_fused_impl<T>(ex, pb, dev.in, go.data(), st_ptrs, opt, lr, eps, o.drv);
+  EXPECT(s.ok(), "%s: fused: %s", what, s.message.c_str());
+  // Reference: dense grads, then the update on every touched slice.
+  const auto grads = ref_backward(c, go_d);
+  std::vector<std::vector<double>> w = c.cores;
+  const int64_t F = static_cast<int64_t>(c.ftm.size());
+  std::vector<std::set<int64_t>> touched(c.cores.size());
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t t = c.ftm[f], cb = core_begin(c, t);
+    const TableSpec& sp = c.tables[t];
+    for (int64_t j = c.offsets[f * c.B]; j < c.offsets[(f + 1) * c.B]; ++j) {
+      int64_t rest = c.indices[j];
+      for (int64_t k = sp.d() - 1; k >= 0; --k) {
+        touched[cb + k].insert(rest % sp.p[k]);
+        rest /= sp.p[k];
+      }
+    }
+  }
+  int64_t beyond = 0;
+  for (size_t k = 0; k < c.cores.size(); ++k) {
+    const int64_t len = static_cast<int64_t>(c.cores[k].size()) / dev.lp.core_shapes[k][0];
+    for (int64_t i : touched[k]) {
+      if (i >= len) ++beyond;
+      double* state = opt == 1 ? st_d[k].data() + i * len : opt == 2 ? st_d[k].data() + i : nullptr;
+      ref_update(w[k].data() + i * len, state, grads[k].data() + i * len, len, opt, lr, eps);
+    }
+  }
+  std::vector<double> got, want, got_s, want_s;
+  for (size_t k = 0; k < c.cores.size(); ++k) {
+    for (const auto& v : dev.cores[k]) got.push_back(as_double(v));
+    want.insert(want.end(), w[k].begin(), w[k].end());
+    for (const auto& v : st[k]) got_s.push_back(static_cast<double>(v));
+    want_s.insert(want_s.end(), st_d[k].begin(), st_d[k].end());
+  }
+  const double err = rel_err(got, want), err_s = rel_err(got_s, want_s);
+  EXPECT(err <= tol_of<T>(), "%s %s fused opt %d: weight error %.3g", what, name_of<T>(), opt, err);
+  EXPECT(err_s <= (std::is_same<T, double>::value ? 1e-11 : 1e-4), "%s %s fused opt %d: state error %.3g", what,
+         name_of<T>(), opt, err_s);
+  EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
+  (void)beyond;
+}
+
+template <typename T>
+void check_sparse_update(std::mt19937_64& rng, int opt) {
+  using acc_t = typename AccOf<T>::type;
+  const int64_t rows = rand_int(rng, 1, 40), len = rand_int(rng, 1, 300);
+  const int64_t n = rand_int(rng, 1, rows);
+  std::vector<int64_t> ids(rows);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  ids.resize(n);
+  std::vector<double> w_d(rows * len), g_d(n * len), s_d(opt == 1 ? rows * len : opt == 2 ? rows : 0);
+  std::vector<T> w;
+  std::vector<acc_t> g, s;
+  for (auto& v : w_d) {
+    v = representable<T>(rand_double(rng, -1, 1));
+    w.push_back(from_double<T>(v));
+  }
+  for (auto& v : g_d) {
+    g.push_back(static_cast<acc_t>(rand_double(rng, -1, 1)));
+    v = static_cast<double>(g.back());
+  }
+  for (auto& v : s_d) {
+    s.push_back(static_cast<acc_t>(rand_double(rng, 0, 1)));
+    v = static_cast<double>(s.back());
+  }
+  const double lr = 0.1, eps = 1e-6;
+  RunOptions o = random_options(rng);
+  CpuExec ex = make_exec(rng, o);
+  const Status st = sparse_row_update_impl<T>(ex, w.data(), s.empty() ? nullptr : s.data(), rows, len, ids.data(), n,
+                                              g.data(), opt, lr, eps);
+  EXPECT(st.ok(), "sparse_row_update: %s", st.message.c_str());
+  for (int64_t x = 0; x < n; ++x)
+    ref_update(w_d.data() + ids[x] * len, opt == 1 ? s_d.data() + ids[x] * len : opt == 2 ? s_d.data() + ids[x] : nullptr,
+               g_d.data() + x * len, len, opt, lr, eps);
+  std::vector<double> got, got_s(s.begin(), s.end());
+  for (const auto& v : w) got.push_back(as_double(v));
+  EXPECT(rel_err(got, w_d) <= tol_of<T>(), "%s sparse_row_update opt %d: weight error %.3g", name_of<T>(), opt,
+         rel_err(got, w_d));
+  EXPECT(rel_err(got_s, s_d) <= 1e-5, "%s sparse_row_update opt %d: state error", name_of<T>(), opt);
+  // Errors: an id out of range, a duplicate.
+  std::vector<int64_t> bad = ids;
+  bad[n - 1] = rows + 3;
+  CpuExec ex2 = make_exec(rng, o);
+  Status e = sparse_row_update_impl<T>(ex2, w.data(), s.empty() ? nullptr : s.data(), rows, len, bad.data(), n, g.data(),
+                                       opt, lr, eps);
+  EXPECT(e.code == Status::kIndexError, "sparse_row_update: out-of-range id not reported (%s)", e.message.c_str());
+  if (n >= 2) {
+    std::vector<int64_t> dup = ids;
+    dup[1] = dup[0];
+    CpuExec ex3 = make_exec(rng, o);
+    e = sparse_row_update_impl<T>(ex3, w.data(), s.empty() ? nullptr : s.data(), rows, len, dup.data(), n, g.data(), opt,
+                                  lr, eps);
+    EXPECT(e.code == Status::kInvalidArgument, "sparse_row_update: duplicate id not reported");
+  }
+}
+
+template <typename T>
+void random_cases(std::mt19937_64& rng, int count) {
+  for (int it = 0; it < count; ++it) {
+    const int64_t T_ = rand_int(rng, 1, 3);
+    std::vector<TableSpec> tables;
+    for (int64_t t = 0; t < T_; ++t) tables.push_back(random_table(rng, rand_int(rng, 1, 4)));
+    const int64_t F = rand_int(rng, 1, 4), B = rand_int(rng, 1, 9);
+    const bool psw = rand_int(rng, 0, 2) == 0;
+    const Case c = make_case<T>(rng, tables, F, B, static_cast<int>(rand_int(rng, 0, 6)), psw, rand_double(rng, 0, 0.7));
+    char what[64];
+    std::snprintf(what, sizeof(what), "random case %d", it);
+    check_forward<T>(rng, c, random_options(rng), what);
+    check_backward<T>(rng, c, random_options(rng), what);
+    check_fused<T>(rng, c, random_options(rng), static_cast<int>(rand_int(rng, 0, 2)), what);
+  }
+}
+
+// FBTT's shape: p = [200, 220, 250], q = [4, 4, 4], ranks [32, 32]; rows with i_0 >= r*q*r = 128
+// (FBTT's launch misses those slices in its fused update).
+void fbtt_case(std::mt19937_64& rng) {
+  TableSpec s;
+  s.p = {200, 220, 250};
+  s.q = {4, 4, 4};
+  s.r = {1, 32, 32, 1};
+  Case c = make_case<float>(rng, {s}, 1, 48, 6, false, 0.3);
+  for (size_t j = 0; j < c.indices.size(); j += 3) c.indices[j] = (199 - static_cast<int64_t>(j % 60)) * 220 * 250 + static_cast<int64_t>(j % 97);
+  RunOptions o;
+  o.chunk_threads = kChunkThreads;
+  check_forward<float>(rng, c, o, "fbtt");
+  check_backward<float>(rng, c, o, "fbtt");
+  for (int opt = 0; opt < 3; ++opt) check_fused<float>(rng, c, o, opt, "fbtt");
+  // Planning on an H100-like device: shared memory, not global scratch.
+  Device<float> dev(c);
+  Problem pb;
+  build_problem(dev.lp, &pb);
+  ChunkPlan fwd, bwd;
+  plan_chunks(pb.tables, false, 4, 1 << 20, 132, 227 * 1024 - sizeof(ChunkShared), DriverOptions{}, &fwd);
+  plan_chunks(pb.tables, true, 4, 1 << 20, 132, 227 * 1024 - sizeof(ChunkShared), DriverOptions{}, &bwd);
+  EXPECT(fwd.global_scratch_elems == 0 && fwd.rows >= 8 && fwd.smem_bytes <= 48 * 1024, "fbtt forward plan R=%d smem=%zu",
+         fwd.rows, fwd.smem_bytes);
+  EXPECT(bwd.global_scratch_elems == 0 && bwd.rows >= 4 && bwd.smem_bytes <= 48 * 1024, "fbtt backward plan R=%d smem=%zu",
+         bwd.rows, bwd.smem_bytes);
+  std::printf("  fbtt plan: forward R=%d (%zu B smem), backward R=%d (%zu B smem), static smem %zu B\n", fwd.rows,
+              fwd.smem_bytes, bwd.rows, bwd.smem_bytes, sizeof(ChunkShared));
+}
+
+void error_cases(std::mt19937_64& rng) {
+  TableSpec s;
+  s.p = {3, 4};
+  s.q = {2, 2};
+  s.r = {1, 3, 1};
+  Case c = make_case<float>(rng, {s}, 2, 5, 3, false, 0.2);
+  c.indices.push_back(0);  // make sure there is at least one index past position 0
+  c.offsets.back() += 1;
+  // Out of range: 12 rows; position 1 (and a later one) bad -> reports position 1.
+  Case bad = c;
+  bad.indices[1] = 12;
+  bad.indices.back() = -1;
+  {
+    Device<float> dev(bad);
+    Problem pb;
+    EXPECT(build_problem(dev.lp, &pb).ok(), "build_problem");
+    CpuExec ex = make_exec(rng, RunOptions{});
+    std::vector<float> out(bad.B * pb.total_dim);
+    const Status st = forward_impl<float>(ex, pb, dev.in, out.data());
+    EXPECT(st.code == Status::kIndexError && st.message.find("index 12 at position 1 ") != std::string::npos &&
+               st.message.find("2 indices") != std::string::npos,
+           "bad index: %s", st.message.c_str());
+    std::vector<float> go(out.size(), 1.f), g0(3 * 1 * 2 * 3, 0.f), g1(4 * 3 * 2 * 1, 0.f);
+    CpuExec ex2 = make_exec(rng, RunOptions{});
+    std::vector<void*> grads = {g0.data(), g1.data()};
+    const Status sb = backward_impl<float>(ex2, pb, dev.in, go.data(), grads);
+    EXPECT(sb.code == Status::kIndexError, "bad index (backward): %s", sb.message.c_str());
+  }
+  // Offsets that decrease / do not end at N.
+  for (int variant = 0; variant < 3; ++variant) {
+    Case b2 = c;
+    if (variant == 0) b2.offsets[1] = b2.offsets[2] + 1;
+    if (variant == 1) b2.offsets.back() -= 1;
+    if (variant == 2) b2.offsets[0] = 1;
+    Device<float> dev(b2);
+    Problem pb;
+    build_problem(dev.lp, &pb);
+    CpuExec ex = make_exec(rng, RunOptions{});
+    std::vector<float> out(b2.B * pb.total_dim);
+    const Status st = forward_impl<float>(ex, pb, dev.in, out.data());
+    EXPECT(st.code == Status::kInvalidArgument && st.message.find("offsets") != std::string::npos,
+           "bad offsets variant %d not reported: %s", variant, st.message.c_str());
+  }
+  // Host validation.
+  Device<float> dev(c);
+  LookupProblem lp = dev.lp;
+  lp.core_shapes[1][1] = 4;  // rank mismatch
+  Problem pb;
+  EXPECT(build_problem(lp, &pb).code == Status::kInvalidArgument, "rank mismatch accepted");
+  lp = dev.lp;
+  lp.feature_table_map[0] = 3;
+  EXPECT(build_problem(lp, &pb).code == Status::kInvalidArgument, "bad feature_table_map accepted");
+  lp = dev.lp;
+  lp.num_offsets = 4;
+  EXPECT(build_problem(lp, &pb).code == Status::kInvalidArgument, "bad offsets length accepted");
+  lp = dev.lp;
+  lp.table_num_cores = {1};
+  EXPECT(build_problem(lp, &pb).code == Status::kInvalidArgument, "core count mismatch accepted");
+}
+
+void edge_cases(std::mt19937_64& rng) {
+  TableSpec s;
+  s.p = {5, 3, 2};
+  s.q = {2, 3, 2};
+  s.r = {1, 4, 2, 1};
+  // Everything empty (N = 0), and B = 0.
+  for (int64_t B : {3, 0}) {
+    Case c = make_case<float>(rng, {s}, 2, B, 0, false, 0.0);
+    check_forward<float>(rng, c, RunOptions{}, "empty");
+    check_backward<float>(rng, c, RunOptions{}, "empty");
+    check_fused<float>(rng, c, RunOptions{}, 2, "empty");
+  }
+  // One table read by several features, some tables unused.
+  TableSpec s2 = s;
+  s2.p = {7, 7, 7};
+  const Case c = make_case<float>(rng, {s, s2, s}, 5, 6, 5, false, 0.5, {1, 1, 0, 1, 1});  // table 2 unused
+  check_forward<float>(rng, c, RunOptions{}, "shared tables");
+  check_backward<float>(rng, c, RunOptions{}, "shared tables");
+  check_fused<float>(rng, c, RunOptions{}, 1, "shared tables");
+  // Many bags, a persistent grid of one block, every R.
+  Case big = make_case<float>(rng, {s2}, 1, 700, 3, true, 0.1);
+  for (int R : {1, 4, 32}) {
+    RunOptions o;
+    o.drv.chunk_rows = R;
+    o.grid = 1;
+    check_forward<float>(rng, big, o, "many bags");
+    check_backward<float>(rng, big, o, "many bags");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 12345;
+  const int count = argc > 2 ? std::atoi(argv[2]) : 60;
+  std::mt19937_64 rng(seed);
+  std::printf("tt_emulate: seed %llu, %d random cases per dtype\n", (unsigned long long)seed, count);
+  error_cases(rng);
+  edge_cases(rng);
+  random_cases<float>(rng, count);
+  random_cases<double>(rng, count / 2);
+  random_cases<__nv_bfloat16>(rng, count / 2);
+  for (int opt = 0; opt < 3; ++opt)
+    for (int x = 0; x < 6; ++x) {
+      check_sparse_update<float>(rng, opt);
+      check_sparse_update<__nv_bfloat16>(rng, opt);
+      check_sparse_update<double>(rng, opt);
+    }
+  fbtt_case(rng);
+  std::printf("tt_emulate: %d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
