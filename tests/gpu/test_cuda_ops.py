@@ -1,0 +1,415 @@
+"""The CUDA kernels (csrc/cuda) against the CPU kernels and the plain-PyTorch references.
+
+Needs a CUDA device and a ttdist._C built with CUDA torch; skipped otherwise. Errors are measured
+relative to the largest magnitude of the expected tensor: ``max|a - e| <= tol * max|e|``.
+Tolerances: fp32 1e-5 (vs the CPU op and vs the fp64 reference); fp64 1e-12; bf16 (fp32
+accumulation, outputs rounded to bf16) 8e-3 = two bf16 ulps vs the CPU bf16 op and 1.5e-2 vs the
+fp64 reference evaluated on the same bf16 cores.
+
+``TTDIST_GPU_TEST_DEVICE=cpu`` runs this file against the CPU op instead (a self-check of the
+harness and references on a machine without a GPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("TTDIST_GPU_TEST_DEVICE", "cuda")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
+
+import ttdist  # noqa: E402
+from ttdist import OptimType  # noqa: E402
+from ttdist.ops import LookupSpec, sparse_row_update_reference, tt_forward_reference  # noqa: E402
+
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 8e-3}
+REF_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1.5e-2}
+OPTIMIZERS = [OptimType.EXACT_SGD, OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_kernels_built():
+    if DEVICE == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("ttdist::tt_forward", "CUDA"):
+        if os.environ.get("TTDIST_NO_CUDA") == "1":
+            pytest.skip("ttdist._C was built with TTDIST_NO_CUDA=1")
+        pytest.fail("ttdist._C has no CUDA kernels although CUDA is available: rebuild with a CUDA torch "
+                    "(pip install --no-build-isolation -e .)")
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-30)
+    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: tables of cores, feature-major bags with empty bags and duplicates.
+# ---------------------------------------------------------------------------------------------
+def make_cores(tables, dtype, generator):
+    """tables: [(p, q, ranks)]; returns the cores (CPU, ``dtype``) and table_num_cores."""
+    cores, num = [], []
+    for p, q, ranks in tables:
+        r = [1, *ranks, 1]
+        for k in range(len(p)):
+            core = torch.randn(p[k], r[k], q[k], r[k + 1], generator=generator, dtype=torch.float64)
+            cores.append((core / math.sqrt(r[k])).to(dtype))
+        num.append(len(p))
+    return cores, num
+
+
+def make_bags(rows_per_feature, batch, max_len, generator, hot=0.3):
+    """Feature-major (indices [N], offsets [F * B + 1]); bag 0 of every feature is empty, hot rows repeat."""
+    indices, lengths = [], []
+    for rows in rows_per_feature:
+        hot_rows = torch.randint(0, rows, (4,), generator=generator)
+        ls = torch.randint(0, max_len + 1, (batch,), generator=generator)
+        ls[0] = 0
+        n = int(ls.sum())
+        idx = torch.randint(0, rows, (n,), generator=generator)
+        pick = torch.rand(n, generator=generator) < hot
+        idx[pick] = hot_rows[torch.randint(0, 4, (int(pick.sum()),), generator=generator)]
+        if n:
+            idx[-1] = rows - 1
+        indices.append(idx)
+        lengths.append(ls)
+    lengths = torch.cat(lengths)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    offsets[1:] = lengths.cumsum(0)
+    return torch.cat(indices), offsets
+
+
+class Problem:
+    def __init__(self, tables, feature_table_map, modes, batch, dtype, weighted=False, max_len=5, seed=0, hot=0.3):
+        g = torch.Generator().manual_seed(seed)
+        self.cores, num = make_cores(tables, dtype, g)
+        self.spec = LookupSpec(tuple(num), tuple(feature_table_map), tuple(modes))
+        rows = [math.prod(tables[t][0]) for t in feature_table_map]
+        self.indices, self.offsets = make_bags(rows, batch, max_len, g, hot)
+        self.weights = torch.rand(self.indices.numel(), generator=g, dtype=torch.float64).to(dtype) * 2 - 1 if weighted else None
+        self.dtype = dtype
+        self.batch = batch
+
+    def args(self, device, cores=None):
+        cores = self.cores if cores is None else cores
+        w = None if self.weights is None else self.weights.to(device)
+        return ([c.to(device) for c in cores], list(self.spec.table_num_cores), list(self.spec.feature_table_map),
+                list(self.spec.pooling_modes), self.indices.to(device), self.offsets.to(device), w)
+
+    def forward(self, device):
+        return torch.ops.ttdist.tt_forward(*self.args(device)).cpu()
+
+    def reference(self):
+        """fp64 reference evaluated on the same (dtype-rounded) cores."""
+        w = None if self.weights is None else self.weights.double()
+        return tt_forward_reference([c.double() for c in self.cores], self.spec, self.indices, self.offsets, w)
+
+    def reference_grads(self, grad_out):
+        leaves = [c.double().requires_grad_(True) for c in self.cores]
+        w = None if self.weights is None else self.weights.double()
+        tt_forward_reference(leaves, self.spec, self.indices, self.offsets, w).backward(grad_out.double())
+        return [leaf.grad for leaf in leaves]
+
+    def backward(self, device, grad_out):
+        cores, *rest = self.args(device)
+        grads = torch.ops.ttdist.tt_backward(grad_out.to(device), cores, *rest)
+        return [g.cpu() for g in grads]
+
+
+SHAPES = {
+    2: [((13, 11), (4, 2), (5,)), ((9, 8), (2, 4), (6,))],
+    3: [((5, 6, 7), (2, 3, 2), (4, 3)), ((8, 4, 3), (4, 2, 2), (16, 8))],
+    4: [((3, 4, 3, 5), (2, 2, 2, 2), (3, 4, 2)), ((4, 3, 3, 3), (1, 3, 2, 2), (2, 5, 3))],
+}
+MODES = {"sum": (0, False), "mean": (1, False), "weighted": (0, True)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_forward_matches_cpu_and_reference(d, mode):
+    code, weighted = MODES[mode]
+    pb = Problem(SHAPES[d], [0, 1, 0], [code] * 3, batch=23, dtype=torch.float32, weighted=weighted, seed=d)
+    out = pb.forward(DEVICE)
+    assert_rel(out, pb.forward("cpu"), TOL[torch.float32], "vs CPU op")
+    assert_rel(out, pb.reference(), REF_TOL[torch.float32], "vs reference")
+    empty = pb.offsets[1:] == pb.offsets[:-1]
+    assert empty.any()
+    assert out[0].abs().max() == 0  # bag 0 of every feature is empty
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_backward_matches_cpu_and_autograd_reference(d, mode):
+    code, weighted = MODES[mode]
+    pb = Problem(SHAPES[d], [1, 0, 1], [code, 0, code], batch=19, dtype=torch.float32, weighted=weighted, seed=10 + d)
+    grad_out = torch.randn(pb.batch, pb.forward("cpu").shape[1], generator=torch.Generator().manual_seed(1))
+    grads = pb.backward(DEVICE, grad_out)
+    for k, (g, c, r) in enumerate(zip(grads, pb.backward("cpu", grad_out), pb.reference_grads(grad_out))):
+        assert g.dtype == torch.float32 and g.shape == pb.cores[k].shape
+        assert_rel(g, c, TOL[torch.float32], f"core {k} vs CPU op")
+        assert_rel(g, r, REF_TOL[torch.float32], f"core {k} vs autograd reference")
+
+
+def test_forward_float64():
+    pb = Problem(SHAPES[3], [0, 1], [1, 0], batch=15, dtype=torch.float64, seed=3)
+    assert_rel(pb.forward(DEVICE), pb.reference(), TOL[torch.float64])
+    go = torch.randn(pb.batch, pb.reference().shape[1], dtype=torch.float64)
+    for g, r in zip(pb.backward(DEVICE, go), pb.reference_grads(go)):
+        assert_rel(g, r, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_bfloat16_forward_backward(d):
+    pb = Problem(SHAPES[d], [0, 1], [0, 1], batch=21, dtype=torch.bfloat16, weighted=False, seed=20 + d)
+    out = pb.forward(DEVICE)
+    assert out.dtype == torch.bfloat16
+    assert_rel(out, pb.forward("cpu"), TOL[torch.bfloat16], "vs CPU bf16 op")
+    assert_rel(out, pb.reference(), REF_TOL[torch.bfloat16], "vs fp64 reference")
+    go = torch.randn(pb.batch, out.shape[1], generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    for k, (g, c, r) in enumerate(zip(pb.backward(DEVICE, go), pb.backward("cpu", go), pb.reference_grads(go))):
+        assert g.dtype == torch.bfloat16
+        assert_rel(g, c, TOL[torch.bfloat16], f"core {k} vs CPU bf16 op")
+        assert_rel(g, r, REF_TOL[torch.bfloat16], f"core {k} vs reference")
+
+
+def test_duplicates_only_and_int32_inputs():
+    """Every position the same row (one unique row, many duplicates); int32 indices / offsets."""
+    pb = Problem(SHAPES[3], [0], [0], batch=40, dtype=torch.float32, seed=4)
+    pb.indices = torch.full_like(pb.indices, 17)
+    cores, tnc, ftm, modes, idx, off, w = pb.args(DEVICE)
+    out = torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx.int(), off.int(), w).cpu()
+    assert_rel(out, pb.reference(), REF_TOL[torch.float32])
+
+
+def test_large_batch_more_than_65535_bags():
+    pb = Problem([((40, 50), (4, 4), (8,)), ((30, 30, 30), (2, 2, 4), (4, 4))], [0, 1], [1, 0], batch=70_001,
+                 dtype=torch.float32, max_len=3, seed=5)
+    out = pb.forward(DEVICE)
+    assert out.shape == (70_001, 32)
+    assert_rel(out, pb.forward("cpu"), TOL[torch.float32], "forward vs CPU op")
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    for k, (g, c) in enumerate(zip(pb.backward(DEVICE, go), pb.backward("cpu", go))):
+        assert_rel(g, c, 1e-4, f"core {k} vs CPU op")  # sums over ~10^5 positions in different orders
+
+
+def test_forward_is_deterministic():
+    pb = Problem(SHAPES[3], [0, 1], [0, 0], batch=300, dtype=torch.float32, seed=6)
+    a, b = pb.forward(DEVICE), pb.forward(DEVICE)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused optimizer steps.
+# ---------------------------------------------------------------------------------------------
+def fused_step(pb, device, opt, states, grad_out, lr, eps):
+    cores = [c.clone().to(device) for c in pb.cores]
+    states = [s.clone().to(device) for s in states]
+    _, tnc, ftm, modes, idx, off, w = pb.args(device)
+    torch.ops.ttdist.tt_backward_fused_(grad_out.to(device), cores, states, tnc, ftm, modes, idx, off, w, opt.code, lr, eps)
+    return [c.cpu() for c in cores], [s.cpu() for s in states]
+
+
+def reference_fused(pb, opt, states, grad_out, lr, eps):
+    """Dense reference gradient, then the optimizer on the touched slices only."""
+    grads = pb.reference_grads(grad_out)
+    cores = [c.double().clone() for c in pb.cores]
+    states = [s.double().clone() for s in states]
+    touched = [set() for _ in cores]
+    for t, d in enumerate(pb.spec.table_num_cores):
+        first = sum(pb.spec.table_num_cores[:t])
+        ps = [cores[first + k].shape[0] for k in range(d)]
+        for f, tf in enumerate(pb.spec.feature_table_map):
+            if tf != t:
+                continue
+            lo, hi = int(pb.offsets[f * pb.batch]), int(pb.offsets[(f + 1) * pb.batch])
+            for row in pb.indices[lo:hi].tolist():
+                for k in reversed(range(d)):
+                    touched[first + k].add(row % ps[k])
+                    row //= ps[k]
+    for k, core in enumerate(cores):
+        ids = torch.tensor(sorted(touched[k]), dtype=torch.int64)
+        if ids.numel() == 0:
+            continue
+        w = core.view(core.shape[0], -1)
+        sparse_row_update_reference(w, states[k], ids, grads[k].reshape(core.shape[0], -1)[ids], opt.code, lr, eps)
+    return cores, states, touched
+
+
+def make_states(cores, opt, generator):
+    out = []
+    for c in cores:
+        if opt.code == 1:
+            out.append(torch.rand(c.shape, generator=generator, dtype=torch.float64).float() * 0.5)
+        elif opt.code == 2:
+            out.append(torch.rand(c.shape[0], generator=generator, dtype=torch.float64).float() * 0.5)
+        else:
+            out.append(torch.zeros(0))
+    return out
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_fused_update_matches_cpu_and_reference(d, opt):
+    pb = Problem(SHAPES[d], [0, 1, 0], [1, 0, 0], batch=17, dtype=torch.float32, seed=30 + d)
+    g = torch.Generator().manual_seed(4)
+    states = make_states(pb.cores, opt, g)
+    go = torch.randn(pb.batch, pb.forward("cpu").shape[1], generator=g)
+    cores, new_states = fused_step(pb, DEVICE, opt, states, go, 0.2, 1e-6)
+    cpu_cores, cpu_states = fused_step(pb, "cpu", opt, states, go, 0.2, 1e-6)
+    ref_cores, ref_states, _ = reference_fused(pb, opt, states, go, 0.2, 1e-6)
+    for k in range(len(cores)):
+        assert_rel(cores[k], cpu_cores[k], TOL[torch.float32], f"core {k} vs CPU op")
+        assert_rel(cores[k], ref_cores[k], REF_TOL[torch.float32], f"core {k} vs reference")
+        if opt.code:
+            assert_rel(new_states[k], cpu_states[k], 1e-5, f"state {k} vs CPU op")
+            assert_rel(new_states[k], ref_states[k], 1e-5, f"state {k} vs reference")
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_fused_update_bfloat16(opt):
+    pb = Problem(SHAPES[3], [0, 1], [0, 0], batch=13, dtype=torch.bfloat16, seed=40)
+    g = torch.Generator().manual_seed(5)
+    states = make_states(pb.cores, opt, g)
+    go = torch.randn(pb.batch, pb.forward("cpu").shape[1], generator=g).to(torch.bfloat16)
+    cores, new_states = fused_step(pb, DEVICE, opt, states, go, 0.05, 1e-6)
+    cpu_cores, cpu_states = fused_step(pb, "cpu", opt, states, go, 0.05, 1e-6)
+    for k in range(len(cores)):
+        assert cores[k].dtype == torch.bfloat16 and new_states[k].dtype == torch.float32
+        assert_rel(cores[k], cpu_cores[k], TOL[torch.bfloat16], f"core {k} vs CPU op")
+        if opt.code:
+            assert_rel(new_states[k], cpu_states[k], 1e-5, f"state {k} vs CPU op")
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_fused_update_fbtt_shape_touches_rows_beyond_rqr(opt):
+    """p = [200, 220, 250], q = [4, 4, 4], ranks [32, 32]: r_{k-1} q_k r_k = 128 < p_k for every core,
+    so FBTT's launch misses slices; every touched slice must be updated, untouched ones not."""
+    pb = Problem([((200, 220, 250), (4, 4, 4), (32, 32))], [0], [0], batch=64, dtype=torch.float32, seed=50, max_len=4)
+    extra = torch.tensor([199 * 220 * 250 + 219 * 250 + 249, 150 * 220 * 250 + 200 * 250 + 130, 5, 129 * 220 * 250 + 129])
+    pb.indices = torch.cat([pb.indices, extra])
+    pb.offsets = torch.cat([pb.offsets[:-1], torch.tensor([pb.offsets[-1] + extra.numel()])])
+    g = torch.Generator().manual_seed(6)
+    states = make_states(pb.cores, opt, g)
+    go = torch.randn(pb.batch, 64, generator=g)
+    cores, new_states = fused_step(pb, DEVICE, opt, states, go, 0.1, 1e-8)
+    cpu_cores, cpu_states = fused_step(pb, "cpu", opt, states, go, 0.1, 1e-8)
+    _, _, touched = reference_fused(pb, opt, states, go, 0.1, 1e-8)
+    for k in range(3):
+        assert_rel(cores[k], cpu_cores[k], TOL[torch.float32], f"core {k} vs CPU op")
+        changed = (cores[k] != pb.cores[k]).flatten(1).any(dim=1)
+        assert set(torch.nonzero(changed).flatten().tolist()) == touched[k], f"core {k}: updated slices != touched"
+        assert max(touched[k]) >= 128, "the test must touch slices beyond r*q*r"
+        if opt.code:
+            assert_rel(new_states[k], cpu_states[k], 1e-5, f"state {k} vs CPU op")
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse_row_update_ (the row cache's update).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_sparse_row_update_matches_cpu_and_reference(opt, dtype):
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(50, 96, generator=g).to(dtype)
+    state = make_states([weight.view(50, 1, 96, 1)], opt, g)[0]
+    state = state.view(-1) if opt.code == 1 else state
+    ids = torch.randperm(50, generator=g)[:23]
+    grads = torch.randn(23, 96, generator=g)
+    results = {}
+    for device in (DEVICE, "cpu"):
+        w, s = weight.clone().to(device), state.clone().to(device)
+        torch.ops.ttdist.sparse_row_update_(w, s, ids.to(device), grads.to(device), opt.code, 0.1, 1e-6)
+        results[device] = (w.cpu(), s.cpu())
+    ref_w, ref_s = weight.clone().double(), state.clone().double()
+    sparse_row_update_reference(ref_w, ref_s, ids, grads.double(), opt.code, 0.1, 1e-6)
+    w, s = results[DEVICE]
+    assert_rel(w, results["cpu"][0], TOL[dtype], "weight vs CPU op")
+    assert_rel(w, ref_w, REF_TOL[dtype], "weight vs reference")
+    if opt.code:
+        assert_rel(s, results["cpu"][1], 1e-5, "state vs CPU op")
+        assert_rel(s, ref_s, 1e-5, "state vs reference")
+
+
+def test_sparse_row_update_rejects_bad_ids():
+    w = torch.zeros(10, 4, device=DEVICE)
+    s = torch.zeros(10, device=DEVICE)
+    g = torch.ones(2, 4, device=DEVICE)
+    with pytest.raises((RuntimeError, IndexError)):
+        torch.ops.ttdist.sparse_row_update_(w, s, torch.tensor([3, 10], device=DEVICE), g, 2, 0.1, 1e-6)
+    with pytest.raises((RuntimeError, IndexError, ValueError)):
+        torch.ops.ttdist.sparse_row_update_(w, s, torch.tensor([3, 3], device=DEVICE), g, 2, 0.1, 1e-6)
+    assert w.abs().max() == 0  # nothing was written
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors raise before any kernel reads through a bad index; the device stays usable.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [-1, "rows", 2**40])
+def test_out_of_range_index_raises(bad):
+    pb = Problem(SHAPES[3], [0, 1], [0, 0], batch=9, dtype=torch.float32, seed=8)
+    rows = math.prod(SHAPES[3][1][0])
+    pb.indices = pb.indices.clone()
+    pb.indices[-1] = rows if bad == "rows" else bad  # the last position reads table 1
+    with pytest.raises((RuntimeError, IndexError), match="out of range"):
+        torch.ops.ttdist.tt_forward(*pb.args(DEVICE))
+    go = torch.ones(pb.batch, 16)
+    cores, *rest = pb.args(DEVICE)
+    with pytest.raises((RuntimeError, IndexError), match="out of range"):
+        torch.ops.ttdist.tt_backward(go.to(DEVICE), cores, *rest)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # an illegal access would surface here
+    pb.indices[-1] = 0
+    assert_rel(pb.forward(DEVICE), pb.reference(), REF_TOL[torch.float32])
+
+
+def test_bad_offsets_raise():
+    pb = Problem(SHAPES[2], [0], [0], batch=6, dtype=torch.float32, seed=9)
+    for mutate in (lambda o: o.__setitem__(-1, o[-1] - 1), lambda o: o.__setitem__(2, o[3] + 1),
+                   lambda o: o.__setitem__(0, 1)):
+        off = pb.offsets.clone()
+        mutate(off)
+        cores, tnc, ftm, modes, idx, _, w = pb.args(DEVICE)
+        with pytest.raises(RuntimeError, match="offsets"):
+            torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx, off.to(DEVICE), w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The modules on the GPU.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sparse", [False, True])
+def test_tt_embedding_bag_module_on_cuda(sparse):
+    kwargs = dict(num_embeddings=1000, embedding_dim=16, tt_ranks=[4, 4], mode="mean", sparse=sparse,
+                  optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)
+    torch.manual_seed(0)
+    cpu = ttdist.TTEmbeddingBag(**kwargs)
+    dev = ttdist.TTEmbeddingBag(**kwargs).to(DEVICE)
+    dev.load_state_dict(cpu.state_dict())
+    g = torch.Generator().manual_seed(11)
+    indices, offsets = make_bags([1000], 33, 5, g)
+    out_cpu = cpu(indices, offsets[:-1])
+    out_dev = dev(indices.to(DEVICE), offsets[:-1].to(DEVICE))
+    assert out_dev.device.type == DEVICE
+    assert_rel(out_dev, out_cpu, TOL[torch.float32])
+    go = torch.randn(out_cpu.shape, generator=g)
+    out_cpu.backward(go)
+    out_dev.backward(go.to(DEVICE))
+    for c_cpu, c_dev in zip(cpu.tt_cores, dev.tt_cores):
+        if sparse:
+            assert_rel(c_dev.detach(), c_cpu.detach(), TOL[torch.float32])
+        else:
+            assert_rel(c_dev.grad, c_cpu.grad, TOL[torch.float32])
+
+
+def test_module_created_on_device():
+    tt = ttdist.TTEmbeddingBag(500, 8, [3], device=DEVICE)
+    out = tt(torch.tensor([1, 2, 499], device=DEVICE), torch.tensor([0, 2], device=DEVICE))
+    assert out.shape == (2, 8) and out.device.type == DEVICE
+    with pytest.raises((IndexError, RuntimeError)):
+        tt(torch.tensor([500], device=DEVICE), torch.tensor([0], device=DEVICE))
