@@ -86,7 +86,9 @@ class GpuExec {
     if (items <= 0 || !ok()) return;
     using scratch_t = typename Prog::scratch_t;
     auto kernel = program_kernel<Prog>;
-    if (smem_bytes > 48 * 1024)
+    // The default limit (48 KB) covers static + dynamic shared memory together; set the dynamic
+    // limit explicitly whenever dynamic memory is used (plan_chunks keeps it within the opt-in).
+    if (smem_bytes > 0)
       check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)),
             "cudaFuncSetAttribute");
     int per_sm = 0;
