@@ -25,6 +25,9 @@ build: build/.ext-stamp
 
 demo: build
 	bash launch/local.sh 2 configs/demo.yaml
+	@$(PY) -c "import json; s = json.load(open('runs/demo/summary.json')); \
+	print(f\"demo: eval AUC {s['auc']:.4f}, TT compression {s['compression_ratio']:.1f}x, \
+	{s['samples_per_s']:.0f} samples/s on {s['world_size']} ranks\")"
 
 test: build compile-cuda
 	$(PY) -m pytest -q tests

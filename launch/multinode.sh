@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Several nodes: run this script once on every node (or from a scheduler, see slurm.sbatch).
+#   launch/multinode.sh CONFIG [key.sub=value ...]
+# Environment (all nodes must agree):
+#   NNODES          number of nodes                         (required)
+#   NPROC_PER_NODE  ranks per node, e.g. GPUs per node      (default 8)
+#   RDZV_HOST       host name/IP of the rendezvous node     (required; e.g. the first node)
+#   RDZV_PORT       rendezvous TCP port                     (default 29500)
+#   RDZV_ID         job id shared by all nodes              (default ttdist)
+#   TTDIST_MAX_RESTARTS  elastic restarts after a failure   (default 3)
+# Checkpoints must be on a file system every node sees (train.output_dir).
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: NNODES=.. RDZV_HOST=.. $0 CONFIG [key.sub=value ...]" >&2
+  exit 2
+fi
+: "${NNODES:?set NNODES}" "${RDZV_HOST:?set RDZV_HOST}"
+CONFIG=$1; shift
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="${NPROC_PER_NODE:-8}" \
+  --rdzv_backend=c10d --rdzv_endpoint="$RDZV_HOST:${RDZV_PORT:-29500}" --rdzv_id="${RDZV_ID:-ttdist}" \
+  --max-restarts="${TTDIST_MAX_RESTARTS:-3}" -m ttdist.train --config "$CONFIG" "$@"
