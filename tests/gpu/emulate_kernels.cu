@@ -489,7 +489,7 @@ void check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, con
   if (!s.ok()) return;
   CpuExec ex = make_exec(rng, o);
   std::vector<T> out(c.B * pb.total_dim);
-  std::memset(out.data(), 0xCD, sizeof(T) * out.size());  // every element must be written
+  std::memset(static_cast<void*>(out.data()), 0xCD, sizeof(T) * out.size());  // every element must be written
   s = forward_impl<T>(ex, pb, dev.in, out.data(), o.drv);
   EXPECT(s.ok(), "%s: forward: %s", what, s.message.c_str());
   const auto ref = ref_forward(c);
@@ -515,7 +515,7 @@ void check_backward(std::mt19937_64& rng, const Case& c, const RunOptions& o, co
   std::vector<void*> ptrs;
   for (const auto& core : c.cores) {
     grads.emplace_back(core.size());
-    std::memset(grads.back().data(), 0xCD, sizeof(T) * core.size());
+    std::memset(static_cast<void*>(grads.back().data()), 0xCD, sizeof(T) * core.size());
     ptrs.push_back(grads.back().data());
   }
   CpuExec ex = make_exec(rng, o);
