@@ -236,28 +236,37 @@ void forward_table(const TableShape& s, const std::vector<const scalar_t*>& core
   });
 }
 
-// Reverse-mode trie walk: grad_rows (U, D) -> dense core gradients (acc_t, one buffer per core).
+// Reverse-mode trie walk: grad_rows (U, D) -> dense core gradients, accumulated into `out[k]`
+// (acc_t, p_k * slice_k elements each, zero on entry). Chunk 0 accumulates straight into `out`;
+// chunks 1.. use private zeroed buffers that are added to `out` afterwards in chunk order, so the
+// summation order depends only on the number of chunks (threads), not on scheduling.
 template <typename scalar_t>
-std::vector<std::vector<at::opmath_type<scalar_t>>> backward_table(
-    const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
-    const at::opmath_type<scalar_t>* grad_rows) {
+void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
+                    const at::opmath_type<scalar_t>* grad_rows, const std::vector<at::opmath_type<scalar_t>*>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t U = static_cast<int64_t>(tb.rows.size());
   const auto bounds = chunk_bounds(U, 64);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
   const int64_t d = s.d;
-  // grads[c][k]: chunk c's gradient of core k; chunk 0's buffer is the result.
-  std::vector<std::vector<std::vector<acc_t>>> grads(chunks);
+  // priv[c - 1][k]: chunk c's gradient of core k (c >= 1).
+  std::vector<std::vector<std::vector<acc_t>>> priv(chunks - 1);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      auto& dcore = grads[c];
-      for (int64_t k = 0; k < d; ++k) dcore.emplace_back(s.p[k] * s.slice[k], acc_t(0));
+      std::vector<acc_t*> dcore(d);
+      for (int64_t k = 0; k < d; ++k) {
+        if (c == 0) {
+          dcore[k] = out[k];
+        } else {
+          priv[c - 1].emplace_back(s.p[k] * s.slice[k], acc_t(0));
+          dcore[k] = priv[c - 1].back().data();
+        }
+      }
       PrefixStack<acc_t, scalar_t> stack(s, cores);
       std::vector<std::vector<acc_t>> dP;  // dP[k]: gradient of the current prefix P_k, k < d - 1
       for (int64_t k = 0; k + 1 < d; ++k) dP.emplace_back(s.Q[k] * s.r[k + 1], acc_t(0));
       // Pushes the finished prefix node at level k into its core slice and its parent.
       auto finalize = [&](int64_t k) {
-        acc_t* dS = dcore[k].data() + stack.digit[k] * s.slice[k];
+        acc_t* dS = dcore[k] + stack.digit[k] * s.slice[k];
         if (k == 0) {
           for (int64_t e = 0; e < s.slice[0]; ++e) dS[e] += dP[0][e];
         } else {
@@ -279,7 +288,7 @@ std::vector<std::vector<at::opmath_type<scalar_t>>> backward_table(
         // Leaf: W_row = P_{d-2} (Q_{d-2}, r_{d-1}) @ S_{d-1} (r_{d-1}, q_{d-1}).
         const int64_t M = s.Q[d - 2], K = s.r[d - 1], N = s.q[d - 1];
         const acc_t* g = grad_rows + u * s.dim;
-        acc_t* dS = dcore[d - 1].data() + stack.digit[d - 1] * s.slice[d - 1];
+        acc_t* dS = dcore[d - 1] + stack.digit[d - 1] * s.slice[d - 1];
         gemm_tn_acc<acc_t>(M, K, N, stack.P[d - 2].data(), g, dS);
         gemm_nt_acc<acc_t, scalar_t>(M, K, N, g, stack.slice(d - 1, stack.digit[d - 1]), dP[d - 2].data());
       }
@@ -287,15 +296,21 @@ std::vector<std::vector<at::opmath_type<scalar_t>>> backward_table(
         for (int64_t k = d - 2; k >= 0; --k) finalize(k);
     }
   });
-  for (int64_t c = 1; c < chunks; ++c)
+  if (chunks == 1) return;
+  // out[k] += priv[0][k] + priv[1][k] + ... (in this order), all cores in one parallel region.
+  std::vector<int64_t> first(d + 1, 0);
+  for (int64_t k = 0; k < d; ++k) first[k + 1] = first[k] + s.p[k] * s.slice[k];
+  at::parallel_for(0, first[d], 4096, [&](int64_t b, int64_t e) {
     for (int64_t k = 0; k < d; ++k) {
-      auto& dst = grads[0][k];
-      const auto& src = grads[c][k];
-      at::parallel_for(0, static_cast<int64_t>(dst.size()), 4096, [&](int64_t b, int64_t e) {
-        for (int64_t x = b; x < e; ++x) dst[x] += src[x];
-      });
+      const int64_t lo = std::max(b, first[k]) - first[k], hi = std::min(e, first[k + 1]) - first[k];
+      if (lo >= hi) continue;
+      acc_t* dst = out[k];
+      for (int64_t c = 1; c < chunks; ++c) {
+        const acc_t* src = priv[c - 1][k].data();
+        for (int64_t x = lo; x < hi; ++x) dst[x] += src[x];
+      }
     }
-  return std::move(grads[0]);
+  });
 }
 
 // Everything one call needs about its tables and positions.
@@ -413,11 +428,12 @@ void check_optimizer_state(const Tensor& weight, const Tensor& state, int64_t ro
               at::toOpMathType(weight.scalar_type()));
 }
 
-// Shared by tt_backward and tt_backward_fused_: calls `consume(t, dense core grads of table t,
-// unique rows of table t)` once per table.
-template <typename scalar_t, typename Consume>
+// Shared by tt_backward and tt_backward_fused_: for each table t with looked-up rows,
+// `buffers(t)` returns d_t zeroed acc_t buffers (dense core gradients, filled here), then
+// `consume(t, unique rows of table t, shape, first core)` is called.
+template <typename scalar_t, typename Buffers, typename Consume>
 void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores, const LookupArgs& a,
-                     const Tensor& indices_in, const Tensor& offsets_in, Consume consume) {
+                     const Tensor& indices_in, const Tensor& offsets_in, Buffers buffers, Consume consume) {
   using acc_t = at::opmath_type<scalar_t>;
   const Tensor indices = indices_in.to(at::kLong).contiguous();
   const Tensor offsets = offsets_in.to(at::kLong).contiguous();
@@ -427,13 +443,11 @@ void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores
               pr.B, ", ", pr.total_dim, "), got ", go.sizes());
   const auto scale = position_scales<acc_t>(a, offsets.data_ptr<int64_t>(), pr.B, indices);
   for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
-    if (pr.batches[t].rows.empty()) {
-      consume(t, std::vector<std::vector<acc_t>>(), pr.batches[t].rows, pr.shapes[t], pr.core_begin[t]);
-      continue;
-    }
+    if (pr.batches[t].rows.empty()) continue;
     const auto grad_rows = row_gradients<acc_t, scalar_t>(a, pr, t, go, offsets.data_ptr<int64_t>(), scale);
-    auto grads = backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.data());
-    consume(t, grads, pr.batches[t].rows, pr.shapes[t], pr.core_begin[t]);
+    const std::vector<acc_t*> out = buffers(t, pr.shapes[t], pr.core_begin[t]);
+    backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.data(), out);
+    consume(t, pr.batches[t].rows, pr.shapes[t], pr.core_begin[t]);
   }
 }
 
@@ -481,15 +495,33 @@ std::vector<Tensor> tt_backward_cpu(const Tensor& grad_output, const std::vector
   std::vector<Tensor> out;
   for (const auto& c : cores) out.push_back(at::zeros_like(c));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores.at(0).scalar_type(), "tt_backward_cpu", [&] {
-    backward_tables<scalar_t>(grad_output, cores, a, indices, offsets,
-                              [&](int64_t, const auto& grads, const auto&, const TableShape& s, int64_t begin) {
-                                for (size_t k = 0; k < grads.size(); ++k) {
-                                  Tensor g = at::from_blob(const_cast<at::opmath_type<scalar_t>*>(grads[k].data()),
-                                                           out[begin + k].sizes(), at::TensorOptions().dtype(c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value));
-                                  out[begin + k].copy_(g);
-                                }
-                                (void)s;
-                              });
+    using acc_t = at::opmath_type<scalar_t>;
+    // fp32 / fp64: accumulate straight into the (zeroed) results; bf16: into fp32 buffers.
+    std::vector<std::vector<acc_t>> staging;
+    backward_tables<scalar_t>(
+        grad_output, cores, a, indices, offsets,
+        [&](int64_t, const TableShape& s, int64_t begin) {
+          std::vector<acc_t*> bufs;
+          staging.clear();
+          for (int64_t k = 0; k < s.d; ++k) {
+            if constexpr (std::is_same_v<acc_t, scalar_t>) {
+              bufs.push_back(reinterpret_cast<acc_t*>(out[begin + k].data_ptr<scalar_t>()));
+            } else {
+              staging.emplace_back(out[begin + k].numel(), acc_t(0));
+              bufs.push_back(staging.back().data());
+            }
+          }
+          return bufs;
+        },
+        [&](int64_t, const std::vector<int64_t>&, const TableShape& s, int64_t begin) {
+          if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+            for (int64_t k = 0; k < s.d; ++k) {
+              Tensor g = at::from_blob(staging[k].data(), out[begin + k].sizes(),
+                                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+              out[begin + k].copy_(g);
+            }
+          }
+        });
   });
   return out;
 }
@@ -502,9 +534,19 @@ void tt_backward_fused_cpu(const Tensor& grad_output, const std::vector<Tensor>&
     check_optimizer_state(cores[k], optimizer_states[k], cores[k].size(0), cores[k].numel() / cores[k].size(0), optimizer);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores.at(0).scalar_type(), "tt_backward_fused_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    std::vector<std::vector<acc_t>> grads;
     backward_tables<scalar_t>(
         grad_output, cores, a, indices, offsets,
-        [&](int64_t, const auto& grads, const std::vector<int64_t>& rows, const TableShape& s, int64_t begin) {
+        [&](int64_t, const TableShape& s, int64_t) {
+          grads.clear();
+          std::vector<acc_t*> bufs;
+          for (int64_t k = 0; k < s.d; ++k) {
+            grads.emplace_back(s.p[k] * s.slice[k], acc_t(0));
+            bufs.push_back(grads.back().data());
+          }
+          return bufs;
+        },
+        [&](int64_t, const std::vector<int64_t>& rows, const TableShape& s, int64_t begin) {
           if (rows.empty()) return;
           for (int64_t k = 0; k < s.d; ++k) {
             // The slices of core k that this batch touched: every distinct digit i_k.
