@@ -1,0 +1,171 @@
+"""ttdist.perf_model: byte formulas against comm_volume, link/step-time properties, the CLI's pieces."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ttdist import perf_model as pm
+from ttdist.config import load_config
+from ttdist.distributed.comm_volume import comm_volume
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data.cardinality_scale=0.01", "model.tt_ranks=[4, 4]"]
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return pm.ModelSpec.from_config(load_config(REPO / "configs/demo.yaml", SMALL))
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return pm.Profile(tt_prep_s_per_id=1e-8, tt_fwd_s_per_id=1e-6, tt_bwd_s_per_id=4e-6, ebc_prep_s_per_id=1e-8,
+                      ebc_fwd_s_per_id=1e-7, ebc_bwd_s_per_id=2e-7, dense_fwd_s_per_sample=2e-5,
+                      dense_bwd_s_per_sample=3e-5, glue_s_per_sample=1e-6, optimizer_s_per_step=1e-3,
+                      other_s_per_step=1e-3)
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_tt_bytes_equal_comm_volume(spec, sharding, world):
+    plan = pm.Plan.synthetic(spec, world, sharding)
+    batch = 96
+    for rank in range(world):
+        mine = pm.collective_bytes(spec, plan, rank, batch)
+        ref = comm_volume((spec.tt_configs, plan.tt), batch, 1.0, world_size=world, rank=rank,
+                          dense_bytes=spec.dense_param_bytes)
+        for g in pm.GROUPS:
+            assert mine[f"tt.index_all_to_all.{g}"] == ref["index_all_to_all"][g]["total"]
+            assert mine[f"tt.pooled_all_to_all_forward.{g}"] == ref["pooled_all_to_all_forward"][g]
+            assert mine[f"tt.pooled_all_to_all_backward.{g}"] == ref["pooled_all_to_all_backward"][g]
+        assert mine["tt.replicated_grad_all_reduce"] == ref["replicated_grad_all_reduce"]
+        assert mine["tt.input_check_all_reduce"] == ref["input_check_all_reduce"]
+        assert mine["ddp_all_reduce"] == ref["dense_all_reduce"]
+        assert not set(mine) & set(pm.NOT_MODELLED)
+
+
+def test_dense_param_bytes_match_the_dlrm(spec):
+    import torch
+
+    from ttdist.model import build_model
+
+    cfg = load_config(REPO / "configs/demo.yaml", SMALL)
+    model = build_model(cfg, torch.device("cpu"))
+    params = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("sparse_arch"))
+    assert spec.dense_param_bytes == params
+
+
+def test_torchrec_ebc_volume_closed_form():
+    units = [("a", 16, 0), ("b", 16, 1), ("c", 8, 1)]  # (feature, dim, rank)
+    v = pm.torchrec_ebc_volume(units, world_size=2, rank=1, batch=10)
+    assert v["index_all_to_all"] == 8 * 2 * 3 + 4 * 10 * 3 + 8 * 10 * 3
+    assert v["pooled_all_to_all_forward"] == 4 * 2 * 10 * (16 + 8)
+    assert v["pooled_all_to_all_backward"] == 4 * 10 * (16 + 16 + 8)
+    assert pm.torchrec_ebc_volume(units, world_size=1, rank=0, batch=10)["index_all_to_all"] == 0
+
+
+def test_counted_bytes_maps_every_record():
+    records = {
+        "tt/input_dist|all_reduce": {"bytes": 16}, "tt/input_dist@row_wise|all_to_all_single": {"bytes": 100},
+        "tt/output_dist@row_wise|all_to_all_single": {"bytes": 200},
+        "tt/output_a2a_bwd@row_wise|all_to_all_single": {"bytes": 300},
+        "tt/replica_allreduce|all_reduce": {"bytes": 400}, "ebc/input_dist|all_to_all_single": {"bytes": 5},
+        "ebc/output_dist|all_to_all_single": {"bytes": 6}, "ebc/output_a2a_bwd|all_to_all_single": {"bytes": 7},
+        "dense_bwd|ddp_all_reduce": {"bytes": 8}, "other|all_reduce": {"bytes": 16}, "dense_fwd|broadcast": {"bytes": 1},
+    }
+    c = pm.counted_bytes(records)
+    assert c["tt.index_all_to_all.row_wise"] == 100 and c["tt.pooled_all_to_all_backward.row_wise"] == 300
+    assert c["tt.replicated_grad_all_reduce"] == 400 and c["ddp_all_reduce"] == 8
+    assert c["train_loop_flag_all_reduce"] == 16 and c["ebc.pooled_all_to_all_forward"] == 6
+    assert c["unexpected.dense_fwd|broadcast"] == 1  # anything unknown is reported, so equality fails
+    model = {k: v for k, v in c.items() if not k.startswith("unexpected") and k not in pm.NOT_MODELLED}
+    assert not pm.compare_bytes(c, model)["equal"]
+    del c["unexpected.dense_fwd|broadcast"]
+    assert pm.compare_bytes(c, model)["equal"]  # the train loop's flag all-reduce is reported, not compared
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+def test_step_time_decreases_with_bandwidth(spec, profile, sharding):
+    times = []
+    for bw in (1e8, 1e9, 1e10, 1e11):
+        link = pm.Link("x", bw, 5e-6)
+        times.append(pm.step_time(profile, spec, pm.Plan.synthetic(spec, 64, sharding), 512,
+                                  pm.Cluster("x", link, link, 8))["step_time_s"])
+    assert all(a > b for a, b in zip(times, times[1:]))
+
+
+def test_step_time_increases_with_latency(spec, profile):
+    plan = pm.Plan.synthetic(spec, 16, "row_wise")
+    t = [pm.step_time(profile, spec, plan, 512, pm.Cluster("x", pm.Link("x", 1e10, lat), pm.Link("x", 1e10, lat), 8))
+         ["step_time_s"] for lat in (1e-6, 1e-5, 1e-4)]
+    assert t[0] < t[1] < t[2]
+
+
+@pytest.mark.parametrize("preset", list(pm.PRESETS))
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+def test_efficiency_is_one_at_one_rank_and_at_most_one_after(spec, profile, preset, sharding):
+    pts = pm.weak_scaling(profile, spec, 256, [1, 2, 8, 64], sharding, pm.PRESETS[preset])
+    assert pts[0]["efficiency"] == 1.0
+    assert all(0 < p["efficiency"] <= 1.0 + 1e-12 for p in pts)
+
+
+def test_one_rank_has_no_collective_cost_on_gpu_presets(spec, profile):
+    r = pm.step_time(profile, spec, pm.Plan.synthetic(spec, 1, "row_wise"), 256, pm.PRESETS["nvlink+ib"])
+    for k in ("output_a2a_fwd", "output_a2a_bwd", "allreduce"):
+        assert r["breakdown_s"][k] == 0.0
+
+
+def test_row_wise_ids_follow_the_rows(spec):
+    world, batch = 64, 10
+    tt_ids, eb_ids = pm.ids_per_rank(spec, pm.Plan.synthetic(spec, world, "row_wise"), batch)
+    assert math.isclose(sum(tt_ids), world * batch * len(spec.tt_configs))
+    assert sum(eb_ids) == world * batch * len(spec.eb_configs)
+    p1 = max(c.tt_shape().p[0] for c in spec.tt_configs)
+    if p1 < world:  # ranks past the last G_1 slice hold no rows and look nothing up
+        assert tt_ids[-1] == 0
+
+
+def test_table_wise_busiest_rank_grows_with_world(spec):
+    busiest = [max(pm.ids_per_rank(spec, pm.Plan.synthetic(spec, w, "table_wise"), 10)[0]) for w in (8, 64)]
+    assert busiest[1] == 8 * busiest[0]
+
+
+def test_all_to_all_crosses_nodes_on_the_inter_node_link():
+    fast, slow = pm.Link("f", 1e12, 0.0), pm.Link("s", 1e9, 0.0)
+    cluster = pm.Cluster("c", fast, slow, 8)
+    nbytes = 64e6
+    assert pm.all_to_all_time(nbytes, 1, 8, cluster) == pytest.approx(nbytes * 7 / 8 / 1e12)
+    assert pm.all_to_all_time(nbytes, 1, 64, cluster) == pytest.approx(nbytes * 56 / 64 / 1e9)
+    assert pm.all_to_all_time(nbytes, 1, 1, cluster) == 0.0
+
+
+def test_fit_alpha_beta_recovers_a_line():
+    sizes = [1e3, 1e4, 1e5, 1e6]
+    fit = pm.fit_alpha_beta(sizes, [2e-5 + s / 5e9 for s in sizes])
+    assert fit["alpha_s"] == pytest.approx(2e-5)
+    assert fit["beta_bytes_per_s"] == pytest.approx(5e9)
+
+
+def test_profile_from_summaries():
+    s = {"labels_s": {"tt/input_dist": 0.001, "tt/input_dist@row_wise": 0.001, "tt/lookup_fwd": 0.01,
+                      "tt/lookup_bwd": 0.02, "tt/fused_update": 0.01, "ebc/lookup_fwd": 0.002, "ebc/lookup_bwd": 0.004,
+                      "dense_fwd": 0.1, "dense_bwd": 0.2, "dense_optimizer": 0.003, "other": 0.004},
+         "counts": {"tt/ids": 1000, "tt/ids_in": 500, "ebc/ids": 2000, "ebc/ids_in": 2000}, "batch_per_rank": 100}
+    p = pm.Profile.from_summaries([s, s])
+    assert p.tt_fwd_s_per_id == pytest.approx(1e-5)
+    assert p.tt_bwd_s_per_id == pytest.approx(3e-5)
+    assert p.tt_prep_s_per_id == pytest.approx(4e-6)
+    assert p.ebc_bwd_s_per_id == pytest.approx(2e-6)
+    assert p.dense_fwd_s_per_sample == pytest.approx(1e-3)
+    assert p.optimizer_s_per_step == pytest.approx(0.003)
+
+
+RESULT = REPO / "benchmarks/results/scaling_cpu.json"
+
+
+@pytest.mark.skipif(not RESULT.exists(), reason="no benchmarks/results/scaling_cpu.json")
+def test_validation_bytes_equal_on_the_committed_scaling_run():
+    v = pm.validate(RESULT)
+    assert v["bytes_all_equal"], [r["byte_mismatches"] for r in v["rows"] if not r["bytes_equal"]]
+    assert json.loads(RESULT.read_text())["bytes_all_equal"]
