@@ -1,0 +1,316 @@
+"""Weak and strong scaling of the ttdist DLRM step over 1, 2, 4, 8 ranks (torchrun per world size).
+
+Per world size W, one torchrun job with W ranks:
+  1. a gloo micro-benchmark of all_to_all_single and all_reduce at a few sizes, fitted to
+     t = alpha + bytes/beta (the link model ttdist.perf_model uses to predict CPU step times);
+  2. for each TT placement (tw: every TT table table_wise; rw: every TT table row_wise; the
+     TorchRec tables wherever TorchRec's planner puts them), one DMP, trained
+       weak:   B samples per rank (global batch W*B)
+       strong: a fixed global batch B_g (B_g/W per rank)
+     for warm-up + N steps, with the step-time breakdown of e2e_bench.py (same instrumentation,
+     benchmarks/_common.py), and the bytes every collective moved per step COUNTED (wrappers
+     around torch.distributed's collectives and a DDP comm hook) next to the PREDICTED bytes of
+     ttdist.perf_model.collective_bytes (TT tables: ttdist.distributed.comm_volume's formula;
+     TorchRec tables: the same table/column-wise formula; DDP: the MLP parameter bytes). They
+     must be equal, on every rank.
+Efficiency: throughput(W) / (W * throughput(1)) for the same placement and mode (weak: T(1)/T(W);
+strong: T(1, B_g) / (W T(W, B_g/W))).
+
+WARNING (CPU): the ranks share this machine's cores (8 ranks on 2 cores are oversubscribed 4x),
+so timings beyond W = cores measure the machine, not the method; byte counts and correctness
+hold at any W. The JSON carries the warning, the core count and the load average.
+
+  .venv/bin/python benchmarks/scaling.py [--quick] [--worlds 1,2,4,8] [--placements tw,rw]
+It re-executes itself per world size as
+  OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node=W benchmarks/scaling.py --worker ...
+Writes benchmarks/results/scaling_<device>.json and scaling_<device>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+PLACEMENTS = {"tw": "table_wise", "rw": "row_wise"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny tables and batches, few steps")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--worlds", default="1,2,4,8")
+    p.add_argument("--placements", default="tw,rw")
+    p.add_argument("--batch-per-rank", type=int, default=None, help="weak scaling B (default 1024; quick 256)")
+    p.add_argument("--global-batch", type=int, default=None, help="strong scaling B_g (default 4096; quick 1024)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 10; quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="excluded steps (default 3; quick 2)")
+    p.add_argument("--scale", type=float, default=None, help="data.cardinality_scale (default 0.05; quick 0.01)")
+    p.add_argument("--set", action="append", default=[], metavar="key.sub=value")
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank-dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    q = args.quick
+    args.batch_per_rank = args.batch_per_rank or (256 if q else 1024)
+    args.global_batch = args.global_batch or (1024 if q else 4096)
+    args.steps = args.steps or (3 if q else 10)
+    args.warmup = args.warmup if args.warmup is not None else (2 if q else 3)
+    args.scale = args.scale or (0.01 if q else 0.05)
+    return args
+
+
+def base_overrides(args) -> list[str]:
+    return ["train.progress_bar=false", "checkpoint.resume=false", "train.world_size=0",
+            f"data.cardinality_scale={args.scale}"] + list(args.set)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker
+# ---------------------------------------------------------------------------------------------
+
+
+def microbenchmark(world: int, quick: bool) -> dict:
+    """Median time of all_to_all_single / all_reduce at a few sizes, and the alpha/beta fit.
+
+    Each timed call follows a barrier and a little compute, as collectives do inside a step.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from ttdist.perf_model import fit_alpha_beta
+
+    sizes = [4096, 65536, 262144, 1048576]
+    repeat = 5 if quick else 9
+    a, b = torch.randn(96, 96), torch.randn(96, 96)
+
+    def busy() -> None:  # ~1-2 ms of compute before each call, as in a training step (gloo threads go idle)
+        for _ in range(40):
+            a @ b
+    a2a = getattr(dist.all_to_all_single, "__wrapped__", dist.all_to_all_single)
+    ar = getattr(dist.all_reduce, "__wrapped__", dist.all_reduce)
+    out = {}
+    for kind in ("all_to_all_single", "all_reduce"):
+        medians = []
+        for nbytes in sizes:
+            n = max(nbytes // 4 // world * world, world)
+            x, y = torch.ones(n), torch.empty(n)
+            times = []
+            for i in range(repeat + 2):
+                dist.barrier()
+                busy()
+                t0 = time.perf_counter()
+                if kind == "all_to_all_single":
+                    a2a(y, x)
+                else:
+                    ar(x)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            medians.append(statistics.median(times))
+        out[kind] = {"bytes": [max(s // 4 // world * world, world) * 4 for s in sizes], "median_s": medians,
+                     **fit_alpha_beta([max(s // 4 // world * world, world) * 4 for s in sizes], medians)}
+    return out
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from ttdist.config import load_config
+    from ttdist.distributed.comm_volume import comm_volume
+    from ttdist.perf_model import compare_bytes, counted_bytes, predicted_bytes_for_dmp
+
+    base = load_config(args.config, base_overrides(args))
+    env = C.init_worker(base)
+    w, rank = env.world_size, env.rank
+    links = microbenchmark(w, args.quick)
+    tt_names = [f"t_cat_{i}" for i in base.tt_table_indices()]
+    entries = []
+    for placement in args.placements.split(","):
+        kind = PLACEMENTS[placement]
+        forced = "{" + ", ".join(f"{n}: {kind}" for n in tt_names) + "}"
+        cfg = load_config(args.config, base_overrides(args) + [f"train.sharding_types={forced}",
+                                                                f"data.batch_size={args.batch_per_rank * w}"])
+        session = C.Session(cfg, env)
+        memory = C.embedding_memory(session.dmp)
+        for mode, global_batch in (("weak", args.batch_per_rank * w), ("strong", args.global_batch)):
+            data = dataclasses.replace(cfg.data, batch_size=global_batch)
+            batches = C.make_batches(data, rank, w, args.warmup + args.steps)
+            summary = session.run(batches, args.warmup, global_batch)
+            local = global_batch // w
+            counted = counted_bytes(summary["collectives"])
+            predicted = predicted_bytes_for_dmp(session.dmp, cfg, local)
+            entries.append({"placement": placement, "mode": mode, "world_size": w, "rank": rank,
+                            "summary": summary, "bytes": {"counted": counted, "predicted": predicted,
+                                                          **compare_bytes(counted, predicted)},
+                            "comm_volume": comm_volume(session.dmp, local, 1.0),
+                            "embedding_memory": memory, "plan": C.plan_summary(session.plan)})
+        del session
+    C.dump(Path(args.rank_dir) / f"rank{rank}.json",
+           {"rank": rank, "world_size": w, "links": links, "entries": entries, "peak_rss_bytes": C.peak_rss_bytes()})
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent
+# ---------------------------------------------------------------------------------------------
+
+
+def collect(rank_files: list[dict]) -> list[dict]:
+    """One entry per (placement, mode) of this world size, ranks merged."""
+    out = []
+    for i, e0 in enumerate(rank_files[0]["entries"]):
+        per_rank = [rf["entries"][i] for rf in rank_files]
+        summaries = [e["summary"] for e in per_rank]
+        step = sum(s["step_time_s"] for s in summaries) / len(summaries)
+        out.append({
+            "placement": e0["placement"], "mode": e0["mode"], "world_size": e0["world_size"],
+            "global_batch": summaries[0]["global_batch"], "batch_per_rank": summaries[0]["batch_per_rank"],
+            "steps": summaries[0]["steps"], "warmup_steps": summaries[0]["warmup_steps"],
+            "step_time_s": step, "samples_per_s": summaries[0]["global_batch"] / step,
+            "breakdown_s": C.mean_over_ranks(summaries),
+            "breakdown_in_collectives_s": C.mean_over_ranks(summaries, "categories_in_collectives_s"),
+            "bytes_equal": all(e["bytes"]["equal"] for e in per_rank),
+            "bytes_per_rank": [e["bytes"]["by_collective"] for e in per_rank],
+            "comm_volume_rank0": per_rank[0]["comm_volume"],
+            "embedding_bytes_per_rank": [e["embedding_memory"]["total"]["total"] for e in per_rank],
+            "peak_rss_bytes_per_rank": [rf["peak_rss_bytes"] for rf in rank_files],
+            "links": rank_files[0]["links"],
+            "plan": e0["plan"],
+            "rank_summaries": summaries,
+        })
+    return out
+
+
+def add_efficiency(entries: list[dict]) -> None:
+    for e in entries:
+        base = next((b for b in entries if b["world_size"] == 1 and b["placement"] == e["placement"]
+                     and b["mode"] == e["mode"]), None)
+        e["efficiency"] = e["samples_per_s"] / (e["world_size"] * base["samples_per_s"]) if base else None
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = result["entries"]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7), sharex=True)
+    for col, mode in enumerate(("weak", "strong")):
+        for placement in sorted({e["placement"] for e in entries}):
+            es = sorted((e for e in entries if e["mode"] == mode and e["placement"] == placement),
+                        key=lambda e: e["world_size"])
+            ws = [e["world_size"] for e in es]
+            axes[0, col].plot(ws, [e["samples_per_s"] for e in es], "o-", label=f"TT {PLACEMENTS[placement]}")
+            axes[1, col].plot(ws, [e["efficiency"] for e in es], "o-", label=f"TT {PLACEMENTS[placement]}")
+        ws = sorted({e["world_size"] for e in entries})
+        axes[1, col].plot(ws, [1.0] * len(ws), "k:", label="ideal")
+        batch = (f"{result['setup']['batch_per_rank']} per rank" if mode == "weak"
+                 else f"global {result['setup']['global_batch']}")
+        axes[0, col].set_title(f"{mode} scaling ({batch})", fontsize=10)
+        axes[0, col].set_ylabel("samples/s")
+        axes[1, col].set_ylabel("efficiency")
+        axes[1, col].set_xlabel("ranks")
+        axes[1, col].set_xscale("log", base=2)
+        axes[1, col].set_xticks(ws, [str(w) for w in ws])
+        for r in range(2):
+            axes[r, col].legend(fontsize=7)
+            axes[r, col].grid(alpha=0.3)
+    fig.suptitle(f"ttdist DLRM on {result['setup']['cpu_cores']} CPU cores (gloo, 1 thread/rank) - "
+                 "ranks > cores are oversubscribed: timings there measure the machine", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    worlds = [int(x) for x in args.worlds.split(",")]
+    cores = os.cpu_count()
+    warning = (f"CPU timings with more ranks than cores ({cores}) are oversubscribed (up to {max(worlds) / cores:.0f}x "
+               f"at W={max(worlds)}): they measure the machine, not the method. Byte counts and correctness hold at "
+               "any W." if device == "cpu" else "")
+    if warning:
+        print("WARNING: " + warning, flush=True)
+    script = str(Path(__file__).resolve())
+    entries, commands = [], []
+    load_before = os.getloadavg()
+    t_start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in worlds:
+            rank_dir = Path(tmp) / f"w{w}"
+            wargs = ["--rank-dir", str(rank_dir), "--config", args.config, "--placements", args.placements,
+                     "--batch-per-rank", str(args.batch_per_rank), "--global-batch", str(args.global_batch),
+                     "--steps", str(args.steps), "--warmup", str(args.warmup), "--scale", str(args.scale)]
+            if args.quick:
+                wargs.append("--quick")
+            for s in args.set:
+                wargs += ["--set", s]
+            commands.append(C.torchrun_command("benchmarks/scaling.py", w, wargs))
+            C.relaunch(script, w, wargs)
+            entries += collect(C.read_rank_files(rank_dir, w))
+    add_efficiency(entries)
+    result = {
+        "benchmark": "scaling", "quick": args.quick,
+        "setup": {"device": device, "backend": "gloo" if device == "cpu" else "nccl", "cpu_cores": cores,
+                  "threads_per_rank": 1, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                  "config": args.config, "overrides": base_overrides(args), "worlds": worlds,
+                  "placements": {p: PLACEMENTS[p] for p in args.placements.split(",")},
+                  "batch_per_rank": args.batch_per_rank, "global_batch": args.global_batch,
+                  "steps": args.steps, "warmup_steps": args.warmup,
+                  "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                  "wall_s": time.time() - t_start},
+        "warning": warning,
+        "command": f".venv/bin/python benchmarks/scaling.py {' '.join(argv or sys.argv[1:])}".strip(),
+        "worker_commands": commands,
+        "timing_note": ("Breakdown as in e2e_bench.py (wall-clock, exclusive labels, collectives made synchronous), "
+                        "mean over measured steps and ranks. Efficiency = samples/s(W) / (W samples/s(1)) per "
+                        "placement and mode."),
+        "bytes_note": ("counted: bytes each rank handed to each collective per step (torch.distributed wrappers, DDP "
+                       "comm hook); predicted: ttdist.perf_model.collective_bytes (TT: ttdist.distributed.comm_volume)."),
+        "bytes_all_equal": all(e["bytes_equal"] for e in entries),
+        "entries": entries,
+    }
+    out = Path(args.out) if args.out else C.RESULTS / f"scaling_{device}.json"
+    C.dump(out, result)
+    png = out.with_suffix(".png")
+    plot(result, png)
+    report(result)
+    print(f"wrote {out} and {png}")
+
+
+def report(result: dict) -> None:
+    if result["warning"]:
+        print("\nWARNING: " + result["warning"])
+    print(f"\n{'placement':<10}{'mode':<8}{'W':>3}{'batch/rank':>11}{'step ms':>10}{'samples/s':>11}{'eff':>7}"
+          f"{'bytes counted == predicted':>28}")
+    for e in sorted(result["entries"], key=lambda e: (e["placement"], e["mode"], e["world_size"])):
+        eff = f"{e['efficiency']:.2f}" if e["efficiency"] is not None else "-"
+        print(f"{e['placement']:<10}{e['mode']:<8}{e['world_size']:>3}{e['batch_per_rank']:>11}"
+              f"{e['step_time_s'] * 1e3:>10.1f}{e['samples_per_s']:>11.0f}{eff:>7}{str(e['bytes_equal']):>28}")
+    print("\nper-step bytes of rank 0 (counted / predicted):")
+    for e in sorted(result["entries"], key=lambda e: (e["placement"], e["mode"], e["world_size"])):
+        rows = e["bytes_per_rank"][0]
+        parts = [f"{k}={int(v['counted'])}/" + ("-" if v["predicted"] is None else f"{int(v['predicted'])}")
+                 for k, v in rows.items() if v["counted"] or v["predicted"]]
+        print(f"  {e['placement']} {e['mode']} W={e['world_size']}: " + ", ".join(parts))
+    print(f"all ranks, all entries equal: {result['bytes_all_equal']} (the training loop's own flag all-reduce, "
+          "'-', is counted but not part of the model)")
+
+
+if __name__ == "__main__":
+    main()
