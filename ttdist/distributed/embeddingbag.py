@@ -228,8 +228,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTS
         return TTShardingContext()
 
     def input_dist(self, ctx: TTShardingContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[list]]:
-        features = select_features(features, self.feature_names)
-        self._check_indices(features)
+        features = self._check_input(features)
         ctx.batch_size = features.stride()
         pending = [self._group_input(group, features) for group in self._groups]
         return Ready(lambda: Ready(lambda: [p.wait() for p in pending]))
@@ -246,25 +245,50 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTS
                                  kjt.weights() if self._is_weighted else None, torch.float32)
         return group.input_dist(features, weights)
 
-    def _check_indices(self, features: KeyedJaggedTensor) -> None:
-        """Indices out of range raise on every rank (agreed by an all-reduce), before any all-to-all."""
-        bad, detail = 0, ""
-        for f, (name, jt) in enumerate(zip(self.feature_names, features.split([1] * len(self.feature_names)))):
-            values = jt.values()
-            rows = self._configs[self._feature_table(f)].num_embeddings
-            if values.numel() and (int(values.min()) < 0 or int(values.max()) >= rows):
-                v = values[(values < 0) | (values >= rows)][0]
-                bad, detail = f + 1, f"index {int(v)} is out of range [0, {rows})"
-                break
+    def _check_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """This collection's features of ``features``; bad input raises on EVERY rank, before any all-to-all.
+
+        Each rank puts a code in its own slot of a [W] int64 vector (0 ok, 1 a feature is missing
+        from its KJT, 2 + f an index of feature f out of range) and one all-reduce (SUM) shares
+        them, so a rank whose own input is fine raises too, naming the bad rank, instead of
+        blocking in the next collective.
+        """
+        own_error: Optional[Exception] = None
+        code = 0
+        try:
+            features = select_features(features, self.feature_names)
+        except KeyError as e:
+            code, own_error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
+        if own_error is None:
+            for f, jt in enumerate(features.split([1] * len(self.feature_names))):
+                values = jt.values()
+                rows = self._configs[self._feature_table(f)].num_embeddings
+                if values.numel() and (int(values.min()) < 0 or int(values.max()) >= rows):
+                    v = int(values[(values < 0) | (values >= rows)][0])
+                    code = 2 + f
+                    own_error = IndexError(f"table '{self._configs[self._feature_table(f)].name}', feature "
+                                           f"'{self.feature_names[f]}': index {v} is out of range [0, {rows}) "
+                                           f"on rank {self._rank}")
+                    break
+        codes = [code]
         if self._world > 1:
-            flag = torch.tensor([bad], dtype=torch.int64, device=features.values().device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg)
-            bad = int(flag)
+            flags = torch.zeros(self._world, dtype=torch.int64, device=self._device)
+            flags[self._rank] = code
+            dist.all_reduce(flags, group=self._pg)
+            codes = [int(c) for c in flags]
+        if own_error is not None:
+            raise own_error
+        bad = [r for r, c in enumerate(codes) if c]
         if bad:
-            f = bad - 1
-            table = self._configs[self._feature_table(f)].name
-            where = detail or "on another rank (see that rank's error)"
-            raise IndexError(f"table '{table}', feature '{self.feature_names[f]}': {where}")
+            r, c = bad[0], codes[bad[0]]
+            if c == 1:
+                raise KeyError(f"a feature of this TT collection {self.feature_names} is missing from the "
+                               f"KeyedJaggedTensor on rank {r} (see that rank's error)")
+            f = c - 2
+            cfg = self._configs[self._feature_table(f)]
+            raise IndexError(f"table '{cfg.name}', feature '{self.feature_names[f]}': an index is out of range "
+                             f"[0, {cfg.num_embeddings}) on rank {r} (see that rank's error)")
+        return features
 
     def _feature_table(self, f: int) -> int:
         return [t for t, c in enumerate(self._configs) for _ in c.feature_names][f]
