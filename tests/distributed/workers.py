@@ -56,6 +56,16 @@ def shard(module, world_size: int, sharding: dict, fused: dict, batch: int):
                                     device=torch.device("cpu"), plan=plan, sharders=sharders), plan
 
 
+def pooled_equals_unsharded_all_types(rank: int, world_size: int, sharding_types: list) -> dict:
+    """{sharding type: max |sharded - unsharded|} on this rank (one spawn serves all types)."""
+    return {st: pooled_equals_unsharded(rank, world_size, st) for st in sharding_types}
+
+
+def train_cases(rank: int, world_size: int, cases: list, steps: int) -> list:
+    """train_equals_single_process for several (plan, optimizer) cases in one spawn."""
+    return [train_equals_single_process(rank, world_size, sharding, optimizer, steps) for sharding, optimizer in cases]
+
+
 def pooled_equals_unsharded(rank: int, world_size: int, sharding_type: str) -> float:
     batch = 4 * world_size
     reference = ttdist.TTEmbeddingBagCollection(make_tables(), seed=3)
