@@ -1,0 +1,135 @@
+"""Multi-process checks of plans, communication volume, bad input, replicas and checkpoints (2 gloo ranks).
+
+Four spawns in all (module-scoped fixtures share them between tests); rank functions are in
+tests/distributed/plan_workers.py.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.distributed import plan_workers as pw
+from tests.distributed.harness import run_ranks
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+STEPS = 3
+PREFIX = "sparse_arch.embedding_bag_collection.tt_tables."
+
+
+@pytest.fixture(scope="module")
+def roundtrip(tmp_path_factory):
+    return run_ranks(pw.plan_roundtrip_and_comm, 2, str(tmp_path_factory.mktemp("plans")), STEPS)
+
+
+def test_yaml_plan_round_trip_gives_the_same_outputs(roundtrip):
+    """TorchRec's plan (TT tables CW/RW/TW/DP + a TorchRec table) -> YAML -> load_plan -> DMP."""
+    for r in roundtrip:
+        assert r["dict_equal"]
+        assert r["modules"] == ["sparse_arch.embedding_bag_collection.dense", "sparse_arch.embedding_bag_collection.tt"]
+        assert r["sharding"]["sparse_arch.embedding_bag_collection.tt"] == pw.MIXED
+        assert r["loaded_vs_planner_max_abs"] == 0.0  # bit for bit the planner's plan
+        assert r["loaded_vs_unsharded_max_abs"] <= 1e-6, r["loaded_vs_unsharded_max_abs"]
+        assert r["output_abs_mean"] > 0.05  # not a vacuous comparison of zeros
+
+
+def test_comm_volume_equals_the_bytes_the_collectives_move(roundtrip):
+    """Every collective call in 3 training steps, filed by what issued it, vs comm_volume x 3."""
+    for rank, r in enumerate(roundtrip):
+        f, measured = r["formula"], r["measured"]
+        expected = {}
+        for g, parts in f["index_all_to_all"].items():
+            for part, nbytes in parts.items():
+                if part != "total" and nbytes:
+                    expected[f"index/{g}/{part}"] = STEPS * nbytes
+        for g, nbytes in f["pooled_all_to_all_forward"].items():
+            expected[f"pooled_forward/{g}"] = STEPS * nbytes
+        for g, nbytes in f["pooled_all_to_all_backward"].items():
+            expected[f"pooled_backward/{g}"] = STEPS * nbytes
+        for key in ("replicated_grad_all_reduce", "input_check_all_reduce", "dense_all_reduce"):
+            expected[key] = STEPS * f[key]
+        expected = {k: v for k, v in expected.items() if v}
+        assert measured == expected, (rank, measured, expected)
+        assert set(r["calls"].values()) == {STEPS}  # one call of each kind per step, nothing else
+        assert sum(measured.values()) == STEPS * f["total"]
+        # a few terms by hand (B = 4, W = 2; comm_volume's docstring):
+        # replicas t0 G_2,G_3 + t1 G_2 + t3 G_1,G_2 = 4 * (320 + 80 + 250 + 240 + 120) bytes
+        assert f["replicated_grad_all_reduce"] == 4040
+        # DLRM dense params: 4*8+8, (8+15)*8+8, 8+1 = 241 floats
+        assert f["dense_all_reduce"] == 4 * 241
+        # row_wise t1 (MEAN: weighted): lengths 2 buckets x 4 bags x 2 features int32, ids 4*1 + 4*3
+        assert f["index_all_to_all"]["row_wise"] == {"splits": 64, "lengths": 64, "values": 128, "weights": 64,
+                                                     "total": 320}
+        assert f["input_check_all_reduce"] == 16
+
+
+def test_bad_input_raises_on_every_rank_without_hanging(tmp_path):
+    results = run_ranks(pw.bad_input, 2, str(tmp_path))
+    bad = results[0]["bad_rank"]
+    assert results[1]["bad_rank"] == bad and results[0]["owner_of_t2"] == 1 - bad  # the bad ids' table is remote
+    for rank, r in enumerate(results):
+        own = rank == bad
+        kind, msg, seconds = r["missing_feature"]
+        assert kind == "KeyError" and seconds < 30
+        assert (re.search(rf"features \['f3'\] are missing .*\(rank {bad}\)", msg) if own else
+                re.search(rf"missing from the KeyedJaggedTensor on rank {bad}", msg)), msg
+        for case, value in (("index_out_of_range", 3000), ("negative_index", -1)):
+            kind, msg, seconds = r[case]
+            assert kind == "IndexError" and seconds < 30
+            assert msg == (f"table 't2', feature 'f3': index {value} is out of range [0, 3000) on rank {bad}" if own
+                           else f"table 't2', feature 'f3': an index is out of range [0, 3000) on rank {bad} "
+                                "(see that rank's error)"), msg
+        # the process group is still in step: a good batch gives the unsharded model's output
+        assert r["good_batch_after_max_abs"] <= 1e-6
+        for case, pattern in (("load_unknown_table", r"unknown_table.yaml: .*tables \['t9'\] are not in the model"),
+                              ("dmp_unknown_table", r"names unknown tables \['t9'\]"),
+                              ("load_rank_out_of_world", r"rank_out_of_world.yaml: .*table 't2': ranks \[2\] do not "
+                                                         r"exist in a world of 2 ranks"),
+                              ("dmp_rank_out_of_world", r"table 't2': the plan places a shard on rank 2")):
+            kind, msg, seconds = r[case]
+            assert kind == "ValueError" and re.search(pattern, msg, re.S) and seconds < 30, (case, msg)
+        assert r["all_reduce_after"] == 2.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("dcp"))
+    two = run_ranks(pw.replicas_and_checkpoint, 2, ckpt, 5)
+    one = run_ranks(pw.load_checkpoint_single_rank, 1, ckpt)[0]
+    return two, one
+
+
+def test_replicated_cores_and_states_stay_bit_identical(checkpoint):
+    """t0 row_wise (G_2, G_3), t1 column_wise (G_2), t2 data_parallel (G_1..G_3): 5 exact_adagrad steps."""
+    two, _ = checkpoint
+    expected = sorted(PREFIX + f"{kind}{i}" for kind in ("tt_cores.", "optimizer_state_") for i in (1, 2, 4, 5, 6, 7))
+    for r in two:
+        assert r["sharding"] == pw.SAVE_PLAN
+        assert r["replica_keys"] == expected
+        assert r["replica_mismatches"] == []
+        for key, moved in r["replica_moved"].items():  # every replica was updated (state: from 0)
+            assert moved > (1e-2 if "tt_cores" in key else 1e-7), (key, moved)
+
+
+def test_checkpoint_reshards_to_another_plan_at_two_ranks(checkpoint):
+    two, _ = checkpoint
+    saved = two[0]["saved"]
+    assert sorted(saved) == sorted(PREFIX + f"{k}{i}" for k in ("tt_cores.", "optimizer_state_") for i in range(10))
+    assert all(float(v.abs().max()) > 0 for v in saved.values())  # Adagrad state is non-trivial
+    assert two[0]["resharded_sharding"] == pw.LOAD_PLAN
+    assert sorted(two[0]["differed_before_load"]) == sorted(saved)  # the load had to change every tensor
+    assert two[0]["load_mismatches"] == [] and two[0]["loaded_keys"] == sorted(saved)
+    for r in two:
+        assert r["output_after_load_max_abs"] <= 1e-6
+
+
+def test_checkpoint_loads_at_one_rank_into_sharded_and_unsharded_models(checkpoint):
+    two, one = checkpoint
+    saved = two[0]["saved"]
+    assert sorted(one["unsharded"]) == sorted(saved) == sorted(one["dmp"])
+    for key, value in saved.items():
+        assert torch.equal(one["unsharded"][key], value), key  # TTEmbeddingBagCollection's own keys
+        assert torch.equal(one["dmp"][key], value), key
+    before = torch.cat([two[0]["output_before_save"], two[1]["output_before_save"]])
+    assert float((one["output"] - before).abs().max()) <= 1e-6
