@@ -9,7 +9,7 @@ Formulas (per looked-up row, d cores, Q_k = q_1..q_k, ranks r_0..r_d):
   bytes = 4 * (sum_k r_{k-1} q_k r_k  + D)                         (core slices read + row written)
 Backward is counted as 2x the forward FLOPs. Achieved GFLOP/s = FLOPs * rows / time.
 
-  python benchmarks/tt_kernel_bench.py --device cpu [--quick]
+  python benchmarks/tt_kernel_bench.py --device cpu [--quick] [--threads N] [--no-dense] [--shapes fbtt]
 Writes benchmarks/results/tt_kernel_<device>[_<gpu model>].json and prints ratios.
 """
 from __future__ import annotations
@@ -67,7 +67,8 @@ def dense_fits(rows: int, dim: int, device: str) -> bool:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") > need
 
 
-def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, repeat: int, with_reference: bool) -> dict:
+def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, repeat: int, with_reference: bool,
+                with_dense: bool = True) -> dict:
     p, q, ranks = shape["p"], shape["q"], shape["ranks"]
     rows, dim = math.prod(p), math.prod(q)
     tt = ttdist.TTEmbeddingBag(rows, dim, ranks, tt_p_shapes=p, tt_q_shapes=q, device=device)
@@ -82,7 +83,7 @@ def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, re
         full_offsets = torch.cat([offsets, offsets.new_tensor([n])])
         runs["reference"] = measure(lambda: tt_forward_reference(cores, tt._spec(), indices, full_offsets), device,
                                     max(2, repeat // 3))
-    if dense_fits(rows, dim, device):
+    if with_dense and dense_fits(rows, dim, device):
         dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
         runs["dense_embedding_bag"] = measure(lambda: dense(indices, offsets), device, repeat)
         del dense
@@ -105,13 +106,20 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and batches")
     ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense nn.EmbeddingBag baseline")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeat = args.repeat or (3 if args.quick else 10)
     batches = [512] if args.device == "cpu" else ([512, 4096] if args.quick else [512, 4096, 16384, 65536])
     results = []
-    for name, shape in SHAPES.items():
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
         for bags in batches:
-            r = bench_shape(name, shape, bags, 20, args.device, repeat, with_reference=bags <= 16384)
+            r = bench_shape(name, shape, bags, 20, args.device, repeat, with_reference=bags <= 16384,
+                            with_dense=not args.no_dense)
             results.append(r)
             runs = r["runs"]
             line = (f"{name:>10} bags={bags:>6}: ttdist fwd {runs['ttdist']['fwd_us_per_row']:.3f} "
