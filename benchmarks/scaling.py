@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-per-rank", type=int, default=None, help="weak scaling B (default 1024; quick 256)")
     p.add_argument("--global-batch", type=int, default=None, help="strong scaling B_g (default 4096; quick 1024)")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 10; quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="excluded steps (default 3; quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="excluded steps (default 3; quick 1)")
     p.add_argument("--scale", type=float, default=None, help="data.cardinality_scale (default 0.05; quick 0.01)")
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value")
     p.add_argument("--out", default=None)
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batch_per_rank = args.batch_per_rank or (256 if q else 1024)
     args.global_batch = args.global_batch or (1024 if q else 4096)
     args.steps = args.steps or (3 if q else 10)
-    args.warmup = args.warmup if args.warmup is not None else (2 if q else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
     args.scale = args.scale or (0.01 if q else 0.05)
     return args
 
