@@ -8,7 +8,7 @@ is YAML that a person can edit::
         sharding_type: row_wise                     # table_wise | row_wise | column_wise | data_parallel | ...
         compute_kernel: customized_kernel           # TT tables: customized_kernel; TorchRec tables: fused, dense, ...
         ranks: [0, 1]                               # the rank of every shard, in shard order
-        shards:                                     # TorchRec's ShardMetadata of the [rows, dim] table (none for data_parallel)
+        shards:                                     # ShardMetadata of the [rows, dim] table (none: data_parallel)
         - {offsets: [0, 0], sizes: [500, 8], rank: 0, device: cpu}
         - {offsets: [500, 0], sizes: [500, 8], rank: 1, device: cpu}
 
@@ -114,7 +114,8 @@ def plan_from_dict(d: Mapping[str, Any], source: str = "plan") -> ShardingPlan:
                                  f"got {entry!r}")
             unknown = sorted(set(entry) - {"sharding_type", "compute_kernel", "ranks", "shards"})
             if unknown:
-                raise ValueError(f"{where}: unknown keys {unknown} (valid: sharding_type, compute_kernel, ranks, shards)")
+                raise ValueError(f"{where}: unknown keys {unknown} "
+                                 "(valid: sharding_type, compute_kernel, ranks, shards)")
             for key in ("sharding_type", "compute_kernel"):
                 if not isinstance(entry.get(key), str):
                     raise ValueError(f"{where}: '{key}' must be a string, got {entry.get(key)!r}")
@@ -244,7 +245,8 @@ def _shard_rects(ps: ParameterSharding) -> list[tuple[list[int], list[int], int]
     return [(list(s.shard_offsets), list(s.shard_sizes), s.placement.rank()) for s in ps.sharding_spec.shards]
 
 
-def _tiling_problems(rects: list[tuple[list[int], list[int], int]], rows: int, dim: int, sharding_type: str) -> list[str]:
+def _tiling_problems(rects: list[tuple[list[int], list[int], int]], rows: int, dim: int,
+                     sharding_type: str) -> list[str]:
     """Why the shards do not tile the [rows, dim] table exactly (empty: they do)."""
     problems = []
     for j, (off, size, _) in enumerate(rects):
@@ -257,7 +259,8 @@ def _tiling_problems(rects: list[tuple[list[int], list[int], int]], rows: int, d
             problems.append(f"{sharding_type} shard {j} must span all {dim} columns, got columns "
                             f"[{off[1]}, {off[1] + size[1]})")
         if sharding_type in _FULL_HEIGHT and (off[0], size[0]) != (0, rows):
-            problems.append(f"{sharding_type} shard {j} must span all {rows} rows, got rows [{off[0]}, {off[0] + size[0]})")
+            problems.append(f"{sharding_type} shard {j} must span all {rows} rows, "
+                            f"got rows [{off[0]}, {off[0] + size[0]})")
     if problems:
         return problems
     for i in range(len(rects)):
@@ -377,7 +380,8 @@ def tt_bytes_per_rank(config: TTEmbeddingBagConfig, ps: ParameterSharding, world
             out.append(0)
             continue
         r0, r1 = shape.ranks[0], shape.ranks[1]
-        params = sum((s.p1[1] - s.p1[0]) * r0 * (s.q1[1] - s.q1[0]) * r1 for s in local) + sum(math.prod(c) for c in rest)
+        params = (sum((s.p1[1] - s.p1[0]) * r0 * (s.q1[1] - s.q1[0]) * r1 for s in local)
+                  + sum(math.prod(c) for c in rest))
         slices = sum(s.p1[1] - s.p1[0] for s in local) + sum(c[0] for c in rest)
         out.append(tt_shard_bytes(config, params, optimizer, slices, 4))
     return out
@@ -421,7 +425,8 @@ def plan_bytes_per_rank(plan: ShardingPlan, tables: TableSpec, world_size: int,
         for name, ps in module_plan.items():
             cfg = _lookup(configs, module_path, name)
             out[(module_path, name)] = (tt_bytes_per_rank(cfg, ps, world_size, optimizer)
-                                        if isinstance(cfg, TTEmbeddingBagConfig) else dense_bytes_per_rank(cfg, ps, world_size))
+                                        if isinstance(cfg, TTEmbeddingBagConfig)
+                                        else dense_bytes_per_rank(cfg, ps, world_size))
     return out
 
 
@@ -463,7 +468,8 @@ def format_plan(plan: ShardingPlan, tables: TableSpec, topology: Union[Topology,
     numeric = {2, 3} | set(range(8, len(header)))
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     what = "TT: cores" + (" + optimizer state" if optimizer.code else "") + "; dense: weights"
@@ -494,7 +500,8 @@ class BudgetResult:
     """The compression steps, in order (empty: all dense fit)."""
 
 
-def _tt_config(base: EmbeddingBagConfig, rank: int, num_cores: int, tt_options: Mapping[str, Any]) -> TTEmbeddingBagConfig:
+def _tt_config(base: EmbeddingBagConfig, rank: int, num_cores: int,
+               tt_options: Mapping[str, Any]) -> TTEmbeddingBagConfig:
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(EmbeddingBagConfig) if f.init}
     return TTEmbeddingBagConfig(**fields, tt_ranks=[rank] * (num_cores - 1), **dict(tt_options))
 
@@ -559,7 +566,8 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
         optimizer: the TT fused optimizer (its state counts in the TT bytes).
         tt_options: extra TTEmbeddingBagConfig fields for compressed tables (e.g. weight_dist).
         constraints: TorchRec ParameterConstraints per table name (applied in every plan).
-        sharders: default ``[TTEmbeddingBagCollectionSharder({"optimizer": optimizer}), EmbeddingBagCollectionSharder()]``.
+        sharders: default ``[TTEmbeddingBagCollectionSharder({"optimizer": optimizer}),
+            EmbeddingBagCollectionSharder()]``.
         module_fqn: where the MixedEmbeddingBagCollection sits in the model (e.g.
             ``"sparse_arch.embedding_bag_collection"``); prefixes the plan's module paths.
     """
@@ -622,7 +630,8 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
             planner, plan = attempt(configs)
             if plan is not None:
                 if module_fqn:
-                    plan = ShardingPlan(plan={f"{module_fqn}.{k}" if k else module_fqn: v for k, v in plan.plan.items()})
+                    plan = ShardingPlan(plan={f"{module_fqn}.{k}" if k else module_fqn: v
+                                              for k, v in plan.plan.items()})
                 return BudgetResult(configs, plan, _rank_storage(planner, world, on_hbm), steps)
         movable = [i for i in range(len(tables)) if next_state(i) is not None]
         if not movable:

@@ -15,7 +15,6 @@ from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
-import ttdist
 from ttdist import plan as ttplan
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner, tt_constraints
 from ttdist.modules.collection import MixedEmbeddingBagCollection, TTEmbeddingBagConfig
