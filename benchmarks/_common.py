@@ -418,6 +418,12 @@ def instrument(dmp, rec: Recorder) -> dict:
             found["ddp"] += 1
     if len(found["tt"]) > 1 or len(found["ebc"]) > 1:
         raise RuntimeError(f"instrument expects at most one sharded module of each kind, found {found}")
+    from ttdist.modules.collection import MixedEmbeddingBagCollection
+
+    for m in dmp.modules():
+        if isinstance(m, MixedEmbeddingBagCollection):  # its own glue: feature selection, KeyedTensor merge
+            m.register_forward_pre_hook(lambda m, i: rec.push("emb_glue"))
+            m.register_forward_hook(lambda m, i, o: rec.pop())
     dense_arch = next(m for n, m in dmp.named_modules() if n.endswith("dense_arch"))
     dense_arch.register_forward_hook(lambda m, i, out: mark(out, "dense_bwd"))
     dmp.register_forward_pre_hook(lambda m, i: rec.push("dense_fwd"))
@@ -450,13 +456,15 @@ def wrap_optimizer(optimizer, rec: Recorder) -> None:
 # Step breakdown: labels -> the reported categories
 # ---------------------------------------------------------------------------------------------
 
-CATEGORIES = ["input_a2a", "lookup_fwd", "output_a2a_fwd", "dense_fwd", "dense_bwd", "output_a2a_bwd",
+CATEGORIES = ["input_a2a", "lookup_fwd", "output_a2a_fwd", "emb_glue", "dense_fwd", "dense_bwd", "output_a2a_bwd",
               "lookup_bwd_update", "allreduce", "dense_optimizer", "other"]
 CATEGORY_TEXT = {
     "input_a2a": "input (index) all-to-all: KJT permute/bucketise/range check + its all-to-alls + check all-reduce",
     "lookup_fwd": "embedding lookup forward (TT kernel / fbgemm TBE)",
     "output_a2a_fwd": "pooled-embedding all-to-all, forward (+ KeyedTensor assembly)",
-    "dense_fwd": "MLPs + interaction + loss forward (DDP forward)",
+    "emb_glue": "MixedEmbeddingBagCollection forward glue: selecting each child's features from the KJT, "
+                "merging the children's KeyedTensors (its backward is in dense_bwd)",
+    "dense_fwd": "MLPs + interaction + loss forward (DDP forward, DLRM's sparse-arch glue)",
     "dense_bwd": "MLPs + interaction backward (excluding the DDP all-reduce)",
     "output_a2a_bwd": "pooled-embedding all-to-all, backward (gradients back to the owners)",
     "lookup_bwd_update": "embedding backward + fused optimizer update (TT: core grads + sparse row update; "
@@ -474,7 +482,8 @@ def category_of(label: str, kind: Optional[str] = None) -> str:
     base = label.split("@")[0]
     mod, _, step = base.partition("/")
     if not step:
-        return {"dense_fwd": "dense_fwd", "dense_bwd": "dense_bwd", "dense_optimizer": "dense_optimizer"}.get(mod, "other")
+        return {"dense_fwd": "dense_fwd", "dense_bwd": "dense_bwd", "dense_optimizer": "dense_optimizer",
+                "emb_glue": "emb_glue"}.get(mod, "other")
     return {"input_dist": "input_a2a", "lookup_fwd": "lookup_fwd", "output_dist": "output_a2a_fwd",
             "output_a2a_bwd": "output_a2a_bwd", "lookup_bwd": "lookup_bwd_update", "fused_update": "lookup_bwd_update",
             "replica_allreduce": "allreduce"}[step]

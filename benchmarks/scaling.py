@@ -244,6 +244,10 @@ def main(argv=None) -> None:
     warning = (f"CPU timings with more ranks than cores ({cores}) are oversubscribed (up to {max(worlds) / cores:.0f}x "
                f"at W={max(worlds)}): they measure the machine, not the method. Byte counts and correctness hold at "
                "any W." if device == "cpu" else "")
+    load = os.getloadavg()[0]
+    if device == "cpu" and load > cores:
+        warning += (f" The machine is shared (load average {load:.1f} on {cores} cores at the start): a job with "
+                    "more ranks also takes a larger share of a contended CPU, so efficiencies can exceed 1.")
     if warning:
         print("WARNING: " + warning, flush=True)
     script = str(Path(__file__).resolve())

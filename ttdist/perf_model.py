@@ -27,13 +27,14 @@ rows, so at W > p_1 the ids concentrate on p_1 ranks).
 Per-rank compute of the pieces (a_* from the profile):
     prep_tt,r = a_prep_tt * B * F_tt           fwd_tt,r = a_fwd_tt * ids_tt,r     bwd_tt,r = a_bwd_tt * ids_tt,r
     prep_eb,r = a_prep_eb * B * F_eb           fwd_eb,r = a_fwd_eb * ids_eb,r     bwd_eb,r = a_bwd_eb * ids_eb,r
-    dense_fwd = (m_fwd + m_glue) * B + c_other dense_bwd = m_bwd * B               opt = c_opt
+    glue = m_glue * B (KeyedTensor assembly, feature selection)  dense_fwd = m_fwd * B    dense_bwd = m_bwd * B
+    opt = c_opt     other = c_other
 Step time: the pipeline is synchronous (every collective is a barrier), so the critical path is
     T = sum over pieces p of  X_p  +  sum over collectives c of  t_c,
     X_p = max_r x_p,r                         (own cores / GPUs per rank), or
     X_p = max(max_r x_p,r, sum_r x_p,r / cores)   (W ranks sharing `cores` CPU cores: oversubscribed)
 in the order: prep_tt, [TT index a2a + check all-reduce], fwd_tt, [TT pooled a2a fwd], prep_eb,
-[TBE index a2a], fwd_eb, [TBE pooled a2a fwd], dense_fwd, [flag all-reduce], dense_bwd,
+[TBE index a2a], fwd_eb, [TBE pooled a2a fwd], glue, dense_fwd, other, [flag all-reduce], dense_bwd,
 [TBE pooled a2a bwd], bwd_eb, [TT pooled a2a bwd], bwd_tt, [TT replica all-reduce],
 [DDP all-reduce], opt. No overlap of communication with compute (ttdist runs the plain
 DMP forward, not TorchRec's pipelined train loop), so T is an upper bound for pipelined runs.
@@ -215,6 +216,7 @@ class Profile:
                 add(f"{mod}_fwd", lab.get(f"{mod}/lookup_fwd", 0.0))
                 add(f"{mod}_bwd", sum(lab.get(f"{mod}/{k}", 0.0) for k in ("lookup_bwd", "fused_update", "replica_allreduce")))
                 add("glue", sum(v for k, v in lab.items() if k.startswith((f"{mod}/output_dist", f"{mod}/output_a2a_bwd"))))
+            add("glue", lab.get("emb_glue", 0.0))
             add("samples", s["batch_per_rank"])
             add("dense_fwd", lab.get("dense_fwd", 0.0))
             add("dense_bwd", lab.get("dense_bwd", 0.0))
@@ -524,7 +526,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         "lookup_fwd": piece([p.tt_fwd_s_per_id * x for x in tt_ids]) + piece([p.ebc_fwd_s_per_id * x for x in eb_ids]),
         "output_a2a_fwd": a2a(tt_sum("tt.pooled_all_to_all_forward"), n["tt_pooled"])
         + a2a(byts["ebc.pooled_all_to_all_forward"], n["eb_pooled"]),
-        "dense_fwd": uniform((p.dense_fwd_s_per_sample + p.glue_s_per_sample) * batch),
+        "emb_glue": uniform(p.glue_s_per_sample * batch),
+        "dense_fwd": uniform(p.dense_fwd_s_per_sample * batch),
         "dense_bwd": uniform(p.dense_bwd_s_per_sample * batch),
         "output_a2a_bwd": a2a(tt_sum("tt.pooled_all_to_all_backward"), n["tt_pooled"])
         + a2a(byts["ebc.pooled_all_to_all_backward"], n["eb_pooled"]),
@@ -620,9 +623,21 @@ def print_validation(v: dict) -> None:
     print(v["note"])
 
 
+def scaled_profile(profile: Profile, speedup: float) -> Profile:
+    """Every compute time divided by ``speedup`` (a what-if, e.g. GPU kernels vs one CPU thread)."""
+    values = {k: (v / speedup if isinstance(v, float) else v) for k, v in asdict(profile).items()}
+    values["source"] = f"{profile.source}, every time / {speedup:g} (ASSUMED, not measured)"
+    return Profile(**values)
+
+
 def predict(profile_json: str | Path, batch_per_gpu: int, worlds: Sequence[int] = (1, 8, 64, 512),
-            presets: Sequence[str] = tuple(PRESETS), scale: Optional[float] = None) -> dict:
-    """Weak-scaling predictions, TT table-wise vs row-wise, for every preset cluster."""
+            presets: Sequence[str] = tuple(PRESETS), scale: Optional[float] = None,
+            what_if_speedup: Optional[float] = None) -> dict:
+    """Weak-scaling predictions, TT table-wise vs row-wise, for every preset cluster.
+
+    ``what_if_speedup``: also predict with every measured compute time divided by this factor
+    (an assumption standing in for GPU kernels; labelled as such in the output).
+    """
     data = json.loads(Path(profile_json).read_text())
     profile = Profile.from_json(profile_json)
     setup = data["setup"]
@@ -641,6 +656,15 @@ def predict(profile_json: str | Path, batch_per_gpu: int, worlds: Sequence[int] 
         for sharding in ("table_wise", "row_wise"):
             out["predictions"][f"{name}/{sharding}"] = weak_scaling(profile, spec, batch_per_gpu, worlds, sharding,
                                                                     PRESETS[name])
+    if what_if_speedup:
+        fast = scaled_profile(profile, what_if_speedup)
+        out["what_if"] = {"compute_speedup": what_if_speedup, "profile": asdict(fast),
+                          "note": f"ASSUMPTION, not a measurement: every measured compute time divided by "
+                                  f"{what_if_speedup:g} to show how the links weigh next to faster (GPU-like) "
+                                  "compute. Byte counts are unchanged.",
+                          "predictions": {f"{name}/{sh}": weak_scaling(fast, spec, batch_per_gpu, worlds, sh,
+                                                                       PRESETS[name])
+                                          for name in presets for sh in ("table_wise", "row_wise")}}
     out["notes"] = [
         "Weak scaling: batch_per_gpu samples per GPU; efficiency = T(1)/T(W).",
         f"Compute profile measured on {setup['device']} ({profile.source}); with a CPU profile the per-id and "
@@ -665,9 +689,14 @@ def plot_predictions(pred: dict, path: Path) -> None:
     presets = list(pred["presets"])
     fig, axes = plt.subplots(1, len(presets), figsize=(4 * len(presets), 3.8), sharey=True)
     for ax, name in zip(axes if len(presets) > 1 else [axes], presets):
-        for sharding in ("table_wise", "row_wise"):
+        for color, sharding in zip(("tab:blue", "tab:orange"), ("table_wise", "row_wise")):
             pts = pred["predictions"][f"{name}/{sharding}"]
-            ax.plot([p["world_size"] for p in pts], [p["efficiency"] for p in pts], "o-", label=f"TT {sharding}")
+            ax.plot([p["world_size"] for p in pts], [p["efficiency"] for p in pts], "o-", color=color,
+                    label=f"TT {sharding} (measured compute)")
+            if "what_if" in pred:
+                pts = pred["what_if"]["predictions"][f"{name}/{sharding}"]
+                ax.plot([p["world_size"] for p in pts], [p["efficiency"] for p in pts], "s--", color=color, alpha=0.6,
+                        label=f"TT {sharding}, compute / {pred['what_if']['compute_speedup']:g} (assumed)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
@@ -694,6 +723,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--worlds", default="1,8,64,512")
     p.add_argument("--scale", type=float, default=None, help="cardinality scale of the modelled tables "
                    "(default: the profile run's)")
+    p.add_argument("--what-if-speedup", type=float, default=None,
+                   help="also predict with every compute time divided by this (an assumption, labelled so)")
     p.add_argument("--out", default="benchmarks/results/perf_model_predictions.json")
     args = p.parse_args(argv)
     if not args.validate and not args.predict:
@@ -705,7 +736,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             Path(args.validation_out).write_text(json.dumps(v, indent=2))
             print(f"wrote {args.validation_out}")
     if args.predict:
-        pred = predict(args.profile, args.batch_per_gpu, [int(x) for x in args.worlds.split(",")], scale=args.scale)
+        pred = predict(args.profile, args.batch_per_gpu, [int(x) for x in args.worlds.split(",")], scale=args.scale,
+                       what_if_speedup=args.what_if_speedup)
         if args.validate:
             pred["validation"] = {k: v[k] for k in ("scaling_json", "bytes_all_equal", "mean_abs_relative_error_w2_w4",
                                                     "max_abs_relative_error_w2_w4", "load_average")}
@@ -720,6 +752,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"\n{'preset/sharding':<24}" + "".join(f"{'W=' + str(w):>22}" for w in args.worlds.split(",")))
         for key, pts in pred["predictions"].items():
             print(f"{key:<24}" + "".join(f"{p['step_time_s'] * 1e3:>10.1f} ms E={p['efficiency']:<6.3f}" for p in pts))
+        if "what_if" in pred:
+            print(f"what-if (ASSUMED compute / {pred['what_if']['compute_speedup']:g}):")
+            for key, pts in pred["what_if"]["predictions"].items():
+                print(f"{key:<24}" + "".join(f"{p['step_time_s'] * 1e3:>10.2f} ms E={p['efficiency']:<6.3f}"
+                                             for p in pts))
         print(f"wrote {out} and {png}")
 
 
