@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 VENV    := .venv/.installed
 EXT     := $(firstword $(wildcard ttdist/_C*.so))
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/*/*.inc)
 
 .PHONY: demo test test-fast bench build compile-cuda clean
 

@@ -15,16 +15,22 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd"]
 
 
+# Headers and included kernel bodies: a change to one of them rebuilds the extension.
+DEPENDS = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.inc", recursive=True)
+                 + glob.glob("csrc/**/*.cuh", recursive=True))
+
+
 def _extension():
     sources = ["csrc/module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("TTDIST_NO_CUDA") != "1"
     if not with_cuda:
-        return CppExtension("ttdist._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
+        return CppExtension("ttdist._C", sources, depends=DEPENDS, extra_compile_args={"cxx": CXX_FLAGS})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     return CUDAExtension(
         "ttdist._C",
         sources,
+        depends=DEPENDS,
         define_macros=[("TTDIST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
     )
