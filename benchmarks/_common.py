@@ -495,16 +495,25 @@ def summarize_steps(snapshots: list[dict], step_times: list[float]) -> dict:
     labels: dict[str, float] = defaultdict(float)
     colls: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
     counts: dict[str, float] = defaultdict(float)
-    for s in snapshots:
+    per_step_bytes: dict[str, set] = defaultdict(set)
+    for s in snapshots:  # sums first (integers stay exact), one division at the end
         for k, v in s["times"].items():
-            labels[k] += v / n
+            labels[k] += v
         for k, (c, b, t) in s["colls"].items():
             e = colls[k]
-            e[0] += c / n
-            e[1] += b / n
-            e[2] += t / n
+            e[0] += c
+            e[1] += b
+            e[2] += t
+            per_step_bytes[k].add(b)
         for k, v in s["counts"].items():
-            counts[k] += v / n
+            counts[k] += v
+
+    def mean(x):
+        return x // n if isinstance(x, int) and x % n == 0 else x / n
+
+    labels = {k: v / n for k, v in labels.items()}
+    colls = {k: [mean(c), mean(b), t / n] for k, (c, b, t) in colls.items()}
+    counts = {k: mean(v) if isinstance(v, int) else v / n for k, v in counts.items()}
     categories = {c: 0.0 for c in CATEGORIES}
     comm_seconds = {c: 0.0 for c in CATEGORIES}
     for label, t in labels.items():
@@ -518,7 +527,8 @@ def summarize_steps(snapshots: list[dict], step_times: list[float]) -> dict:
     return {"step_time_s": step, "step_time_median_s": sorted(step_times)[n // 2],
             "recorded_s": sum(categories.values()), "categories_s": categories,
             "categories_in_collectives_s": comm_seconds, "labels_s": dict(labels),
-            "collectives": {k: {"calls": v[0], "bytes": v[1], "seconds": v[2]} for k, v in colls.items()},
+            "collectives": {k: {"calls": v[0], "bytes": v[1], "seconds": v[2],
+                                "bytes_same_every_step": len(per_step_bytes[k]) == 1} for k, v in colls.items()},
             "counts": dict(counts)}
 
 
@@ -640,10 +650,12 @@ def make_batches(cfg_data, rank: int, world_size: int, n: int) -> list:
 
 
 class Session:
-    """An instrumented DMP training session; ``run`` trains on given batches and summarises."""
+    """An instrumented DMP training session: ``train_one`` times one step, ``run`` many."""
 
     def __init__(self, cfg, env) -> None:
         import torch
+
+        from ttdist.train import RunStats
 
         self.cfg, self.env = cfg, env
         self.dmp, self.optimizer, self.plan = build_session(cfg, env)
@@ -653,35 +665,46 @@ class Session:
         wrap_optimizer(self.optimizer, self.rec)
         self.loss_fn = wrap_loss(torch.nn.BCEWithLogitsLoss(), self.rec)
         self.step = 0
+        self.stats = RunStats()
 
-    def run(self, batches: list, warmup: int, global_batch: int) -> dict:
+    def train_one(self, batch, trace: bool = False) -> tuple[dict, float]:
+        """One ttdist.train.train_step: (the recorder's snapshot, wall seconds)."""
         import torch.distributed as dist
 
-        from ttdist.train import RunStats, train_step
+        from ttdist.train import train_step
 
-        stats = RunStats()
+        global REC
+        REC = self.rec  # collective wrappers and backward marks report to this session
+        if self.env.world_size > 1:
+            dist.barrier()
+        self.rec.reset()
+        self.rec.transitions = [] if trace else None
+        self.rec.push("other")
+        t0 = time.perf_counter()
+        train_step(self.dmp, self.optimizer, self.loss_fn, batch, self.step, self.cfg, self.stats)
+        dt = time.perf_counter() - t0
+        snap = self.rec.snapshot()
+        if trace:
+            print("label transitions of one step (rank 0):", " ".join(self.rec.transitions), flush=True)
+        self.rec.reset()
+        self.step += 1
+        return snap, dt
+
+    def run(self, batches: list, warmup: int, global_batch: int) -> dict:
         snaps, times = [], []
         for i, batch in enumerate(batches):
-            if self.env.world_size > 1:
-                dist.barrier()
-            self.rec.reset()
-            trace = os.environ.get("TTDIST_BENCH_TRACE") and i == warmup and self.env.rank == 0
-            self.rec.transitions = [] if trace else None
-            self.rec.push("other")
-            t0 = time.perf_counter()
-            train_step(self.dmp, self.optimizer, self.loss_fn, batch, self.step, self.cfg, stats)
-            dt = time.perf_counter() - t0
-            snap = self.rec.snapshot()
-            if trace:
-                print("label transitions of one step (rank 0):", " ".join(self.rec.transitions), flush=True)
-            self.rec.reset()
-            self.step += 1
+            trace = bool(os.environ.get("TTDIST_BENCH_TRACE")) and i == warmup and self.env.rank == 0
+            snap, dt = self.train_one(batch, trace)
             if i >= warmup:
                 snaps.append(snap)
                 times.append(dt)
-        summary = summarize_steps(snaps, times)
-        summary["batch_per_rank"] = int(batches[0].labels.numel())
-        summary["global_batch"] = global_batch
-        summary["steps"] = len(snaps)
-        summary["warmup_steps"] = warmup
-        return summary
+        return finish_summary(snaps, times, batches[0], warmup, global_batch)
+
+
+def finish_summary(snaps: list, times: list, batch, warmup: int, global_batch: int) -> dict:
+    summary = summarize_steps(snaps, times)
+    summary["batch_per_rank"] = int(batch.labels.numel())
+    summary["global_batch"] = global_batch
+    summary["steps"] = len(snaps)
+    summary["warmup_steps"] = warmup
+    return summary

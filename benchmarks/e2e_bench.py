@@ -1,13 +1,14 @@
 """End-to-end DLRM training step: TT tables vs dense TorchRec tables, same run, same data.
 
 One DLRM config (default: configs/demo.yaml's model, synthetic Criteo-shaped data at a chosen
-cardinality scale) is trained for N steps twice, each under its own torchrun job so that peak
-RSS is per variant:
+cardinality scale) is trained for N steps twice, on the same batches:
   tt    : the config as is (the largest ``model.tt_tables`` tables TT, the rest TorchRec/fbgemm TBE)
   dense : ``model.dense_baseline=true`` (every table a TorchRec EmbeddingBagCollection table,
           fbgemm's fused TBE with the same fused optimizer)
 Both use ttdist.train's own pieces (build_model, build_plan with TorchRec's planner,
-DistributedModelParallel, build_optimizer, train_step).
+DistributedModelParallel, build_optimizer, train_step). The timing job holds both models in
+the same ranks and alternates their steps (tt, dense, dense, tt, ...), so the load of a shared
+machine falls on both alike; each variant then gets a short job of its own for its peak RSS.
 
 Reported per variant (mean over the measured steps, warm-up excluded, then over ranks):
   step time split into input all-to-all, lookup fwd, output all-to-all (fwd, bwd), dense fwd,
@@ -30,9 +31,10 @@ and collectives are waited on where issued, so wall-clock splits are the work of
 a collective's time includes waiting for the slowest rank.
 
   .venv/bin/python benchmarks/e2e_bench.py [--quick] [--ranks 2] [--steps N] [--batch B] [--scale S]
-It re-executes itself per variant as
+It re-executes itself three times (timing; memory of tt; memory of dense) as
   OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node=NPROC \\
-      benchmarks/e2e_bench.py --worker --variant {tt,dense} ...
+      benchmarks/e2e_bench.py --worker --phase {timing,memory} [--variant {tt,dense}] ...
+(the exact commands are in the JSON's worker_commands).
 Writes benchmarks/results/e2e_<device>.json and e2e_<device>_breakdown.png.
 """
 from __future__ import annotations
@@ -65,11 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value", help="more config overrides")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/e2e_<device>.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--memory-steps", type=int, default=None,
+                   help="steps of each variant's own job that measures its peak RSS (default 5; quick 2)")
+    p.add_argument("--phase", choices=["timing", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--rank-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (8 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
+    args.memory_steps = args.memory_steps or (2 if args.quick else 5)
     if args.quick:
         args.batch = args.batch or 1024
         args.scale = args.scale or 0.02
@@ -90,36 +96,66 @@ def overrides(args) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _config_record(cfg) -> dict:
+    return {"batch_size": cfg.data.batch_size, "cardinality_scale": cfg.data.cardinality_scale,
+            "embedding_dim": cfg.model.embedding_dim, "tt_tables": len(cfg.tt_table_indices()),
+            "tt_ranks": list(cfg.model.tt_ranks), "table_rows": cfg.table_rows(),
+            "tt_table_indices": cfg.tt_table_indices(),
+            "dense_arch_layer_sizes": list(cfg.model.dense_arch_layer_sizes),
+            "over_arch_layer_sizes": list(cfg.model.over_arch_layer_sizes),
+            "embedding_optimizer": cfg.optim.embedding_optimizer}
+
+
 def worker(args) -> None:
+    """--phase timing: both variants in the same processes, steps interleaved (tt, dense, dense,
+    tt, ...), so both see the same machine; --phase memory: one variant alone, for its peak RSS."""
     import torch
+    import torch.distributed as dist
 
     from ttdist.config import load_config, validate
     from ttdist.model import embedding_bytes
+    from ttdist.perf_model import compare_bytes, counted_bytes, predicted_bytes_for_dmp
 
-    cfg = load_config(args.config, overrides(args) + VARIANTS[args.variant])
-    env = C.init_worker(cfg)
-    validate(cfg, env.world_size)
-    rss_before_model = C.current_rss_bytes()
-    session = C.Session(cfg, env)
-    memory = C.embedding_memory(session.dmp)
-    rss_after_model = C.current_rss_bytes()
-    batches = C.make_batches(cfg.data, env.rank, env.world_size, args.warmup + args.steps)
-    summary = session.run(batches, args.warmup, cfg.data.batch_size)
-    out = {"rank": env.rank, "world_size": env.world_size, "variant": args.variant,
-           "threads": torch.get_num_threads(), "summary": summary, "embedding_memory": memory,
-           "peak_rss_bytes": C.peak_rss_bytes(), "rss_model_build_bytes": rss_after_model - rss_before_model,
-           "plan": C.plan_summary(session.plan), "instrumented": session.found,
-           "analytic_embedding_bytes": embedding_bytes(cfg), "config": {
-               "batch_size": cfg.data.batch_size, "cardinality_scale": cfg.data.cardinality_scale,
-               "embedding_dim": cfg.model.embedding_dim, "tt_tables": len(cfg.tt_table_indices()),
-               "tt_ranks": list(cfg.model.tt_ranks), "table_rows": cfg.table_rows(),
-               "tt_table_indices": cfg.tt_table_indices(),
-               "dense_arch_layer_sizes": list(cfg.model.dense_arch_layer_sizes),
-               "over_arch_layer_sizes": list(cfg.model.over_arch_layer_sizes),
-               "embedding_optimizer": cfg.optim.embedding_optimizer}}
+    variants = list(VARIANTS) if args.phase == "timing" else [args.variant]
+    cfgs = {v: load_config(args.config, overrides(args) + VARIANTS[v]) for v in variants}
+    env = C.init_worker(cfgs[variants[0]])
+    out = {"rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(), "variants": {}}
+    sessions, memory, rss_growth = {}, {}, {}
+    for v in variants:
+        validate(cfgs[v], env.world_size)
+        before = C.current_rss_bytes()
+        sessions[v] = C.Session(cfgs[v], env)
+        memory[v] = C.embedding_memory(sessions[v].dmp)
+        rss_growth[v] = C.current_rss_bytes() - before
+    data = cfgs[variants[0]].data  # the variants differ in the model only: the same batches
+    if args.phase == "memory":
+        batches = C.make_batches(data, env.rank, env.world_size, args.memory_steps)
+        sessions[args.variant].run(batches, 0, data.batch_size)
+        out["variants"][args.variant] = {"peak_rss_bytes": C.peak_rss_bytes(), "embedding_memory": memory[args.variant],
+                                         "rss_model_build_bytes": rss_growth[args.variant]}
+    else:
+        batches = C.make_batches(data, env.rank, env.world_size, args.warmup + args.steps)
+        snaps = {v: [] for v in variants}
+        times = {v: [] for v in variants}
+        for i, batch in enumerate(batches):
+            order = variants if i % 2 == 0 else variants[::-1]
+            for v in order:
+                trace = bool(os.environ.get("TTDIST_BENCH_TRACE")) and i == args.warmup and env.rank == 0
+                snap, dt = sessions[v].train_one(batch, trace)
+                if i >= args.warmup:
+                    snaps[v].append(snap)
+                    times[v].append(dt)
+        for v in variants:
+            summary = C.finish_summary(snaps[v], times[v], batches[0], args.warmup, data.batch_size)
+            counted = counted_bytes(summary["collectives"])
+            predicted = predicted_bytes_for_dmp(sessions[v].dmp, cfgs[v], data.batch_size // env.world_size)
+            out["variants"][v] = {
+                "summary": summary, "embedding_memory": memory[v], "bytes": compare_bytes(counted, predicted),
+                "rss_model_build_bytes": rss_growth[v], "plan": C.plan_summary(sessions[v].plan),
+                "instrumented": sessions[v].found, "analytic_embedding_bytes": embedding_bytes(cfgs[v]),
+                "config": _config_record(cfgs[v])}
+        out["peak_rss_bytes_both_variants"] = C.peak_rss_bytes()
     C.dump(Path(args.rank_dir) / f"rank{env.rank}.json", out)
-    import torch.distributed as dist
-
     dist.destroy_process_group()
 
 
@@ -128,7 +164,10 @@ def worker(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def aggregate(ranks: list[dict]) -> dict:
+def aggregate(timing: list[dict], memory: list[dict], variant: str) -> dict:
+    ranks = [r["variants"][variant] for r in timing]
+    for r, m in zip(ranks, memory):
+        r["peak_rss_bytes"] = m["variants"][variant]["peak_rss_bytes"]
     summaries = [r["summary"] for r in ranks]
     step = sum(s["step_time_s"] for s in summaries) / len(summaries)
     categories = C.mean_over_ranks(summaries)
@@ -150,6 +189,8 @@ def aggregate(ranks: list[dict]) -> dict:
         "embedding_bytes_all_ranks": sum(m["total"] for m in per_rank_mem),
         "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
         "collectives_rank0": summaries[0]["collectives"],
+        "bytes_counted_equal_predicted": all(r["bytes"]["equal"] for r in ranks),
+        "bytes_per_rank": [r["bytes"]["by_collective"] for r in ranks],
         "ids_per_rank": [s["counts"] for s in summaries],
         "profile": profile(ranks),
         "rank_summaries": summaries,
@@ -223,17 +264,21 @@ def main(argv=None) -> None:
     script = str(Path(__file__).resolve())
     runs = {}
     commands = []
+    common = ["--config", args.config, "--ranks", str(args.ranks), "--steps", str(args.steps),
+              "--warmup", str(args.warmup)]
+    common += (["--batch", str(args.batch)] if args.batch else []) + (["--scale", str(args.scale)] if args.scale else [])
+    for s in args.set:
+        common += ["--set", s]
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in VARIANTS:
-            rank_dir = Path(tmp) / variant
-            wargs = ["--variant", variant, "--rank-dir", str(rank_dir), "--config", args.config,
-                     "--ranks", str(args.ranks), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            wargs += (["--batch", str(args.batch)] if args.batch else []) + (["--scale", str(args.scale)] if args.scale else [])
-            for s in args.set:
-                wargs += ["--set", s]
+        jobs = [("timing", None)] + [("memory", v) for v in VARIANTS]
+        for phase, variant in jobs:
+            wargs = ["--phase", phase, "--rank-dir", str(Path(tmp) / f"{phase}_{variant}")] + common
+            wargs += ["--variant", variant, "--memory-steps", str(args.memory_steps)] if variant else []
             commands.append(C.torchrun_command("benchmarks/e2e_bench.py", args.ranks, wargs))
             C.relaunch(script, args.ranks, wargs, threads_per_rank=args.threads_per_rank)
-            runs[variant] = aggregate(C.read_rank_files(rank_dir, args.ranks))
+        timing = C.read_rank_files(Path(tmp) / "timing_None", args.ranks)
+        for variant in VARIANTS:
+            runs[variant] = aggregate(timing, C.read_rank_files(Path(tmp) / f"memory_{variant}", args.ranks), variant)
     tt, dense = runs["tt"], runs["dense"]
     result = {
         "benchmark": "e2e", "quick": args.quick,
@@ -252,7 +297,11 @@ def main(argv=None) -> None:
         "categories": C.CATEGORY_TEXT,
         "memory_note": ("embedding_bytes_per_rank: storages of the rank's sharded embedding modules (TT cores or "
                         "TBE weights, optimizer state, other buffers), each storage once; peak RSS: ru_maxrss of "
-                        "the rank's process (includes Python, torch, the data and the MLPs)."),
+                        "the rank's process in a job that builds and trains only that variant (memory_steps steps; "
+                        "includes Python, torch, TorchRec, the data and the MLPs)."),
+        "design_note": ("Timing: one torchrun job holds both variants (same processes, same batches) and alternates "
+                        "their steps (tt, dense, dense, tt, ...), so a shared machine's load falls on both alike. "
+                        "Peak RSS: one extra short job per variant."),
         "runs": runs,
         "ratios": ratios(tt, dense),
     }
@@ -278,6 +327,9 @@ def report(result: dict) -> None:
         mem = ", ".join(f"{b / 2**20:.2f}" for b in r["embedding_bytes_per_rank"])
         rss = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes_per_rank"])
         print(f"{v:>6}: embedding MiB per rank [{mem}], peak RSS MiB per rank [{rss}]")
+    for v, r in runs.items():
+        print(f"{v:>6}: collective bytes counted == ttdist.perf_model.collective_bytes on every rank: "
+              f"{r['bytes_counted_equal_predicted']}")
     print(f"embedding bytes (max rank) TT/dense = {result['ratios']['embedding_bytes_max_rank_tt_over_dense']:.4f}, "
           f"peak RSS (max rank) TT/dense = {result['ratios']['peak_rss_max_rank_tt_over_dense']:.3f}")
 
