@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads-per-rank", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value", help="more config overrides")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/e2e_<device>.json)")
+    p.add_argument("--report", metavar="JSON", help="print the tables of a saved result, redraw its chart, exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, default=None,
                    help="steps of each variant's own job that measures its peak RSS (default 5; quick 2)")
@@ -233,10 +234,11 @@ def plot(result: dict, path: Path) -> None:
     variants = list(result["runs"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bottom = [0.0] * len(variants)
-    colors = plt.get_cmap("tab10").colors
+    tab20 = plt.get_cmap("tab20").colors
+    colors = [tab20[i] for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]  # 20 distinct, dark ones first
     for i, cat in enumerate(C.CATEGORIES):
         vals = [result["runs"][v]["breakdown_s"][cat] * 1e3 for v in variants]
-        ax.bar(variants, vals, bottom=bottom, label=cat, color=colors[i % 10])
+        ax.bar(variants, vals, bottom=bottom, label=cat, color=colors[i % 20])
         bottom = [b + v for b, v in zip(bottom, vals)]
     for x, v in enumerate(variants):
         r = result["runs"][v]
@@ -257,6 +259,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker(args)
+        return
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        report(result)
+        plot(result, Path(args.report).with_name(Path(args.report).stem + "_breakdown.png"))
         return
     import torch
 

@@ -51,19 +51,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--placements", default="tw,rw")
     p.add_argument("--batch-per-rank", type=int, default=None, help="weak scaling B (default 1024; quick 256)")
     p.add_argument("--global-batch", type=int, default=None, help="strong scaling B_g (default 4096; quick 1024)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps (default 10; quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="excluded steps (default 3; quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 8; quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="excluded steps (default 2; quick 1)")
     p.add_argument("--scale", type=float, default=None, help="data.cardinality_scale (default 0.05; quick 0.01)")
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value")
     p.add_argument("--out", default=None)
+    p.add_argument("--report", metavar="JSON", help="print the tables of a saved result and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
     args.batch_per_rank = args.batch_per_rank or (256 if q else 1024)
     args.global_batch = args.global_batch or (1024 if q else 4096)
-    args.steps = args.steps or (3 if q else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
+    args.steps = args.steps or (3 if q else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.scale = args.scale or (0.01 if q else 0.05)
     return args
 
@@ -236,6 +237,11 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
+    if args.report:
+        import json
+
+        report(json.loads(Path(args.report).read_text()))
+        return
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -306,6 +312,12 @@ def report(result: dict) -> None:
         eff = f"{e['efficiency']:.2f}" if e["efficiency"] is not None else "-"
         print(f"{e['placement']:<10}{e['mode']:<8}{e['world_size']:>3}{e['batch_per_rank']:>11}"
               f"{e['step_time_s'] * 1e3:>10.1f}{e['samples_per_s']:>11.0f}{eff:>7}{str(e['bytes_equal']):>28}")
+    print("\nstep-time breakdown, ms (rank mean; collectives include waiting for the slowest rank):")
+    cats = C.CATEGORIES
+    print(f"{'':<22}" + "".join(f"{c[:11]:>12}" for c in cats))
+    for e in sorted(result["entries"], key=lambda e: (e["placement"], e["mode"], e["world_size"])):
+        print(f"{e['placement'] + ' ' + e['mode'] + ' W=' + str(e['world_size']):<22}"
+              + "".join(f"{e['breakdown_s'].get(c, 0.0) * 1e3:>12.1f}" for c in cats))
     print("\nper-step bytes of rank 0 (counted / predicted):")
     for e in sorted(result["entries"], key=lambda e: (e["placement"], e["mode"], e["world_size"])):
         rows = e["bytes_per_rank"][0]
