@@ -16,7 +16,7 @@ def test_pooled_outputs_equal_unsharded_for_every_sharding_type(world_size):
         assert max(errors) < 1e-6, (sharding_type, errors)
 
 
-MIXED = {"t0": "row_wise", "t1": "column_wise", "t2": "table_wise"}
+MIXED = {"t0": "row_wise", "t1": "column_wise", "t2": "table_wise", "t_p3": "row_wise"}
 CASES = {  # world size: [(plan, fused optimizer)]
     1: [(MIXED, "exact_adagrad")],
     2: [(MIXED, "exact_adagrad"),

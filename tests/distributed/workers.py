@@ -22,12 +22,15 @@ TABLES = [  # small shapes that exercise d = 2, 3, mean pooling and a two-featur
          pooling=PoolingType.MEAN),
     dict(name="t2", num_embeddings=3000, embedding_dim=8, feature_names=["f3"], tt_ranks=[3, 6]),
 ]
-FEATURES = ["f0", "f1", "f2", "f3"]
-ROWS = {"f0": 1000, "f1": 700, "f2": 700, "f3": 3000}
+# p_1 = 3: row-wise over 4 ranks leaves the last rank without rows (only in this file's models).
+SMALL_P1 = dict(name="t_p3", num_embeddings=250, embedding_dim=8, feature_names=["fp3"], tt_ranks=[2, 2],
+                tt_p_shapes=[3, 10, 10], tt_q_shapes=[2, 2, 2])
+FEATURES = ["f0", "f1", "f2", "f3", "fp3"]
+ROWS = {"f0": 1000, "f1": 700, "f2": 700, "f3": 3000, "fp3": 250}
 
 
-def make_tables(weighted: bool = False):
-    return [ttdist.TTEmbeddingBagConfig(**t) for t in TABLES]
+def make_tables():
+    return [ttdist.TTEmbeddingBagConfig(**t) for t in TABLES + [SMALL_P1]]
 
 
 def global_batch(step: int, batch: int):
@@ -69,7 +72,7 @@ def train_cases(rank: int, world_size: int, cases: list, steps: int) -> list:
 def pooled_equals_unsharded(rank: int, world_size: int, sharding_type: str) -> float:
     batch = 4 * world_size
     reference = ttdist.TTEmbeddingBagCollection(make_tables(), seed=3)
-    dmp, _ = shard(copy.deepcopy(reference), world_size, {t["name"]: sharding_type for t in TABLES},
+    dmp, _ = shard(copy.deepcopy(reference), world_size, {t["name"]: sharding_type for t in TABLES + [SMALL_P1]},
                    {"optimizer": "exact_sgd"}, batch // world_size)
     _, ids, _ = global_batch(0, batch)
     local = range(rank * batch // world_size, (rank + 1) * batch // world_size)

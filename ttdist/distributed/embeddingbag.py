@@ -189,7 +189,8 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTS
             if full[0].device.type == "meta":
                 full = init_tt_cores(shape, cfg.weight_dist, table_generator(module.seed, cfg.name))
             for s in local:
-                self._add_core(f"t{t}_c0_s{s.index}", full[0][s.p1[0]:s.p1[1], :, s.q1[0]:s.q1[1]])
+                if s.p1[1] > s.p1[0]:  # a row-wise shard past the last slice of G_1 holds no rows
+                    self._add_core(f"t{t}_c0_s{s.index}", full[0][s.p1[0]:s.p1[1], :, s.q1[0]:s.q1[1]])
             for k in range(1, shape.d):
                 self._add_core(f"t{t}_c{k}", full[k])
 
@@ -322,43 +323,59 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTS
 
     # ----------------------------------------------------------------------- local lookups
     def _local_tables(self, group):
-        """(core keys per local table, LookupSpec) for this rank's units of ``group``."""
-        units = group.local_units
+        """(core keys per local table, LookupSpec, positions of the looked-up units, column
+        offset of every local unit) for this rank's units of ``group``. A unit whose shard holds
+        no rows (row-wise past the end of G_1) is not looked up: no index can reach it."""
         keys: list[list[str]] = []
         index: dict[tuple[int, int], int] = {}
-        table_of_unit = []
-        for u in units:
-            shard = u.shard_index if u.rank >= 0 else (self._rank if self._sharding_type[u.table] == "row_wise" else 0)
+        table_of_unit, positions, modes = [], [], []
+        rw = isinstance(group, RwDist)
+        for pos, u in enumerate(group.local_units):
+            shard = u.shard_index if u.rank >= 0 else (self._rank if rw else 0)
+            if f"t{u.table}_c0_s{shard}" not in self._cores:
+                continue
             if (u.table, shard) not in index:
                 index[(u.table, shard)] = len(keys)
                 keys.append([f"t{u.table}_c0_s{shard}"] + [f"t{u.table}_c{k}" for k in range(1, self._shapes[u.table].d)])
             table_of_unit.append(index[(u.table, shard)])
-        rw = isinstance(group, RwDist)
-        modes = [POOLING_SUM if rw else POOLING_CODES[self._pooling(u.table)] for u in units]
-        return keys, LookupSpec(tuple(len(k) for k in keys), tuple(table_of_unit), tuple(modes))
+            positions.append(pos)
+            modes.append(POOLING_SUM if rw else POOLING_CODES[self._pooling(u.table)])
+        dims = [u.columns[1] - u.columns[0] for u in group.local_units]
+        offsets = [sum(dims[:i]) for i in range(len(dims) + 1)]
+        return keys, LookupSpec(tuple(len(k) for k in keys), tuple(table_of_unit), tuple(modes)), positions, offsets
+
+    @staticmethod
+    def _looked_up(kjt: KeyedJaggedTensor, positions: list[int], num_units: int) -> KeyedJaggedTensor:
+        return kjt if len(positions) == num_units else kjt.permute(positions)
 
     def _lookup(self, group, kjt: KeyedJaggedTensor) -> Tensor:
-        keys, spec = self._local_tables(group)
-        batch = kjt.stride()
-        dims = [u.columns[1] - u.columns[0] for u in group.local_units]
-        if not group.local_units:
-            return torch.zeros(batch, 0, device=self._device)
-        present = [all(k in self._cores for k in ks) for ks in keys]
-        if not all(present):  # an empty row-wise shard: no rows of it can arrive here
-            return torch.zeros(batch, sum(dims), device=self._device)
-        cores = [self._cores[k] for ks in keys for k in ks]
-        weights = kjt.weights_or_none()
-        return torch.ops.ttdist.tt_forward(cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
-                                           kjt.values(), kjt.offsets(), weights)
+        keys, spec, positions, offsets = self._local_tables(group)
+        out = torch.zeros(kjt.stride(), offsets[-1], device=self._device)
+        if not positions:
+            return out
+        sub = self._looked_up(kjt, positions, len(group.local_units))
+        pooled = torch.ops.ttdist.tt_forward([self._cores[k] for ks in keys for k in ks], spec.table_num_cores,
+                                             spec.feature_table_map, spec.pooling_modes, sub.values(), sub.offsets(),
+                                             sub.weights_or_none())
+        if len(positions) == len(group.local_units):
+            return pooled
+        col = 0
+        for pos in positions:  # zero columns stay for the units without rows here
+            width = offsets[pos + 1] - offsets[pos]
+            out[:, offsets[pos]:offsets[pos + 1]] = pooled[:, col:col + width]
+            col += width
+        return out
 
     def _accumulate_grads(self, group, kjt: KeyedJaggedTensor, grad: Tensor, grads: dict[str, Tensor]) -> None:
-        keys, spec = self._local_tables(group)
-        if not group.local_units or not all(k in self._cores for ks in keys for k in ks):
+        keys, spec, positions, offsets = self._local_tables(group)
+        if not positions:
             return
+        sub = self._looked_up(kjt, positions, len(group.local_units))
+        grad = torch.cat([grad[:, offsets[p]:offsets[p + 1]] for p in positions], dim=1).contiguous()
         flat = [k for ks in keys for k in ks]
-        core_grads = torch.ops.ttdist.tt_backward(grad.contiguous(), [self._cores[k] for k in flat], spec.table_num_cores,
-                                                  spec.feature_table_map, spec.pooling_modes, kjt.values(),
-                                                  kjt.offsets(), kjt.weights_or_none())
+        core_grads = torch.ops.ttdist.tt_backward(grad, [self._cores[k] for k in flat], spec.table_num_cores,
+                                                  spec.feature_table_map, spec.pooling_modes, sub.values(),
+                                                  sub.offsets(), sub.weights_or_none())
         for key, g in zip(flat, core_grads):
             grads[key] = grads[key] + g if key in grads else g
 
