@@ -214,6 +214,11 @@ def plot(result: dict, path: Path) -> None:
             axes[1, col].plot(ws, [e["efficiency"] for e in es], "o-", label=f"TT {PLACEMENTS[placement]}")
         ws = sorted({e["world_size"] for e in entries})
         axes[1, col].plot(ws, [1.0] * len(ws), "k:", label="ideal")
+        cores = result["setup"]["cpu_cores"]
+        if result["setup"]["device"] == "cpu" and max(ws) > cores:
+            for r in range(2):
+                axes[r, col].axvspan(cores, max(ws), color="0.9", zorder=0,
+                                     label="oversubscribed (ranks > cores)" if r == 1 else None)
         batch = (f"{result['setup']['batch_per_rank']} per rank" if mode == "weak"
                  else f"global {result['setup']['global_batch']}")
         axes[0, col].set_title(f"{mode} scaling ({batch})", fontsize=10)
@@ -240,7 +245,9 @@ def main(argv=None) -> None:
     if args.report:
         import json
 
-        report(json.loads(Path(args.report).read_text()))
+        result = json.loads(Path(args.report).read_text())
+        report(result)
+        plot(result, Path(args.report).with_suffix(".png"))
         return
     import torch
 
