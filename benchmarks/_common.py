@@ -326,24 +326,11 @@ def _instrument_tt(module, rec: Recorder, name: str = "tt") -> None:
                           ("_apply_optimizer", "fused_update")):
         orig = getattr(module, method)
 
-        def wrapped(*args, _orig=orig, _label=f"{name}/{label}", _method=method, **kwargs):
-            if _method == "_apply_optimizer":
-                args = (skip_empty_shards(args[0]),) + args[1:]
+        def wrapped(*args, _orig=orig, _label=f"{name}/{label}", **kwargs):
             with rec.label(_label):
                 return _orig(*args, **kwargs)
 
         setattr(module, method, wrapped)
-
-
-def skip_empty_shards(grads: dict) -> dict:
-    """WORKAROUND, benchmark only: drops the gradients of empty G_1 slices before the fused update.
-
-    A row-wise TT table whose p_1 leaves a rank without rows (ceil(p_1/W) * (W-1) >= p_1, e.g.
-    p_1 = 13 at W = 8) gives that rank a 0-row core; ShardedTTEmbeddingBagCollection._apply_optimizer
-    then fails on ``g.reshape(0, -1)``. The update of a 0-row core is a no-op, so dropping it
-    changes nothing else; the bug is reported to the module's owner.
-    """
-    return {k: g for k, g in grads.items() if g.numel()}
 
 
 def _instrument_torchrec_ebc(module, rec: Recorder, name: str = "ebc") -> None:

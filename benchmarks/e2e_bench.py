@@ -276,6 +276,7 @@ def main(argv=None) -> None:
     common += (["--batch", str(args.batch)] if args.batch else []) + (["--scale", str(args.scale)] if args.scale else [])
     for s in args.set:
         common += ["--set", s]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("timing", None)] + [("memory", v) for v in VARIANTS]
         for phase, variant in jobs:
@@ -293,7 +294,8 @@ def main(argv=None) -> None:
                   "threads_per_rank": args.threads_per_rank, "cpu_cores": os.cpu_count(),
                   "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                   "config": args.config, "overrides": overrides(args), "global_batch": tt["global_batch"],
-                  "steps": args.steps, "warmup_steps": args.warmup},
+                  "steps": args.steps, "warmup_steps": args.warmup, "memory_steps": args.memory_steps,
+                  "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "command": f".venv/bin/python benchmarks/e2e_bench.py {' '.join(a for a in (argv or sys.argv[1:]))}".strip(),
         "worker_commands": commands,
         "timing_note": ("Wall-clock, exclusive per label, mean over measured steps then over ranks. CPU/gloo: ops run "
