@@ -20,6 +20,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# A restart must not share the rendezvous store with the dead attempt: its stale keys make the
+# new process group connect to dead ranks (pytorch/pytorch#135712; docs/reliability.md).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="${NPROC_PER_NODE:-8}" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_HOST:${RDZV_PORT:-29500}" --rdzv_id="${RDZV_ID:-ttdist}" \
   --max-restarts="${TTDIST_MAX_RESTARTS:-3}" -m ttdist.train --config "$CONFIG" "$@"

@@ -6,8 +6,9 @@ writes ``ttdist_meta.json`` and the completion marker ``COMPLETE`` last, fsyncs,
 directory to ``step_<N>`` (atomic on POSIX). Only directories named ``step_<N>`` holding
 ``COMPLETE`` are ever loaded, so a crash at any point of a save leaves the previous checkpoint
 as the newest loadable one; older checkpoints are pruned (keeping ``keep_last_n``) only after
-the new one is complete. DCP stores sharded tensors by global offsets, so a checkpoint saved
-with N ranks loads with M ranks (resharding). Assumes a file system shared by all ranks.
+the new one is complete, together with the ``.partial`` directories of earlier interrupted
+saves. DCP stores sharded tensors by global offsets, so a checkpoint saved with N ranks loads
+with M ranks (resharding). Assumes a file system shared by all ranks.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 
 MARKER, META = "COMPLETE", "ttdist_meta.json"
 _NAME = re.compile(r"^step_(\d{8})$")
+_PARTIAL = re.compile(r"^step_(\d{8})\.partial$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,9 +45,14 @@ def _barrier() -> None:
 class Checkpointer:
     """Saves and finds complete checkpoints of one run (see the module docstring)."""
 
-    def __init__(self, directory: Path, keep_last_n: int = 2) -> None:
+    def __init__(self, directory: Path, keep_last_n: int = 2, fault: Optional[Callable[[int], None]] = None) -> None:
+        """``fault(step)``, when given, is called inside ``save`` after every rank wrote its shards
+        to ``step_N.partial`` and before the directory is marked complete (fault-injection tests)."""
+        if isinstance(keep_last_n, bool) or not isinstance(keep_last_n, int) or keep_last_n < 1:
+            raise ValueError(f"keep_last_n must be an integer >= 1, got {keep_last_n!r}")
         self.directory = Path(directory)
         self.keep_last_n = keep_last_n
+        self.fault = fault
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     def complete(self) -> list[Path]:
@@ -55,9 +62,20 @@ class Checkpointer:
         found = [p for p in self.directory.iterdir() if _NAME.match(p.name) and (p / MARKER).is_file()]
         return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
-    def latest(self) -> Optional[Path]:
+    def latest(self, job: Optional[str] = None) -> Optional[Path]:
+        """The newest complete checkpoint; with ``job``, the newest saved with ``meta={"job": job}``."""
         done = self.complete()
+        if job is not None:
+            done = [p for p in done if _read_meta(p).get("job") == job]
         return done[-1] if done else None
+
+    def incomplete(self) -> list[Path]:
+        """Directories of interrupted saves (``step_N.partial``, or ``step_N`` without the marker): never loaded."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and (
+            _PARTIAL.match(p.name) or (_NAME.match(p.name) and not (p / MARKER).is_file()))]
+        return sorted(found, key=lambda p: p.name)
 
     def save(self, step: int, state: dict[str, Any], meta: Optional[dict] = None) -> Path:
         """Collective: every rank calls it with its state; returns the complete directory."""
@@ -69,6 +87,8 @@ class Checkpointer:
         _barrier()
         dcp.save(state, checkpoint_id=str(partial))
         _barrier()
+        if self.fault is not None:
+            self.fault(step)
         if self.rank == 0:
             info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "time": time.time(), **(meta or {})}
@@ -87,8 +107,14 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        for old in self.complete()[: -self.keep_last_n]:
+        done = self.complete()
+        for old in done[: -self.keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)
+        newest = int(_NAME.match(done[-1].name).group(1)) if done else -1
+        for p in self.directory.iterdir():  # left by saves interrupted before the newest complete one
+            m = _PARTIAL.match(p.name)
+            if m and int(m.group(1)) < newest:
+                shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod
     def meta(path: Path) -> dict:
@@ -100,6 +126,13 @@ class Checkpointer:
         if not (Path(path) / MARKER).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
         dcp.load(state, checkpoint_id=str(path))
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def rng_state() -> dict[str, torch.Tensor]:

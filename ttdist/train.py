@@ -11,15 +11,19 @@ One training loop, top to bottom: config -> process group -> model -> plan -> DM
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
+import re
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,11 +36,12 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from ttdist.checkpoint import Checkpointer, rng_state, set_rng_state
-from ttdist.config import Config, OptimConfig, load_config, to_dict, validate
+from ttdist.config import Config, OptimConfig, dense_optimizer_class, load_config, to_dict, validate
 from ttdist.data import make_dataset
 from ttdist.distributed import make_planner
 from ttdist.metrics import MetricsLog, evaluate
-from ttdist.model import build_model, build_sharders, embedding_bytes, plan_constraints
+from ttdist.model import build_model, build_sharders, embedding_bytes, plan_constraints, table_configs
+from ttdist.modules.collection import TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
 
 
@@ -45,54 +50,80 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(cfg)
     validate(cfg, env.world_size)
+    faults = Faults.from_env(env.rank)
+    CollectiveTrace.install()
+    progress = Progress(env, cfg.train.collective_timeout_s, restart_count())
     run_dir = Path(cfg.train.output_dir) / cfg.train.name
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     model = build_model(cfg, env.device)
-    plan = build_plan(model, cfg, env)
+    with progress.phase("planning (the planner's broadcast of the plan)"):
+        plan = build_plan(model, cfg, env)
     if env.rank == 0:
         save_and_print_plan(plan, model, cfg, run_dir)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=env.device,
-                                   plan=plan, sharders=build_sharders(cfg))
+    with progress.phase("model sharding (DistributedModelParallel / DDP set-up)"):
+        dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                       device=env.device, plan=plan, sharders=build_sharders(cfg))
+    apply_collective_timeout(cfg.train.collective_timeout_s)  # also the groups DMP and the sharders created
     optimizer = build_optimizer(dmp, cfg.optim)
     schedule = LearningRateSchedule(cfg.optim, optimizer)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last_n)
-    step = resume(checkpointer, dmp, optimizer, env) if cfg.checkpoint.resume else 0
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last_n, fault=faults.in_checkpoint_save)
+    step = 0
+    # A torchrun restart (attempt > 0) always continues from the job's own checkpoints; with
+    # checkpoint.resume=false it ignores those of earlier jobs in the run directory.
+    if cfg.checkpoint.resume or progress.attempt > 0:
+        with progress.phase("resume (loading the newest complete checkpoint)"):
+            step = resume(checkpointer, dmp, optimizer, env, job=None if cfg.checkpoint.resume else job_id())
 
     log = MetricsLog(run_dir / "metrics.jsonl", env.rank == 0)
     train_batches = iter(make_dataset(cfg.data, "train", env.rank, env.world_size, start_batch=step))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     stats = RunStats()
+    names = ParameterNames(cfg)
     bar = tqdm(total=cfg.train.steps, initial=step, disable=env.rank != 0 or not cfg.train.progress_bar,
                desc=cfg.train.name, dynamic_ncols=True)
     while step < cfg.train.steps:
+        n = step + 1  # the 1-based step number of metrics.jsonl, messages and fault hooks
+        faults.at_step_start(n)
         schedule.apply(step)
-        batch = next(train_batches).to(env.device)
+        batch = faults.poison_batch(next(train_batches).to(env.device), n, cfg)
+        faults.poison_parameters(dmp, n)
         t0 = time.perf_counter()
-        loss = train_step(dmp, optimizer, loss_fn, batch, step, cfg, stats)
+        loss = train_step(dmp, optimizer, loss_fn, batch, step, cfg, stats, progress, faults, names)
         stats.add_step(time.perf_counter() - t0, cfg.data.batch_size)
-        step += 1
+        step = n
         bar.update(1)
-        if step % cfg.train.log_every_steps == 0 or step == cfg.train.steps:
+        if loss is None:  # a non-finite loss skipped under train.nonfinite=skip: always recorded
+            log.write(step=step, skipped="nonfinite_loss", lr=schedule.factor(step - 1), attempt=progress.attempt)
+        elif _due(step, cfg.train.log_every_steps) or step == cfg.train.steps:
             bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{stats.samples_per_s:.0f}")
-            log.write(step=step, loss=loss, lr=schedule.factor(step - 1), samples_per_s=stats.samples_per_s)
-        if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 and step < cfg.train.steps:
-            log.write(step=step, split="eval", **run_eval(dmp, cfg, env))
-        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or (
-                step == cfg.train.steps and cfg.checkpoint.at_end):
-            save_checkpoint(checkpointer, dmp, optimizer, step, env)
+            log.write(step=step, loss=loss, lr=schedule.factor(step - 1), samples_per_s=stats.samples_per_s,
+                      attempt=progress.attempt)
+        if _due(step, cfg.train.eval_every_steps) and step < cfg.train.steps:
+            with progress.phase(f"evaluation after step {step}"):
+                log.write(step=step, split="eval", **run_eval(dmp, cfg, env))
+        if _due(step, cfg.checkpoint.every_steps) or (step == cfg.train.steps and cfg.checkpoint.at_end):
+            with progress.phase(f"checkpoint save of step {step}"):
+                save_checkpoint(checkpointer, dmp, optimizer, step, env)
     bar.close()
 
-    final = run_eval(dmp, cfg, env)
-    log.write(step=step, split="eval", **final)
-    summary = {**final, **stats.summary(env), **embedding_bytes(cfg), "steps": step, "world_size": env.world_size}
+    with progress.phase("final evaluation"):
+        final = run_eval(dmp, cfg, env)
+        log.write(step=step, split="eval", **final)
+        summary = {**final, **stats.summary(env), **embedding_bytes(cfg), "steps": step,
+                   "world_size": env.world_size}
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
     dist.destroy_process_group()
     return summary
+
+
+def _due(step: int, every: int) -> bool:
+    """Whether an every-N-steps action runs after ``step`` (N = 0: never)."""
+    return every > 0 and step % every == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +165,47 @@ def init_distributed(cfg: Config) -> DistEnv:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    warn_shared_store_restart(int(os.environ["RANK"]))
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    apply_collective_timeout(cfg.train.collective_timeout_s)
     return DistEnv(dist.get_rank(), dist.get_world_size(), device)
+
+
+def apply_collective_timeout(seconds: float) -> None:
+    """Puts every existing process group, and those created later without an explicit timeout,
+    under ``seconds`` (init_process_group's timeout covers only the default group: a
+    ``dist.new_group()`` would otherwise wait 30 minutes on gloo, 10 on NCCL)."""
+    timeout = timedelta(seconds=seconds)
+    c10d = dist.distributed_c10d
+    # _get_default_timeout() reads these module globals when a group is created without a timeout.
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+    set_timeout = getattr(c10d, "_set_pg_timeout", None)
+    if set_timeout is None or not dist.is_initialized():
+        return
+    for group in list(c10d._world.pg_map):
+        set_timeout(timeout, group)
+
+
+def restart_count() -> int:
+    """torchrun's attempt number (TORCHELASTIC_RESTART_COUNT): 0 for the first run, 0 without torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def job_id() -> Optional[str]:
+    """torchrun's run id (the same in every attempt of one job; random per ``--standalone`` job)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+def warn_shared_store_restart(rank: int) -> None:
+    """On a torchrun restart, a rendezvous store shared with the agent still holds the dead
+    attempt's keys, and process-group set-up can connect to the dead ranks' addresses
+    (pytorch/pytorch#135712): launch/*.sh set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    if (rank == 0 and restart_count() > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        print("warning: torchrun restarted this job with a rendezvous store shared across attempts; if the process "
+              "group set-up fails to connect, launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/*.sh do)",
+              file=sys.stderr, flush=True)
 
 
 def build_plan(model: torch.nn.Module, cfg: Config, env: DistEnv) -> ShardingPlan:
@@ -143,7 +213,7 @@ def build_plan(model: torch.nn.Module, cfg: Config, env: DistEnv) -> ShardingPla
     if cfg.train.plan_path:
         from ttdist.plan import load_plan
 
-        return load_plan(cfg.train.plan_path, world_size=env.world_size)
+        return load_plan(cfg.train.plan_path, world_size=env.world_size, tables=model)
     topology = Topology(world_size=env.world_size, compute_device=env.device.type)
     planner = make_planner(topology, batch_size=cfg.data.batch_size // env.world_size,
                            constraints=plan_constraints(cfg, env.device.type),
@@ -152,13 +222,16 @@ def build_plan(model: torch.nn.Module, cfg: Config, env: DistEnv) -> ShardingPla
 
 
 def save_and_print_plan(plan: ShardingPlan, model: torch.nn.Module, cfg: Config, run_dir: Path) -> None:
-    (run_dir / "plan.txt").write_text(str(plan))
-    print(plan, flush=True)
+    """plan.yaml (hand-editable, reloadable with train.plan_path) and a table on stdout."""
+    from ttdist.plan import format_plan, save_plan
+
+    save_plan(plan, run_dir / "plan.yaml")
+    print(format_plan(plan, model, dist.get_world_size(), OptimType.parse(cfg.optim.embedding_optimizer)), flush=True)
 
 
 def build_optimizer(model: DistributedModelParallel, cfg: OptimConfig) -> KeyedOptimizer:
     """Fused optimizers of the tables (in backward) + any torch optimizer for the MLPs."""
-    cls = next(getattr(torch.optim, n) for n in dir(torch.optim) if n.lower() == cfg.dense_optimizer.lower())
+    cls = dense_optimizer_class(cfg.dense_optimizer)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
                                   lambda params: cls(params, lr=cfg.dense_lr))
     optimizer = CombinedOptimizer([model.fused_optimizer, dense])
@@ -195,12 +268,17 @@ def training_state(model: torch.nn.Module, optimizer: KeyedOptimizer, step: int,
 
 
 def save_checkpoint(checkpointer: Checkpointer, model, optimizer, step: int, env: DistEnv) -> None:
-    checkpointer.save(step, training_state(model, optimizer, step, env))
+    checkpointer.save(step, training_state(model, optimizer, step, env), meta={"job": job_id()})
 
 
-def resume(checkpointer: Checkpointer, model, optimizer: KeyedOptimizer, env: DistEnv) -> int:
-    """Loads the newest complete checkpoint (any world size) and returns its step; 0 when none."""
-    path = checkpointer.latest()
+def resume(checkpointer: Checkpointer, model, optimizer: KeyedOptimizer, env: DistEnv,
+           job: Optional[str] = None) -> int:
+    """Loads the newest complete checkpoint (any world size) and returns its step; 0 when none.
+    With ``job``, only checkpoints saved by that torchrun job count."""
+    path = checkpointer.latest(job=job)
+    if env.rank == 0 and checkpointer.incomplete():
+        print(f"ignoring incomplete checkpoint(s) {[p.name for p in checkpointer.incomplete()]} "
+              "(a save was interrupted; they are never loaded)", flush=True)
     if path is None:
         return 0
     state = training_state(model, optimizer, 0, env)
@@ -219,26 +297,64 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss (or input) stopped the run; the message names the step and the culprit."""
 
 
-def train_step(model, optimizer: KeyedOptimizer, loss_fn, batch, step: int, cfg: Config, stats: "RunStats") -> float:
-    """One step: forward, agree across ranks that inputs and loss are finite, backward, step."""
+def train_step(model, optimizer: KeyedOptimizer, loss_fn, batch, step: int, cfg: Config, stats: "RunStats",
+               progress: Optional["Progress"] = None, faults: Optional["Faults"] = None,
+               names: Optional["ParameterNames"] = None) -> Optional[float]:
+    """One step: forward, agree across ranks that inputs and loss are finite, backward, step.
+
+    Returns the loss, or None when a non-finite loss was skipped (``train.nonfinite=skip``).
+    Non-finite dense inputs always stop the run (bad data, not a transient numerical fault).
+    Every rank raises the same NonFiniteError, naming the 1-based step and the culprit.
+    """
+    n = step + 1
+    progress = progress or Progress.disabled()
+    world, rank = dist.get_world_size(), dist.get_rank()
     optimizer.zero_grad()
-    bad_input = first_nonfinite_dense(batch.dense_features)
-    loss = loss_fn(model(batch.dense_features, batch.sparse_features).squeeze(-1), batch.labels)
-    flags = torch.tensor([bad_input is not None, not bool(torch.isfinite(loss))], dtype=torch.int64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0]:
-        where = (f"dense feature {bad_input[1]} of local sample {bad_input[0]} is {bad_input[2]}" if bad_input
-                 else "another rank's dense features are not finite (see its error)")
-        raise NonFiniteError(f"step {step}: {where}")
-    if flags[1]:
+    with progress.phase(f"step {n} forward"):
+        bad_input = first_nonfinite_dense(batch.dense_features)
+        loss = loss_fn(model(batch.dense_features, batch.sparse_features).squeeze(-1), batch.labels)
+        if faults is not None:
+            loss = faults.poison_loss(loss, n)
+        flags = torch.zeros(world, 2, dtype=torch.int64)  # [rank] = (input bad, loss bad), summed
+        flags[rank, 0], flags[rank, 1] = bad_input is not None, not bool(torch.isfinite(loss))
+        if world > 1:
+            dist.all_reduce(flags)
+    bad_inputs, bad_losses = (torch.nonzero(flags[:, j]).flatten().tolist() for j in (0, 1))
+    if bad_inputs:
+        local = None
+        if bad_input is not None:
+            sample, feature, kind = bad_input
+            b = batch.dense_features.shape[0]
+            local = (f"dense feature {feature} of sample {sample} of rank {rank}'s local batch (sample "
+                     f"{rank * b + sample} of the global batch of step {n}) is {kind}")
+        with progress.phase(f"step {n} report of non-finite dense inputs"):
+            found = [d for d in _gather(local) if d]
+        raise NonFiniteError(f"step {n}: non-finite dense input on rank(s) {bad_inputs}: " + "; ".join(found))
+    if bad_losses:
         if cfg.train.nonfinite == "skip":
             stats.skipped += 1
-            return float("nan")
-        raise NonFiniteError(f"step {step}: the loss is not finite; {first_nonfinite_parameter(model)}")
-    loss.backward()
+            return None
+        with progress.phase(f"step {n} report of non-finite parameters"):
+            culprits = _gather(first_nonfinite_parameter(model, names))
+        where = [f"{c} on rank {r}" for r, c in enumerate(culprits) if c]
+        raise NonFiniteError(
+            f"step {n}: the loss is not finite on rank(s) {bad_losses}; "
+            + (f"first non-finite parameter: {where[0]}" + (f" (also: {'; '.join(where[1:])})" if len(where) > 1 else "")
+               if where else "every parameter is finite on every rank (the forward overflowed on finite inputs, "
+                             "or the labels are not finite)"))
+    with progress.phase(f"step {n} backward"):
+        loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def _gather(obj) -> list:
+    """Every rank's ``obj`` (a collective; [obj] on one rank)."""
+    if dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def first_nonfinite_dense(dense: torch.Tensor) -> Optional[tuple[int, int, str]]:
@@ -250,16 +366,293 @@ def first_nonfinite_dense(dense: torch.Tensor) -> Optional[tuple[int, int, str]]
     return sample, feature, "NaN" if torch.isnan(dense[sample, feature]) else "Inf"
 
 
-def first_nonfinite_parameter(model: torch.nn.Module) -> str:
+class ParameterNames:
+    """Readable names of state_dict keys: TT cores are stored as ``tt_tables.tt_cores.<i>`` (i counts
+    the cores of all TT tables), so the table and core are spelled out."""
+
+    _CORE = re.compile(r"\.tt\.tt_tables\.(?:tt_cores\.|optimizer_state_)(\d+)$")
+
+    def __init__(self, cfg: Optional[Config] = None) -> None:
+        self.cores: list[tuple[str, int]] = []
+        for c in table_configs(cfg) if cfg is not None else []:
+            if isinstance(c, TTEmbeddingBagConfig):
+                self.cores += [(c.name, k) for k in range(len(c.tt_ranks) + 1)]
+
+    def __call__(self, key: str) -> str:
+        m = self._CORE.search(key)
+        if m and int(m.group(1)) < len(self.cores):
+            table, k = self.cores[int(m.group(1))]
+            what = "optimizer state of " if "optimizer_state_" in key else ""
+            return f"{key} ({what}TT table '{table}', core {k})"
+        return key
+
+
+def first_nonfinite_parameter(model: torch.nn.Module, names: Optional[ParameterNames] = None) -> Optional[str]:
+    """The first state_dict entry of this rank (parameters, then module state such as Adagrad
+    accumulators) holding a NaN or Inf, by readable name; None when all are finite."""
+    names = names or ParameterNames()
     for name, value in model.state_dict().items():
         tensors = [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
         if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor)):
-            return f"first non-finite parameter on this rank: {name}"
-    return "all parameters on this rank are finite (the non-finite value came from the inputs or another rank)"
+            return names(name)
+    return None
 
 
 def run_eval(model, cfg: Config, env: DistEnv) -> dict:
     return evaluate(model, make_dataset(cfg.data, "eval", env.rank, env.world_size), env.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hangs and dead peers: every collective runs under train.collective_timeout_s (set on every
+# process group); a collective that fails is reported naming the operation and the ranks.
+# ---------------------------------------------------------------------------------------------
+class CollectiveError(RuntimeError):
+    """A collective timed out or lost its peer; the message names the operation and the ranks."""
+
+
+_COMM_ERROR = re.compile(r"gloo|nccl|timed out|timeout|connection (?:reset|closed|refused)|broken pipe|"
+                         r"socket|peer|DistBackendError|ProcessGroup", re.IGNORECASE)
+
+
+def _is_comm_error(error: BaseException) -> bool:
+    seen = 0
+    e: Optional[BaseException] = error
+    while e is not None and seen < 5:
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _COMM_ERROR.search(str(e))):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+class CollectiveTrace:
+    """Remembers the last collective this process issued through ``torch.distributed`` (TorchRec's
+    all-to-alls, ttdist's all-reduces, DCP's object collectives...) so that a failure can name it.
+    ``install()`` wraps the module's collective functions once (a name assignment per call); DDP's
+    gradient all-reduce is issued from C++ and is not seen."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all",
+             "all_to_all_single", "broadcast", "broadcast_object_list", "barrier", "monitored_barrier", "gather",
+             "gather_object", "scatter", "scatter_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor")
+    last: Optional[str] = None
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+        for name in cls.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is not None and not getattr(fn, "_ttdist_traced", False):
+                setattr(dist, name, cls._wrap(name, fn))
+        cls.installed = True
+
+    @classmethod
+    def _wrap(cls, name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            cls.last = name + (" (async)" if kwargs.get("async_op") else "")
+            return fn(*args, **kwargs)
+
+        traced._ttdist_traced = True
+        return traced
+
+
+class Progress:
+    """Where each rank is: every rank publishes the phase it enters (e.g. ``step 5 forward``) in
+    the process group's key-value store (torchrun's agent hosts it, so it outlives a dead rank).
+    When a collective of a phase fails, ``phase`` re-raises it as a CollectiveError naming the
+    phase, this rank, how long it waited, and every rank's last published phase — the ranks that
+    never reached this phase are the dead or hung ones. Costs one store write per phase (two per
+    training step)."""
+
+    def __init__(self, env: DistEnv, timeout_s: float, attempt: int = 0) -> None:
+        self.rank, self.world, self.timeout_s, self.attempt = env.rank, env.world_size, timeout_s, attempt
+        self.seq = 0
+        self.store = None
+        if env.world_size > 1:
+            try:
+                self.store = dist.distributed_c10d._get_default_store()
+            except Exception:  # noqa: BLE001 - reports lose the other ranks' phases, nothing else
+                self.store = None
+        self.prefix = f"ttdist/progress/attempt{attempt}/rank"
+
+    @classmethod
+    def disabled(cls) -> "Progress":
+        return cls(DistEnv(dist.get_rank() if dist.is_initialized() else 0, 1, torch.device("cpu")), 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, where: str) -> Iterator[None]:
+        self.seq += 1
+        seq, start = self.seq, time.monotonic()
+        CollectiveTrace.last = None
+        if self.store is not None:
+            try:
+                self.store.set(f"{self.prefix}{self.rank}", json.dumps([seq, where, time.time()]))
+            except Exception:  # noqa: BLE001 - the store is gone: the collective below will say so
+                pass
+        try:
+            yield
+        except (NonFiniteError, CollectiveError):
+            raise
+        except Exception as e:
+            if self.world <= 1 or not _is_comm_error(e):
+                raise
+            raise CollectiveError(self.describe(where, seq, time.monotonic() - start, e)) from e
+
+    def describe(self, where: str, seq: int, waited: float, error: BaseException) -> str:
+        text = " ".join(str(error).split())
+        cause = ("timed out" if re.search(r"timed? ?out", text, re.IGNORECASE)
+                 else "lost its connection to a peer (a rank died?)")
+        op = (f"collective {CollectiveTrace.last} (the last one this rank issued)" if CollectiveTrace.last
+              else "collective (none issued from Python in this phase: DDP's gradient all-reduce)")
+        return (f"rank {self.rank}: {op} in '{where}' {cause} after {waited:.1f} s "
+                f"(train.collective_timeout_s = {self.timeout_s:g}); {self.peers(seq)}. "
+                f"Underlying error: {text[:300]}")
+
+    def peers(self, seq: int) -> str:
+        if self.store is None:
+            return "the other ranks' progress is unknown (no store)"
+        parts, behind = [], []
+        for r in range(self.world):
+            key = f"{self.prefix}{r}"
+            try:
+                if not self.store.check([key]):
+                    parts.append(f"rank {r}: nothing published")
+                    behind.append(r)
+                    continue
+                their_seq, their_where, t = json.loads(self.store.get(key))
+            except Exception:  # noqa: BLE001
+                return "the other ranks' progress is unknown (the store is unreachable)"
+            parts.append(f"rank {r}: '{their_where}' ({time.time() - t:.1f} s ago)")
+            if their_seq < seq:
+                behind.append(r)
+        verdict = (f"rank(s) {behind} never reached this collective (hung or dead)" if behind
+                   else "every rank reached this phase (a rank died or hung inside it)")
+        return f"{verdict}; last phase per rank: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection for the reliability tests (docs/reliability.md).
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Faults:
+    """Test hooks, read once from the environment at start-up; all unset in normal runs.
+
+    Steps are 1-based, as in metrics.jsonl. Every hook fires only on the first attempt
+    (TORCHELASTIC_RESTART_COUNT unset or 0), so a job restarted by torchrun runs clean.
+
+    ``TTDIST_FAULT_KILL_STEP=N``, ``TTDIST_FAULT_KILL_RANK=r`` (default 0): rank r SIGKILLs
+        itself at the start of step N (steps 1..N-1 and their checkpoints are done).
+    ``TTDIST_FAULT_KILL_IN_SAVE=N`` (rank ``TTDIST_FAULT_KILL_RANK``): SIGKILL inside the save of
+        checkpoint step N, after every rank wrote its shards to ``step_N.partial``, before the
+        COMPLETE marker and the rename.
+    ``TTDIST_FAULT_HANG_STEP=N``, ``TTDIST_FAULT_HANG_RANK=r`` (default 0): rank r sleeps forever
+        at the start of step N (it stops taking part in collectives).
+    ``TTDIST_FAULT_NAN_STEP=N``, ``TTDIST_FAULT_NAN_RANK=r`` (default 0),
+    ``TTDIST_FAULT_NAN_KIND`` (default ``input``): at step N on rank r, ``input`` sets dense
+        feature 5 of local sample 3 to NaN; ``loss`` makes the loss NaN (finite inputs and
+        parameters); ``param`` fills one TT core of rank r with NaN before the forward.
+    ``TTDIST_FAULT_BAD_INDEX_STEP=N``, ``TTDIST_FAULT_BAD_INDEX_RANK=r`` (default 0): at step N,
+        local sample 0 of the first TT table's feature on rank r gets the index ``num_embeddings``
+        (one past the last row).
+    """
+
+    rank: int = 0
+    kill_step: Optional[int] = None
+    kill_in_save: Optional[int] = None
+    kill_rank: int = 0
+    hang_step: Optional[int] = None
+    hang_rank: int = 0
+    nan_step: Optional[int] = None
+    nan_rank: int = 0
+    nan_kind: str = "input"
+    bad_index_step: Optional[int] = None
+    bad_index_rank: int = 0
+
+    NAN_KINDS = ("input", "loss", "param")
+    NAN_SAMPLE, NAN_FEATURE = 3, 5
+
+    @classmethod
+    def from_env(cls, rank: int, environ: Optional[Mapping[str, str]] = None, attempt: Optional[int] = None) -> "Faults":
+        environ = os.environ if environ is None else environ
+        attempt = restart_count() if attempt is None else attempt
+
+        def num(name: str, default: Optional[int], minimum: int) -> Optional[int]:
+            raw = environ.get(f"TTDIST_FAULT_{name}")
+            if raw is None or raw == "":
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                value = minimum - 1
+            if value < minimum:
+                raise ValueError(f"TTDIST_FAULT_{name} must be an integer >= {minimum}, got {raw!r}")
+            return value
+
+        kind = environ.get("TTDIST_FAULT_NAN_KIND") or "input"
+        if kind not in cls.NAN_KINDS:
+            raise ValueError(f"TTDIST_FAULT_NAN_KIND must be one of {cls.NAN_KINDS}, got {kind!r}")
+        faults = cls(rank=rank, kill_step=num("KILL_STEP", None, 1), kill_in_save=num("KILL_IN_SAVE", None, 1),
+                     kill_rank=num("KILL_RANK", 0, 0), hang_step=num("HANG_STEP", None, 1),
+                     hang_rank=num("HANG_RANK", 0, 0), nan_step=num("NAN_STEP", None, 1),
+                     nan_rank=num("NAN_RANK", 0, 0), nan_kind=kind, bad_index_step=num("BAD_INDEX_STEP", None, 1),
+                     bad_index_rank=num("BAD_INDEX_RANK", 0, 0))
+        return faults if attempt == 0 else cls(rank=rank)
+
+    def _say(self, what: str) -> None:
+        print(f"[rank {self.rank}] fault injection: {what}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+
+    def at_step_start(self, step: int) -> None:
+        if self.kill_step == step and self.rank == self.kill_rank:
+            self._say(f"SIGKILL at the start of step {step}")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang_step == step and self.rank == self.hang_rank:
+            self._say(f"hanging at the start of step {step}")
+            while True:
+                time.sleep(3600)
+
+    def in_checkpoint_save(self, step: int) -> None:
+        """Checkpointer's hook: called after every rank wrote step_N.partial, before it is marked complete."""
+        if self.kill_in_save == step and self.rank == self.kill_rank:
+            self._say(f"SIGKILL while saving checkpoint step {step} (shards written, not marked complete)")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def poison_batch(self, batch, step: int, cfg: Config):
+        if self.nan_step == step and self.rank == self.nan_rank and self.nan_kind == "input":
+            dense = batch.dense_features.clone()
+            dense[min(self.NAN_SAMPLE, dense.shape[0] - 1), self.NAN_FEATURE] = float("nan")
+            batch = type(batch)(dense_features=dense, sparse_features=batch.sparse_features, labels=batch.labels)
+            self._say(f"NaN in dense feature {self.NAN_FEATURE} of local sample {self.NAN_SAMPLE} at step {step}")
+        if self.bad_index_step == step and self.rank == self.bad_index_rank and cfg.tt_table_indices():
+            from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+            kjt = batch.sparse_features
+            t = cfg.tt_table_indices()[0]
+            rows = cfg.table_rows()[t]
+            values = kjt.values().clone()
+            values[kjt.offset_per_key()[t]] = rows
+            kjt = KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths(), stride=kjt.stride())
+            batch = type(batch)(dense_features=batch.dense_features, sparse_features=kjt, labels=batch.labels)
+            self._say(f"index {rows} (out of range) for feature {kjt.keys()[t]} at step {step}")
+        return batch
+
+    def poison_loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if self.nan_step == step and self.rank == self.nan_rank and self.nan_kind == "loss":
+            self._say(f"NaN loss at step {step}")
+            return loss * float("nan")
+        return loss
+
+    def poison_parameters(self, model: torch.nn.Module, step: int) -> None:
+        if not (self.nan_step == step and self.rank == self.nan_rank and self.nan_kind == "param"):
+            return
+        params = [(k, p) for k, p in model.named_parameters() if "._cores." in k and p.numel()]
+        # a core G_k with k >= 1 takes part in every lookup of its table: the loss is surely NaN
+        later = [(k, p) for k, p in params if not k.split("._cores.")[1].split("_c")[1].startswith("0")]
+        name, param = (later or params or [(k, p) for k, p in model.named_parameters() if p.numel()])[0]
+        with torch.no_grad():
+            param.fill_(float("nan"))
+        self._say(f"NaN in parameter {name} before step {step}")
 
 
 class RunStats:
