@@ -189,6 +189,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if annotation in (int, str, bool):
         if isinstance(value, bool) != (annotation is bool) or not isinstance(value, annotation):
             raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        if annotation is int and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: {value} does not fit in a 64-bit integer")
         return value
     return value
 
@@ -213,7 +215,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:  # a component's own validation (e.g. DataConfig)
-        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+        text = str(e)
+        field = re.match(r"[A-Za-z_]\w*", text)
+        if field and field.group(0) in names:  # "batch_size must be ..." -> "data.batch_size must be ..."
+            raise ConfigError(f"{prefix}{text}") from None
+        raise ConfigError(f"{prefix.rstrip('.')}: {text}") from None
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -225,8 +231,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Cross-field checks; ``world_size`` (when known) is checked against the config."""
     m, o, t = cfg.model, cfg.optim, cfg.train
     _require(m.embedding_dim > 0, "model.embedding_dim", "must be positive")
+    for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+        sizes = getattr(m, key)
+        for i, size in enumerate(sizes):
+            _require(size > 0, f"model.{key}[{i}]", f"layer sizes must be positive, got {size}")
     _require(bool(m.dense_arch_layer_sizes) and m.dense_arch_layer_sizes[-1] == m.embedding_dim,
-             "model.dense_arch_layer_sizes", f"must end with embedding_dim ({m.embedding_dim})")
+             "model.dense_arch_layer_sizes", f"must end with embedding_dim (model.embedding_dim = {m.embedding_dim})")
     _require(bool(m.over_arch_layer_sizes) and m.over_arch_layer_sizes[-1] == 1, "model.over_arch_layer_sizes", "must end with 1")
     _require(0 <= m.tt_tables <= 26, "model.tt_tables", "must be in [0, 26]")
     _require(m.max_rows >= 0, "model.max_rows", "must be >= 0")
@@ -248,14 +258,23 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"optim.embedding_optimizer: {e}") from None
     import torch
 
-    _require(any(n.lower() == o.dense_optimizer.lower() for n in dir(torch.optim)), "optim.dense_optimizer",
-             f"no torch.optim class named {o.dense_optimizer!r}")
+    _require(dense_optimizer_class(o.dense_optimizer) is not None, "optim.dense_optimizer",
+             f"no torch.optim class named {o.dense_optimizer!r} that can train the MLPs (e.g. sgd, adagrad, "
+             "adam; LBFGS needs a closure, SparseAdam sparse gradients)")
     for key in ("embedding_lr", "dense_lr", "eps"):
         value = getattr(o, key)
         _require(math.isfinite(value) and value > 0, f"optim.{key}", f"must be a positive finite number, got {value}")
     for key in ("warmup_steps", "decay_start_step", "decay_steps"):
         _require(getattr(o, key) >= 0, f"optim.{key}", "must be >= 0")
     _require(t.steps > 0, "train.steps", "must be positive")
+    _require(bool(t.name) and t.name not in (".", "..") and "/" not in t.name and "\\" not in t.name
+             and len(t.name) <= 200, "train.name",
+             f"must be a non-empty directory name (no '/', at most 200 characters), got {t.name!r}")
+    _require(bool(t.output_dir), "train.output_dir", "must be a non-empty path ('.' for the current directory)")
+    _require(t.plan_path is None or bool(t.plan_path.strip()), "train.plan_path", "must be null or a file path")
+    _require(0 <= t.seed < 2**63, "train.seed", f"must be in [0, 2**63), got {t.seed}")
+    _require(math.isfinite(t.collective_timeout_s) and t.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S,
+             "train.collective_timeout_s", f"must be at most {MAX_COLLECTIVE_TIMEOUT_S} s, got {t.collective_timeout_s}")
     _require(t.backend in ("auto", "gloo", "nccl"), "train.backend", "must be auto, gloo or nccl")
     _require(t.nonfinite in ("stop", "skip"), "train.nonfinite", "must be stop or skip")
     _require(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
@@ -264,6 +283,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     valid_types = ("table_wise", "row_wise", "column_wise", "data_parallel")
     for table, kind in t.sharding_types.items():
         _require(kind in valid_types, f"train.sharding_types.{table}", f"must be one of {valid_types}")
+        _require(table in [f"t_cat_{i}" for i in range(26)], f"train.sharding_types.{table}",
+                 "unknown table; tables are t_cat_0..t_cat_25")
     _require(cfg.checkpoint.keep_last_n >= 1, "checkpoint.keep_last_n", "must be >= 1")
     _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     if world_size is not None:
@@ -271,6 +292,22 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                  f"the config expects {t.world_size} ranks but torchrun started {world_size}")
         _require(cfg.data.batch_size % world_size == 0, "data.batch_size",
                  f"{cfg.data.batch_size} is not divisible by the world size {world_size}")
+
+
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0  # a week; datetime.timedelta overflows near 1e14 s
+
+
+def dense_optimizer_class(name: str):
+    """The torch.optim optimizer class named ``name`` (case-insensitive), or None when there is
+    none usable for the MLPs (the base class, LBFGS (needs a closure), SparseAdam (sparse grads))."""
+    import torch
+
+    for attr in dir(torch.optim):
+        cls = getattr(torch.optim, attr)
+        if (attr.lower() == name.lower() and isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+                and cls not in (torch.optim.Optimizer, torch.optim.LBFGS, torch.optim.SparseAdam)):
+            return cls
+    return None
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

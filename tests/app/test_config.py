@@ -25,7 +25,7 @@ def test_shipped_configs_validate(path):
     (["optim.embedding_optimizer=lamb"], r"optim.embedding_optimizer: unsupported TT optimizer"),
     (["optim.dense_optimizer=nope"], r"optim.dense_optimizer: no torch.optim class"),
     (["optim.dense_lr=-1"], r"optim.dense_lr: must be a positive finite number"),
-    (["data.batch_size=0"], r"data: batch_size must be >= 1"),
+    (["data.batch_size=0"], r"data.batch_size must be >= 1"),
     (["train.sharding_types={t_cat_2: diagonal}"], r"train.sharding_types.t_cat_2: must be one of"),
     (["train.backend=mpi"], r"train.backend"),
     (["model.tt_tables=30"], r"model.tt_tables"),

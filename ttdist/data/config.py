@@ -68,6 +68,11 @@ class DataConfig:
             raise ValueError(
                 f"cardinality_scale must be a finite number > 0, got {self.cardinality_scale!r}"
             )
+        if max(cards) * self.cardinality_scale > MAX_ROWS:  # before rounding: inf/huge cannot round
+            raise ValueError(
+                f"cardinality_scale {self.cardinality_scale} gives a table of "
+                f"{max(cards) * self.cardinality_scale:.3g} rows; at most {MAX_ROWS} are supported"
+            )
         largest = max(scaled_cardinalities(self))
         if largest > MAX_ROWS:
             raise ValueError(
