@@ -121,7 +121,7 @@ class TTEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """KJT (keys ⊇ this collection's features) -> KeyedTensor [B, sum_f D_f], config order."""
-        kjt = select_features(features, self.feature_names)
+        kjt = select_features(check_jagged(features, self.tt_tables.tt_cores[0].device), self.feature_names)
         out = self.tt_tables(kjt.values(), kjt.offsets(), kjt.weights() if self._is_weighted else None)
         return KeyedTensor(keys=self.feature_names, length_per_key=self.tt_tables.feature_dims, values=out)
 
@@ -154,17 +154,14 @@ class MixedEmbeddingBagCollection(nn.Module):
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        # Each child selects its own features: a sharded TT child checks its input on every rank
+        # together (an error raises everywhere instead of leaving the other ranks in a collective).
         pooled: dict[str, Tensor] = {}
         for child in (self.tt, self.dense):
             if child is not None:
-                names = [f for c in self._child_configs(child) for f in c.feature_names]
-                out = child(select_features(features, names))
+                out = child(features)
                 pooled.update((out.wait() if hasattr(out, "wait") else out).to_dict())
         return KeyedTensor.from_tensor_list(self.feature_names, [pooled[f] for f in self.feature_names])
-
-    def _child_configs(self, child: nn.Module) -> list[AnyTableConfig]:
-        is_tt = child is self.tt
-        return [c for c in self._configs if isinstance(c, TTEmbeddingBagConfig) == is_tt]
 
 
 def check_table_configs(tables: Sequence[AnyTableConfig]) -> None:
@@ -177,6 +174,50 @@ def check_table_configs(tables: Sequence[AnyTableConfig]) -> None:
     features = [f for c in tables for f in c.feature_names]
     if len(set(features)) != len(features):
         raise ValueError(f"a feature may feed only one table, got {features}")
+
+
+def check_jagged(kjt: KeyedJaggedTensor, device: Optional[torch.device] = None) -> KeyedJaggedTensor:
+    """Rejects a malformed KJT in the user's terms (its lengths) before the offsets are derived:
+    ValueError when it is not on ``device`` (the tables'), TypeError for non-integer values or
+    lengths or non-float weights, ValueError for a negative length, a length count that is not keys x batch, or lengths that
+    do not add up to the number of values."""
+    values = kjt.values()
+    if device is not None and isinstance(values, Tensor) and values.device != torch.device(device):
+        raise ValueError(f"the KeyedJaggedTensor is on {values.device} but the tables are on {torch.device(device)}; "
+                         "move it with .to(device)")
+    if isinstance(values, Tensor) and values.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"KeyedJaggedTensor values (row indices) must be an int32 or int64 tensor, got {values.dtype}")
+    weights = kjt.weights_or_none()
+    if weights is not None and (not isinstance(weights, Tensor) or not weights.is_floating_point()):
+        raise TypeError(f"KeyedJaggedTensor weights must be a floating-point tensor, got "
+                        f"{getattr(weights, 'dtype', type(weights).__name__)}")
+    lengths = kjt.lengths_or_none()
+    if lengths is None:
+        return kjt  # built from offsets: normalize_lookup_inputs checks those
+    if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"KeyedJaggedTensor lengths must be an int32 or int64 tensor, got "
+                        f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
+    if lengths.dim() != 1:
+        raise ValueError(f"KeyedJaggedTensor lengths must be 1-D, got shape {tuple(lengths.shape)}")
+    keys, n = kjt.keys(), lengths.numel()
+    stride = kjt.stride() if keys else 0
+    if n != len(keys) * stride:
+        raise ValueError(f"KeyedJaggedTensor has {n} lengths for {len(keys)} keys and batch size {stride}; "
+                         f"expected {len(keys) * stride}")
+    if n and bool((lengths < 0).any()):
+        i = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"KeyedJaggedTensor lengths must be >= 0: feature '{keys[i // stride]}', sample "
+                         f"{i % stride} has length {int(lengths[i])}")
+    if not isinstance(values, Tensor) or values.dim() != 1:
+        return kjt  # normalize_lookup_inputs names the problem
+    if n and int(lengths.max()) > values.numel():  # also keeps the sum below from overflowing int64
+        i = int(torch.argmax(lengths))
+        raise ValueError(f"KeyedJaggedTensor length {int(lengths[i])} (feature '{keys[i // stride]}', sample "
+                         f"{i % stride}) exceeds its {values.numel()} values")
+    total = int(lengths.sum()) if n else 0
+    if total != values.numel():
+        raise ValueError(f"KeyedJaggedTensor lengths add up to {total} but it has {values.numel()} values")
+    return kjt
 
 
 def select_features(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:

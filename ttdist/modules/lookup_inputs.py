@@ -20,8 +20,12 @@ def normalize_lookup_inputs(
     feature_num_embeddings: Sequence[int],
     include_last_offset: bool,
     dtype: torch.dtype,
+    device: Optional[torch.device] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Checks and returns (indices int64 [N], offsets int64 [F * B + 1], weights [N] or None)."""
+    """Checks and returns (indices int64 [N], offsets int64 [F * B + 1], weights [N] or None).
+
+    ``device``: where the tables live; inputs elsewhere are rejected (ValueError).
+    """
     for name, t in (("indices", indices), ("offsets", offsets)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -31,6 +35,12 @@ def normalize_lookup_inputs(
             raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if indices.device != offsets.device:
         raise ValueError(f"indices ({indices.device}) and offsets ({offsets.device}) must be on the same device")
+    if device is not None and indices.device != torch.device(device):
+        raise ValueError(f"indices and offsets are on {indices.device} but the tables are on {torch.device(device)}; "
+                         "move the inputs to the tables' device")
+    if per_sample_weights is not None and isinstance(per_sample_weights, Tensor) \
+            and per_sample_weights.device != indices.device:
+        raise ValueError(f"per_sample_weights are on {per_sample_weights.device} but indices on {indices.device}")
     indices, offsets = indices.long(), offsets.long()
     num_features, n = len(feature_names), indices.numel()
     if include_last_offset:

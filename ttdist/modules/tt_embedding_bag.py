@@ -161,7 +161,8 @@ class TableBatchedTTEmbeddingBag(nn.Module):
         names = [self.table_names[t] for t in self.feature_table_map]
         rows = [self.shapes[t].num_embeddings for t in self.feature_table_map]
         indices, offsets, per_sample_weights = normalize_lookup_inputs(
-            indices, offsets, per_sample_weights, names, rows, self.include_last_offset, self.dtype)
+            indices, offsets, per_sample_weights, names, rows, self.include_last_offset, self.dtype,
+            self.tt_cores[0].device)
         if self.caches and self.training:
             self._count_cache_rows(indices, offsets)
         if any(c.populated for c in self.caches.values()):
