@@ -220,7 +220,8 @@ def ratios(tt: dict, dense: dict) -> dict:
            "embedding_bytes_max_rank_tt_over_dense": tt["embedding_bytes_max_rank"] / dense["embedding_bytes_max_rank"],
            "embedding_bytes_all_ranks_tt_over_dense": tt["embedding_bytes_all_ranks"] / dense["embedding_bytes_all_ranks"],
            "peak_rss_max_rank_tt_over_dense": max(tt["peak_rss_bytes_per_rank"]) / max(dense["peak_rss_bytes_per_rank"])}
-    out["breakdown_tt_over_dense"] = {k: (tt["breakdown_s"][k] / dense["breakdown_s"][k]) if dense["breakdown_s"][k] else None
+    out["breakdown_tt_over_dense"] = {k: (tt["breakdown_s"][k] / dense["breakdown_s"][k])
+                                      if dense["breakdown_s"][k] else None
                                       for k in C.CATEGORIES}
     return out
 

@@ -214,7 +214,8 @@ class Profile:
                 add(f"{mod}_ids_in", cnt.get(f"{mod}/ids_in", 0.0))
                 add(f"{mod}_prep", sum(v for k, v in lab.items() if k.startswith(f"{mod}/input_dist")))
                 add(f"{mod}_fwd", lab.get(f"{mod}/lookup_fwd", 0.0))
-                add(f"{mod}_bwd", sum(lab.get(f"{mod}/{k}", 0.0) for k in ("lookup_bwd", "fused_update", "replica_allreduce")))
+                add(f"{mod}_bwd", sum(lab.get(f"{mod}/{k}", 0.0)
+                                      for k in ("lookup_bwd", "fused_update", "replica_allreduce")))
                 add("glue", sum(v for k, v in lab.items() if k.startswith((f"{mod}/output_dist", f"{mod}/output_a2a_bwd"))))
             add("glue", lab.get("emb_glue", 0.0))
             add("samples", s["batch_per_rank"])
@@ -521,7 +522,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
     ar = lambda b, c: all_reduce_time(b, c, w, links)  # noqa: E731
     parts = {
         "input_a2a": uniform(p.tt_prep_s_per_id * batch * f_tt) + uniform(p.ebc_prep_s_per_id * batch * f_eb)
-        + a2a(tt_sum("tt.index_all_to_all"), n["tt_index"]) + ar(byts.get("tt.input_check_all_reduce", 0), n["tt_check"] * (w > 1))
+        + a2a(tt_sum("tt.index_all_to_all"), n["tt_index"])
+        + ar(byts.get("tt.input_check_all_reduce", 0), n["tt_check"] * (w > 1))
         + a2a(byts["ebc.index_all_to_all"], n["eb_index"]),
         "lookup_fwd": piece([p.tt_fwd_s_per_id * x for x in tt_ids]) + piece([p.ebc_fwd_s_per_id * x for x in eb_ids]),
         "output_a2a_fwd": a2a(tt_sum("tt.pooled_all_to_all_forward"), n["tt_pooled"])
@@ -531,7 +533,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         "dense_bwd": uniform(p.dense_bwd_s_per_sample * batch),
         "output_a2a_bwd": a2a(tt_sum("tt.pooled_all_to_all_backward"), n["tt_pooled"])
         + a2a(byts["ebc.pooled_all_to_all_backward"], n["eb_pooled"]),
-        "lookup_bwd_update": piece([p.tt_bwd_s_per_id * x for x in tt_ids]) + piece([p.ebc_bwd_s_per_id * x for x in eb_ids]),
+        "lookup_bwd_update": piece([p.tt_bwd_s_per_id * x for x in tt_ids])
+        + piece([p.ebc_bwd_s_per_id * x for x in eb_ids]),
         "allreduce": ar(byts.get("tt.replicated_grad_all_reduce", 0), n["tt_replica"])
         + ar(byts["ddp_all_reduce"], n["ddp"]),
         "dense_optimizer": uniform(p.optimizer_s_per_step),
