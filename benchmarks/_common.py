@@ -82,6 +82,11 @@ class Recorder:
     """Exclusive wall-clock time per label and bytes/time per (label, collective)."""
 
     def __init__(self) -> None:
+        import torch
+
+        # On GPU, kernels and NCCL run asynchronously: synchronise at every label switch so that
+        # the wall clock still charges each piece its own work (costs a sync per switch).
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         self.stack: list[str] = []
         self.t_last = time.perf_counter()
         self.times: dict[str, float] = defaultdict(float)
@@ -90,6 +95,8 @@ class Recorder:
         self.transitions: Optional[list[str]] = None  # set to [] to log label changes (debugging)
 
     def _flush(self) -> None:
+        if self._sync is not None:
+            self._sync()
         now = time.perf_counter()
         if self.stack:
             self.times[self.stack[-1]] += now - self.t_last
@@ -133,6 +140,8 @@ class Recorder:
         owner = self.current
         t0 = time.perf_counter()
         out = fn()
+        if self._sync is not None:
+            self._sync()
         dt = time.perf_counter() - t0
         entry = self.colls[(owner, kind)]
         entry[0] += 1
@@ -627,13 +636,26 @@ def plan_summary(plan) -> dict:
     return summarize_plan(plan)
 
 
-def make_batches(cfg_data, rank: int, world_size: int, n: int) -> list:
-    """``n`` batches of this rank, generated before any timing."""
+def make_batches(cfg_data, rank: int, world_size: int, n: int, device=None) -> list:
+    """``n`` batches of this rank, generated (and moved to ``device``) before any timing."""
     from itertools import islice
 
     from ttdist.data import make_dataset
 
-    return list(islice(iter(make_dataset(cfg_data, "train", rank, world_size)), n))
+    batches = list(islice(iter(make_dataset(cfg_data, "train", rank, world_size)), n))
+    return [b.to(device) for b in batches] if device is not None else batches
+
+
+def predicted_bytes_or_none(dmp, cfg, batch: int):
+    """ttdist.perf_model's bytes for this rank, or None when the plan holds what it does not model
+    (TorchRec row-wise tables, which the planner may pick on GPU)."""
+    from ttdist.perf_model import predicted_bytes_for_dmp
+
+    try:
+        return predicted_bytes_for_dmp(dmp, cfg, batch)
+    except NotImplementedError as e:
+        print(f"[bytes not predicted: {e}]", flush=True)
+        return None
 
 
 class Session:

@@ -126,7 +126,7 @@ def worker(args) -> None:
 
     from ttdist.config import load_config
     from ttdist.distributed.comm_volume import comm_volume
-    from ttdist.perf_model import compare_bytes, counted_bytes, predicted_bytes_for_dmp
+    from ttdist.perf_model import compare_bytes, counted_bytes
 
     base = load_config(args.config, base_overrides(args))
     env = C.init_worker(base)
@@ -143,14 +143,15 @@ def worker(args) -> None:
         memory = C.embedding_memory(session.dmp)
         for mode, global_batch in (("weak", args.batch_per_rank * w), ("strong", args.global_batch)):
             data = dataclasses.replace(cfg.data, batch_size=global_batch)
-            batches = C.make_batches(data, rank, w, args.warmup + args.steps)
+            batches = C.make_batches(data, rank, w, args.warmup + args.steps, env.device)
             summary = session.run(batches, args.warmup, global_batch)
             local = global_batch // w
             counted = counted_bytes(summary["collectives"])
-            predicted = predicted_bytes_for_dmp(session.dmp, cfg, local)
+            predicted = C.predicted_bytes_or_none(session.dmp, cfg, local)
+            check = compare_bytes(counted, predicted) if predicted is not None else {
+                "equal": None, "by_collective": {k: {"counted": b, "predicted": None} for k, b in counted.items()}}
             entries.append({"placement": placement, "mode": mode, "world_size": w, "rank": rank,
-                            "summary": summary, "bytes": {"counted": counted, "predicted": predicted,
-                                                          **compare_bytes(counted, predicted)},
+                            "summary": summary, "bytes": {"counted": counted, "predicted": predicted, **check},
                             "comm_volume": comm_volume(session.dmp, local, 1.0),
                             "embedding_memory": memory, "plan": C.plan_summary(session.plan)})
         del session
@@ -178,7 +179,8 @@ def collect(rank_files: list[dict]) -> list[dict]:
             "step_time_s": step, "samples_per_s": summaries[0]["global_batch"] / step,
             "breakdown_s": C.mean_over_ranks(summaries),
             "breakdown_in_collectives_s": C.mean_over_ranks(summaries, "categories_in_collectives_s"),
-            "bytes_equal": all(e["bytes"]["equal"] for e in per_rank),
+            "bytes_equal": (None if any(e["bytes"]["equal"] is None for e in per_rank)
+                            else all(e["bytes"]["equal"] for e in per_rank)),
             "bytes_per_rank": [e["bytes"]["by_collective"] for e in per_rank],
             "comm_volume_rank0": per_rank[0]["comm_volume"],
             "embedding_bytes_per_rank": [e["embedding_memory"]["total"]["total"] for e in per_rank],
@@ -299,7 +301,8 @@ def main(argv=None) -> None:
                         "placement and mode."),
         "bytes_note": ("counted: bytes each rank handed to each collective per step (torch.distributed wrappers, DDP "
                        "comm hook); predicted: ttdist.perf_model.collective_bytes (TT: ttdist.distributed.comm_volume)."),
-        "bytes_all_equal": all(e["bytes_equal"] for e in entries),
+        "bytes_all_equal": (None if any(e["bytes_equal"] is None for e in entries)
+                            else all(e["bytes_equal"] for e in entries)),
         "entries": entries,
     }
     out = Path(args.out) if args.out else C.RESULTS / f"scaling_{device}.json"
