@@ -249,7 +249,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         try:
             make_tt_shape(rows[table], m.embedding_dim, m.tt_ranks, table_name=f"t_cat_{table}")
         except ValueError as e:
-            raise ConfigError(f"model.tt_ranks: {e}") from None
+            raise ConfigError(f"model.tt_ranks: {e} (the table has {rows[table]} rows = "
+                              "data.num_embeddings_per_feature x data.cardinality_scale, capped by model.max_rows, "
+                              "and model.embedding_dim columns)") from None
     from ttdist.modules.optim import OptimType
 
     try:
@@ -322,7 +324,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        node[parts[-1]] = _load_yaml(raw)
+        try:
+            node[parts[-1]] = _load_yaml(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key.strip()}: the override's value {raw!r} is not valid YAML: "
+                              f"{' '.join(str(e).split())}") from None
     return data
 
 

@@ -88,6 +88,9 @@ def factor_exact(n: int, d: int) -> tuple[int, ...]:
     return best
 
 
+MAX_CORES = 32  # d: far beyond any useful factorisation, well below the factoring's recursion limit
+
+
 def make_tt_shape(
     num_embeddings: int,
     embedding_dim: int,
@@ -103,6 +106,9 @@ def make_tt_shape(
     tt_ranks = [int(r) for r in tt_ranks]
     if len(tt_ranks) < 1:
         raise ValueError(f"{where}: tt_ranks needs at least one rank (d = len(tt_ranks) + 1 >= 2 cores)")
+    if len(tt_ranks) + 1 > MAX_CORES:
+        raise ValueError(f"{where}: {len(tt_ranks)} tt_ranks make d = {len(tt_ranks) + 1} cores; at most {MAX_CORES} "
+                         "are supported")
     if any(r <= 0 for r in tt_ranks):
         raise ValueError(f"{where}: tt_ranks must be positive, got {tt_ranks}")
     d = len(tt_ranks) + 1
