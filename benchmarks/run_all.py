@@ -1,0 +1,413 @@
+"""Run every benchmark, then regenerate benchmarks/README.md from the result files.
+
+    python benchmarks/run_all.py --quick     # `make bench`: the quick CPU versions (< 15 min on 2 cores)
+    python benchmarks/run_all.py             # the full versions (the compression sweep alone ~1 h+)
+    python benchmarks/run_all.py --readme    # only regenerate benchmarks/README.md from benchmarks/results/
+    python benchmarks/run_all.py --quick --only compression,kernel
+
+Each benchmark runs as its own process, in order (the perf model reads the scaling results).
+A script that does not exist yet is skipped with a message; one that fails does not stop the
+others, but the run ends with a non-zero exit and names it. The README is regenerated at the
+end (unless --no-readme) from whatever results exist, so it never drifts from them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "benchmarks" / "README.md"
+QUICK_BUDGET_S = 15 * 60
+
+
+@dataclass
+class Bench:
+    name: str
+    requires: str  # the file whose absence means "not written yet": skip
+    quick: list[str]
+    full: list[str]
+    outputs: list[str] = field(default_factory=list)
+
+
+def benches() -> list[Bench]:
+    scaling = "benchmarks/results/scaling_cpu.json"
+    perf = ["-m", "ttdist.perf_model", "--validate", scaling, "--validation-out",
+            "benchmarks/results/perf_model_validation.json", "--predict", "--profile", scaling, "--scale", "1.0",
+            "--what-if-speedup", "100"]
+    return [
+        Bench("kernel", "benchmarks/tt_kernel_bench.py", ["benchmarks/tt_kernel_bench.py", "--device", "cpu", "--quick"],
+              ["benchmarks/tt_kernel_bench.py", "--device", "cpu"], ["tt_kernel_cpu.json"]),
+        Bench("e2e", "benchmarks/e2e_bench.py", ["benchmarks/e2e_bench.py", "--quick"], ["benchmarks/e2e_bench.py"],
+              ["e2e_cpu.json", "e2e_cpu_breakdown.png"]),
+        Bench("scaling", "benchmarks/scaling.py", ["benchmarks/scaling.py", "--quick"], ["benchmarks/scaling.py"],
+              ["scaling_cpu.json", "scaling_cpu.png"]),
+        Bench("perf_model", "ttdist/perf_model.py", perf, perf,
+              ["perf_model_validation.json", "perf_model_predictions.json", "perf_model_predictions.png"]),
+        Bench("compression", "benchmarks/compression_sweep.py", ["benchmarks/compression_sweep.py", "--quick"],
+              ["benchmarks/compression_sweep.py"], ["compression_sweep_quick.json", "compression_sweep_quick.png"]),
+    ]
+
+
+def run_benchmarks(quick: bool, only: Optional[set[str]]) -> int:
+    python = sys.executable
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    rows, failed = [], []
+    t_all = time.perf_counter()
+    for b in benches():
+        if only and b.name not in only:
+            continue
+        if not (ROOT / b.requires).exists():
+            msg = f"SKIPPED: {b.requires} does not exist (yet)"
+            print(f"\n=== {b.name}: {msg}", flush=True)
+            rows.append((b.name, msg, 0.0))
+            continue
+        cmd = [python, *(b.quick if quick else b.full)]
+        print(f"\n=== {b.name}: {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        dt = time.perf_counter() - t0
+        if rc != 0:
+            failed.append(b.name)
+            print(f"\n!!! {b.name} FAILED with exit status {rc} after {dt:.0f} s: {' '.join(cmd)}", file=sys.stderr,
+                  flush=True)
+        rows.append((b.name, "ok" if rc == 0 else f"FAILED (exit {rc})", dt))
+    total = time.perf_counter() - t_all
+    print("\n=== summary")
+    for name, status, dt in rows:
+        print(f"  {name:<12} {status:<40} {dt:7.0f} s")
+    print(f"  {'total':<12} {'':<40} {total:7.0f} s (load average now {os.getloadavg()[0]:.1f})")
+    if quick and total > QUICK_BUDGET_S:
+        print(f"WARNING: the quick benchmarks took {total / 60:.1f} min, over the {QUICK_BUDGET_S // 60} min budget "
+              f"(a shared machine's load stretches them)", file=sys.stderr)
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# README generation.
+# ---------------------------------------------------------------------------------------------
+def load(name: str) -> Optional[dict]:
+    path = RESULTS / name
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def num(x: Any, digits: int = 3) -> str:
+    """A number with ``digits`` significant digits (no exponent for ordinary magnitudes)."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if ax >= 10 ** digits:
+        return f"{x:,.0f}"
+    if ax < 1e-3:
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{max(digits - 1 - math.floor(math.log10(ax)), 0)}f}"
+
+
+def ms(seconds: Optional[float]) -> str:
+    return "–" if seconds is None else num(seconds * 1e3)
+
+
+def mib(n: Optional[float]) -> str:
+    return "–" if n is None else num(n / 2 ** 20)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def load_text(load_avg: Any) -> str:
+    if not load_avg:
+        return "not recorded"
+    if isinstance(load_avg[0], (list, tuple)):
+        return " → ".join(f"{a[0]:.1f}" for a in load_avg)
+    return f"{load_avg[0]:.1f}"
+
+
+def host() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def section_kernel(name: str, d: dict) -> str:
+    rows = []
+    for r in d["results"]:
+        runs = r["runs"]
+        t = runs["ttdist"]
+        ratios = r.get("ratios", {})
+        rows.append([r["shape"], f"p={r['p']} q={r['q']} ranks={r['ranks']}", f"{r['bags']} x {r['pooling']}",
+                     num(t["fwd_us_per_row"]), num(t["bwd_us_per_row"]), num(t["fwd_bwd_us_per_row"]),
+                     num(t["fwd_gflops"]),
+                     num(ratios.get("reference_over_ttdist_fwd_bwd")) + "x" if "reference_over_ttdist_fwd_bwd" in ratios else "–",
+                     num(ratios.get("dense_embedding_bag_over_ttdist_fwd_bwd")) + "x"
+                     if "dense_embedding_bag_over_ttdist_fwd_bwd" in ratios else "not run"])
+    return "\n".join([
+        f"Device `{d.get('device')}` ({d.get('device_name')}), {d.get('threads')} thread(s), torch {d.get('torch')}; "
+        f"from `{name}`.", "",
+        table(["shape", "TT shape", "bags x pooling", "fwd µs/row", "bwd µs/row", "fwd+bwd µs/row", "fwd GFLOP/s",
+               "reference / ttdist (fwd+bwd)", "dense EmbeddingBag / ttdist (fwd+bwd)"], rows)])
+
+
+def section_e2e(name: str, d: dict) -> str:
+    s, runs, ratios = d["setup"], d["runs"], d["ratios"]
+    rows = [[v, ms(r["step_time_s"]), num(r["samples_per_s"]), mib(r["embedding_bytes_max_rank"]),
+             mib(r["embedding_bytes_all_ranks"]), mib(max(r["peak_rss_bytes_per_rank"]))] for v, r in runs.items()]
+    rows.append(["TT / dense", num(ratios["step_time_tt_over_dense"]), num(ratios["samples_per_s_tt_over_dense"]),
+                 num(ratios["embedding_bytes_max_rank_tt_over_dense"]),
+                 num(ratios["embedding_bytes_all_ranks_tt_over_dense"]), num(ratios["peak_rss_max_rank_tt_over_dense"])])
+    cats = list(next(iter(runs.values()))["breakdown_s"])
+    brk = [[c, *(ms(runs[v]["breakdown_s"][c]) for v in runs),
+            num(ratios["breakdown_tt_over_dense"].get(c)) if ratios["breakdown_tt_over_dense"].get(c) else "–"]
+           for c in cats]
+    return "\n".join([
+        f"{s['world_size']} {s['device']} ranks ({s['backend']}, {s.get('threads_per_rank')} thread/rank), global batch "
+        f"{s['global_batch']}, {s['steps']} measured steps after {s['warmup_steps']} warm-up, `{s['config']}` with "
+        f"{' '.join(f'`{o}`' for o in s['overrides'])}; quick: {num(d.get('quick'))}; load average "
+        f"{load_text([s.get('load_average_before'), s.get('load_average_after')])}; from `{name}`.", "",
+        table(["variant", "step ms", "samples/s", "embedding MiB (max rank)", "embedding MiB (all ranks)",
+               "peak RSS MiB (max rank)"], rows), "",
+        "Step-time breakdown (ms per step, mean over ranks):", "",
+        table(["piece", *runs, "TT / dense"], brk)])
+
+
+def section_scaling(name: str, d: dict) -> str:
+    s = d["setup"]
+    rows = [[e["placement"], e["mode"], e["world_size"], e["global_batch"], e["batch_per_rank"], ms(e["step_time_s"]),
+             num(e["samples_per_s"]), num(e["efficiency"]), num(e["bytes_equal"])]
+            for e in sorted(d["entries"], key=lambda e: (e["placement"], e["mode"], e["world_size"]))]
+    return "\n".join([
+        f"{s['device']} ({s['backend']}, {s['cpu_cores']} cores, {s['threads_per_rank']} thread/rank), `{s['config']}` "
+        f"with {' '.join(f'`{o}`' for o in s['overrides'])}, {s['steps']} measured steps after {s['warmup_steps']}; "
+        f"quick: {num(d.get('quick'))}; load average "
+        f"{load_text([s.get('load_average_before'), s.get('load_average_after')])}; from `{name}`.", "",
+        f"> {d['warning']}" if d.get("warning") else "", "",
+        table(["placement", "mode", "ranks", "global batch", "batch/rank", "step ms", "samples/s", "efficiency",
+               "bytes counted == predicted"], rows)])
+
+
+def section_perf(name_v: str, v: Optional[dict], name_p: str, p: Optional[dict]) -> str:
+    out = []
+    if v:
+        rows = [[r["placement"], r["mode"], r["world_size"], ms(r["measured_step_s"]), ms(r["predicted_step_s"]),
+                 f"{100 * r['relative_error']:+.1f} %", num(r["bytes_equal"])]
+                for r in sorted(v["rows"], key=lambda r: (r["placement"], r["mode"], r["world_size"]))]
+        out += [f"Validation against `{v['scaling_json']}` (from `{name_v}`): bytes counted == predicted on every "
+                f"row: {num(v['bytes_all_equal'])}; mean |relative error| of the step time at 2-4 ranks "
+                f"{100 * v['mean_abs_relative_error_w2_w4']:.1f} %, max {100 * v['max_abs_relative_error_w2_w4']:.1f} %.",
+                "", f"> {v['note']}" if v.get("note") else "", "",
+                table(["placement", "mode", "ranks", "measured step ms", "predicted step ms", "error",
+                       "bytes equal"], rows), ""]
+    if p:
+        worlds = [x["world_size"] for x in next(iter(p["predictions"].values()))]
+        rows = [[k, *(f"{ms(x['step_time_s'])} ms, E={num(x['efficiency'])}" for x in pts)]
+                for k, pts in p["predictions"].items()]
+        out += [f"Predictions (from `{name_p}`): weak scaling at {p['batch_per_gpu']} samples per GPU, compute "
+                f"profile measured on `{p['profile_device']}` ({p['profile'].get('source', '')}). These are model "
+                f"outputs, not measurements.", "",
+                table(["preset / sharding", *(f"W={w}" for w in worlds)], rows)]
+        if "what_if" in p:
+            rows = [[k, *(f"{ms(x['step_time_s'])} ms, E={num(x['efficiency'])}" for x in pts)]
+                    for k, pts in p["what_if"]["predictions"].items()]
+            out += ["", f"What-if: {p['what_if']['note']}", "",
+                    table(["preset / sharding", *(f"W={w}" for w in worlds)], rows)]
+        out += ["", "Notes of the model:", ""] + [f"- {n}" for n in p.get("notes", [])]
+    return "\n".join(out)
+
+
+def section_compression(name: str, d: dict) -> str:
+    s, dense = d["settings"], d["dense_baseline"]
+    m = d["machine"]
+    rows = [["dense", "–", num(1.0), num(1.0), num(dense["auc"], 4), "0 (reference)", num(dense["logloss"], 4),
+             ms(dense["wall_s_per_step"]), ms(dense["cpu_s_per_step"]), "1"]]
+    if d.get("dense_baseline_seed1"):
+        r = d["dense_baseline_seed1"]
+        rows.append(["dense, train.seed=1", "–", num(1.0), num(1.0), num(r["auc"], 4),
+                     f"{100 * (dense['auc'] - r['auc']) / dense['auc']:+.3f} %", num(r["logloss"], 4),
+                     ms(r["wall_s_per_step"]), ms(r["cpu_s_per_step"]), num(r["cpu_s_per_step"] / dense["cpu_s_per_step"])])
+    for r in sorted(d["runs"], key=lambda r: (r["tt_tables"], r["tt_rank"])):
+        rows.append([f"TT, {r['tt_tables']} largest", r["tt_rank"], num(r["compression_tt"]), num(r["compression_total"]),
+                     num(r["auc"], 4), f"{r['auc_loss_pct']:+.3f} %", num(r["logloss"], 4), ms(r["wall_s_per_step"]),
+                     ms(r["cpu_s_per_step"]), num(r["cpu_time_per_step_vs_dense"])])
+    out = [
+        f"Mode `{d['mode']}`: `{d['base_config']}` with {' '.join(f'`{o}`' for o in d['overrides'])}; every run "
+        f"{s['steps']} steps of batch {s['batch_size']}, eval on {d['eval_samples']:,} samples; synthetic data at "
+        f"{s['cardinality_scale']} x the Kaggle cardinalities (teacher AUC, the ceiling: {d['teacher_auc']:.4f}). "
+        f"{d['how'][0].upper() + d['how'][1:]}. {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}; load "
+        f"average {load_text([d['load_average_start'], d['load_average_end']])}; {d['total_seconds'] / 60:.1f} min; "
+        f"from `{name}`.", "",
+        "AUC loss = (AUC_dense - AUC) / AUC_dense (negative: better than dense). Compression: dense bytes / bytes, "
+        "of the TT tables only and of all 26 tables.", "",
+        table(["model", "TT rank", "compression (TT tables)", "compression (all tables)", "eval AUC", "AUC loss",
+               "logloss", "wall ms/step", "CPU ms/step", "CPU time / dense"], rows)]
+    if d.get("skipped"):
+        out += ["", "Not run (the rank exceeds a table's unfolding limit at this scale):", ""]
+        out += [f"- {x['tt_tables']} tables, rank {x['tt_rank']}: {x['reason']}" for x in d["skipped"]]
+    if d.get("tt_svd"):
+        rows = [[x["tt_tables"], x["tt_rank"], f"{x['dense_steps']} + {x['finetune_steps']}",
+                 num(x["dense_auc_at_conversion"], 4), num(x["converted_auc"], 4), num(x["finetuned_auc"], 4),
+                 num(x["scratch_auc"], 4), f"{x['finetuned_minus_scratch_auc']:+.4f}",
+                 num(min(x["tt_svd_relative_error"].values())) + "–" + num(max(x["tt_svd_relative_error"].values())),
+                 num(x["tt_svd_seconds"])] for x in d["tt_svd"]]
+        out += ["", "TT-SVD path: the dense baseline after `dense steps`, its largest tables converted by TT-SVD "
+                "(`load_dense`), fine-tuned for the remaining steps on the next batches, vs TT trained from scratch "
+                "for the same total steps:", "",
+                table(["TT tables", "rank", "dense + fine-tune steps", "dense AUC at conversion", "AUC right after TT-SVD",
+                       "AUC after fine-tune", "TT from scratch AUC", "fine-tuned - scratch",
+                       "TT-SVD relative error (per table)", "TT-SVD s"], rows)]
+    c = d.get("claims", {})
+    lines = []
+    for key, label in (("at_100x_compression_total", "all tables"), ("at_100x_compression_tt", "TT tables only")):
+        x = c.get(key)
+        if x is None:
+            lines.append(f"- At >= 100x compression ({label}): no configuration in this sweep reaches it.")
+        else:
+            lines.append(f"- At >= 100x compression ({label}): {len(x['configs'])} configuration(s); the best AUC loss is "
+                         f"{x['best_auc_loss_pct']:+.3f} % ({x['best']['tt_tables']} tables, rank "
+                         f"{x['best']['tt_rank']}); goal <= 0.1 %: {'met' if x['meets_0.1pct_goal'] else 'NOT met'}.")
+    gap = d["teacher_auc"] - dense["auc"]
+    if any((c.get(k) or {}).get("best_auc_loss_pct", 0) < 0 for k in ("at_100x_compression_total", "at_100x_compression_tt")):
+        lines.append(f"- A negative loss means TT ended above dense after this budget; the dense baseline is still "
+                     f"{gap:.4f} AUC below the teacher's ceiling, so this compares partly trained models, not "
+                     f"converged ones.")
+    if "dense_seed_to_seed_auc_delta_pct" in c:
+        lines.append(f"- Seed-to-seed noise: the dense baseline with `train.seed=1` differs by "
+                     f"{c['dense_seed_to_seed_auc_delta_pct']:.3f} % AUC.")
+    out += ["", "Measured claims:", "", *lines]
+    return "\n".join(out)
+
+
+def generate_readme() -> tuple[str, list[str]]:
+    h = host()
+    found, missing, used_png = [], [], set()
+    parts = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python benchmarks/run_all.py --readme` from benchmarks/results/; "
+        "edit the generator, not this file. -->",
+        "",
+        "`make bench` runs the quick CPU version of every benchmark (`python benchmarks/run_all.py --quick`, "
+        "under 15 min on 2 cores) and regenerates this file from the result files; "
+        "`python benchmarks/run_all.py --readme` only regenerates it.",
+        "",
+        f"**Machine of these results:** {h['cpu']}, {h['cores']} cores, torch {h['torch']}"
+        + (f", GPU {h['gpu']}." if h["gpu"] else
+           ". **No GPU was available for this task: every number below is a CPU (gloo) measurement; the GPU rows "
+           "are pending** (run the same commands with `--device cuda` / on a CUDA machine)."),
+        "The machine is shared with other jobs; each result records the load average during its run, and wall "
+        "times under load are inflated. Byte counts, compression ratios and AUCs do not depend on the load.",
+        "",
+        "| benchmark | command | result files |",
+        "|---|---|---|",
+    ]
+    quick_or_full = lambda d: " (quick)" if d and (d.get("quick") or d.get("mode") == "quick") else ""  # noqa: E731
+    kernel = load("tt_kernel_cpu.json")
+    e2e, scaling = load("e2e_cpu.json"), load("scaling_cpu.json")
+    pv, pp = load("perf_model_validation.json"), load("perf_model_predictions.json")
+    comp_full, comp_quick = load("compression_sweep.json"), load("compression_sweep_quick.json")
+    parts += [
+        "| TT lookup kernel | `python benchmarks/tt_kernel_bench.py --device cpu [--quick]` | tt_kernel_cpu.json |",
+        f"| end-to-end step, TT vs dense | `{(e2e or {}).get('command', '.venv/bin/python benchmarks/e2e_bench.py [--quick]')}` "
+        "| e2e_cpu.json, e2e_cpu_breakdown.png |",
+        f"| scaling 1-8 ranks | `{(scaling or {}).get('command', '.venv/bin/python benchmarks/scaling.py [--quick]')}` "
+        "| scaling_cpu.json, scaling_cpu.png |",
+        "| perf model | `python -m ttdist.perf_model --validate benchmarks/results/scaling_cpu.json --validation-out "
+        "benchmarks/results/perf_model_validation.json --predict --profile benchmarks/results/scaling_cpu.json "
+        "--scale 1.0 --what-if-speedup 100` | perf_model_validation.json, perf_model_predictions.json, .png |",
+        "| compression sweep | `python benchmarks/compression_sweep.py [--quick]` "
+        "| compression_sweep[_quick].json, .png |",
+        "",
+    ]
+
+    def add(title: str, files: list[str], body: Optional[str], pngs: Sequence[str] = ()) -> None:
+        parts.extend([f"## {title}", ""])
+        if body is None:
+            parts.extend([f"*No results yet: {', '.join(files)} missing.*", ""])
+            missing.extend(files)
+            return
+        found.extend(f for f in files if (RESULTS / f).exists())
+        parts.extend([body, ""])
+        for png in pngs:
+            if (RESULTS / png).exists():
+                used_png.add(png)
+                parts.extend([f"![{png}](results/{png})", ""])
+
+    add("TT lookup kernel" + quick_or_full(kernel), ["tt_kernel_cpu.json"],
+        section_kernel("tt_kernel_cpu.json", kernel) if kernel else None)
+    add("End-to-end training step: TT vs dense tables" + quick_or_full(e2e), ["e2e_cpu.json"],
+        section_e2e("e2e_cpu.json", e2e) if e2e else None, ["e2e_cpu_breakdown.png"])
+    add("Scaling" + quick_or_full(scaling), ["scaling_cpu.json"],
+        section_scaling("scaling_cpu.json", scaling) if scaling else None, ["scaling_cpu.png"])
+    add("Performance model", ["perf_model_validation.json", "perf_model_predictions.json"],
+        section_perf("perf_model_validation.json", pv, "perf_model_predictions.json", pp) if (pv or pp) else None,
+        ["perf_model_predictions.png"])
+    comp = comp_full or comp_quick
+    comp_name = "compression_sweep.json" if comp_full or not comp_quick else "compression_sweep_quick.json"
+    add("Compression sweep (quality vs memory)" + quick_or_full(comp), [comp_name],
+        section_compression(comp_name, comp) if comp else None, [comp_name.replace(".json", ".png")])
+    if comp_full and comp_quick:
+        add("Compression sweep, quick mode (what `make bench` runs)", ["compression_sweep_quick.json"],
+            section_compression("compression_sweep_quick.json", comp_quick), ["compression_sweep_quick.png"])
+    parts += ["`tests/test_tt_vs_dense.py` (slow) checks issue 4's requirement in one test: TT (7 tables, rank 16) "
+              "and dense tables, same 300 steps, eval AUC within 0.5 %.", ""]
+    gpu = sorted(p.name for p in RESULTS.glob("*cuda*.json"))
+    parts += ["## GPU", "", f"GPU result files: {', '.join(gpu)} (not tabulated yet)." if gpu else
+              "Pending: no GPU was available for this task; no GPU result files exist.", ""]
+    other = sorted(p.name for p in RESULTS.glob("*") if p.suffix in (".json", ".png")
+                   and p.name not in set(found) | used_png | set(gpu))
+    if other:
+        parts += ["Other result files: " + ", ".join(f"`{o}`" for o in other), ""]
+    return "\n".join(parts).rstrip() + "\n", missing
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the quick CPU versions (make bench)")
+    ap.add_argument("--readme", action="store_true", help="only regenerate benchmarks/README.md")
+    ap.add_argument("--no-readme", action="store_true", help="do not regenerate the README after the runs")
+    ap.add_argument("--only", help="comma-separated subset: kernel, e2e, scaling, perf_model, compression")
+    args = ap.parse_args(argv)
+    rc = 0
+    if not args.readme:
+        only = set(args.only.split(",")) if args.only else None
+        rc = run_benchmarks(args.quick, only)
+    if args.readme or not args.no_readme:
+        text, missing = generate_readme()
+        README.write_text(text)
+        print(f"wrote {README.relative_to(ROOT)}" + (f"; missing results: {', '.join(missing)}" if missing else ""))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
