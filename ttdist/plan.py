@@ -136,7 +136,11 @@ def plan_from_dict(d: Mapping[str, Any], source: str = "plan") -> ShardingPlan:
                 if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
                     raise ValueError(f"{swhere}: 'rank' must be a non-negative integer, got {rank!r}")
                 device = str(s.get("device", "cpu"))
-                metas.append(ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=f"rank:{rank}/{device}"))
+                try:  # torch raises RuntimeError for an unknown device type
+                    metas.append(ShardMetadata(shard_offsets=offsets, shard_sizes=sizes,
+                                               placement=f"rank:{rank}/{device}"))
+                except (RuntimeError, ValueError) as e:
+                    raise ValueError(f"{swhere}: bad placement rank:{rank}/{device}: {e}") from None
             try:  # EnumerableShardingSpec rejects overlapping shards itself
                 spec = EnumerableShardingSpec(metas) if metas else None
             except ValueError as e:

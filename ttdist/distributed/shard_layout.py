@@ -80,6 +80,8 @@ def table_shards(table: str, shape: TTShape, sharding_type: str, ranks: Sequence
         c = math.ceil(shape.p[0] / world_size)
         return [TTShard(r, r, (min(r * c, shape.p[0]), min((r + 1) * c, shape.p[0])), full_q) for r in range(world_size)]
     owners = list(shard_ranks if shard_ranks is not None else ranks)
+    if not owners:
+        raise ValueError(f"table '{table}': column_wise needs at least one shard, got no ranks")
     if len(owners) > shape.q[0]:
         raise ValueError(f"table '{table}': column_wise into {len(owners)} shards needs q_1 >= {len(owners)}, "
                          f"but q_1 = {shape.q[0]} (tt_q_shapes {list(shape.q)}); use fewer shards or a larger q_1")
