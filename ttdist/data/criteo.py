@@ -5,7 +5,8 @@ One sample per line, 40 tab-separated fields, '\\n' or '\\r\\n' line ends, empty
   I1..I13  base-10 integers (may be negative, at most 18 digits) -> log(1 + max(x, 0)), float32
   C1..C26  hex hashes (1..16 hex digits)                         -> int(h, 16) % rows_f, int64
 Missing I/C fields become 0. Anything else raises ValueError naming the file, the 1-based line
-number and the offending field. Files ending in .gz are read through gzip.
+number and the offending field. Files ending in .gz are read through gzip (a corrupt or
+truncated one raises ValueError naming the file).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gzip
 import itertools
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING
 
@@ -69,11 +71,16 @@ def read_tsv(path: str | os.PathLike[str], num_embeddings: int | Sequence[int]) 
 
 
 def numbered_lines(paths: Iterable[str]) -> Iterator[Record]:
-    """Every line of the files in order, with its file and 1-based line number."""
+    """Every line of the files in order, with its file and 1-based line number. A corrupt or
+    truncated .gz file raises ValueError naming the file and the last line read."""
     for path in paths:
         with _open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                yield path, lineno, line
+            lineno = 0
+            try:
+                for lineno, line in enumerate(f, 1):
+                    yield path, lineno, line
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                raise ValueError(f"{path}: corrupt or truncated gzip data after line {lineno}: {e}") from None
 
 
 def parse_records(records: Iterable[Record], rows: np.ndarray) -> Arrays:
