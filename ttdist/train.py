@@ -72,8 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last_n, fault=faults.in_checkpoint_save)
     step = 0
     # A torchrun restart (attempt > 0) always continues from the job's own checkpoints; with
-    # checkpoint.resume=false it ignores those of earlier jobs in the run directory.
-    if cfg.checkpoint.resume or progress.attempt > 0:
+    # checkpoint.resume=false it ignores those of earlier jobs in the run directory. The ranks
+    # agree first: torchrun agents on different nodes may count restarts differently.
+    if cfg.checkpoint.resume or restarted(progress, env):
         with progress.phase("resume (loading the newest complete checkpoint)"):
             step = resume(checkpointer, dmp, optimizer, env, job=None if cfg.checkpoint.resume else job_id())
 
@@ -191,6 +192,15 @@ def apply_collective_timeout(seconds: float) -> None:
 def restart_count() -> int:
     """torchrun's attempt number (TORCHELASTIC_RESTART_COUNT): 0 for the first run, 0 without torchrun."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def restarted(progress: "Progress", env: DistEnv) -> bool:
+    """Whether any rank is in a torchrun restart (a collective, so that every rank agrees)."""
+    flag = torch.tensor([progress.attempt], dtype=torch.int64)
+    if env.world_size > 1:
+        with progress.phase("start-up (do the ranks resume a restarted job?)"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag) > 0
 
 
 def job_id() -> Optional[str]:

@@ -12,10 +12,12 @@ restart that lost or replayed anything would show up as a different bit.
 """
 import os
 import random
+import shutil
 
 import pytest
 
 from tests.app.common import assert_same_state, launch, load_checkpoint, losses, reference_run, train_records
+from ttdist.checkpoint import Checkpointer
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 STEPS = 12
@@ -27,14 +29,19 @@ def _seed() -> int:
 
 
 def test_sigkilled_rank_restarts_from_last_checkpoint_and_matches_uninterrupted_run(tmp_path):
+    """checkpoint.resume=false: the restart still resumes, from this job's checkpoints only."""
     seed = _seed()
     rng = random.Random(seed)
     kill_step, kill_rank, every = rng.randint(1, STEPS), rng.randint(0, 1), rng.choice([2, 3, 5])
     print(f"seed {seed} (rerun with TTDIST_TEST_SEED={seed}): SIGKILL rank {kill_rank} at the start of step "
           f"{kill_step}, checkpoints every {every} steps")
     reference = reference_run()
+    # An earlier job's (newer) checkpoint in the run directory: with checkpoint.resume=false the
+    # first attempt ignores it, and the restart must resume from this job's own checkpoints only.
+    foreign = tmp_path / "killed" / "checkpoints" / f"step_{STEPS:08d}"
+    shutil.copytree(reference / "checkpoints" / f"step_{STEPS:08d}", foreign)
     run = launch(2, tmp_path, "killed", f"train.steps={STEPS}", f"checkpoint.every_steps={every}",
-                 "checkpoint.resume=true",
+                 "checkpoint.resume=false",
                  env={"TTDIST_MAX_RESTARTS": "1", "TTDIST_FAULT_KILL_STEP": str(kill_step),
                       "TTDIST_FAULT_KILL_RANK": str(kill_rank)})
     assert f"[rank {kill_rank}] fault injection: SIGKILL at the start of step {kill_step}" in run.stderr, run.tail()
@@ -56,8 +63,10 @@ def test_sigkilled_rank_restarts_from_last_checkpoint_and_matches_uninterrupted_
         assert r["loss"] == expected[r["step"]], (r, expected[r["step"]])
     assert losses(tmp_path / "killed") == expected
 
-    # the final model (TT cores, dense tables, MLPs) and optimizer state, bitwise
-    final = load_checkpoint(tmp_path / "killed" / "checkpoints" / f"step_{STEPS:08d}")
+    # the final model (TT cores, dense tables, MLPs) and optimizer state, bitwise; the foreign
+    # step_12 has been replaced by this job's own
+    assert Checkpointer.meta(foreign)["job"] not in (None, Checkpointer.meta(reference / "checkpoints" / foreign.name).get("job"))
+    final = load_checkpoint(foreign)
     ref = load_checkpoint(reference / "checkpoints" / f"step_{STEPS:08d}")
     assert any(".tt.tt_tables.tt_cores." in k for k in final) and any("over_arch" in k for k in final)
     assert assert_same_state(final, ref) > 50
@@ -65,7 +74,7 @@ def test_sigkilled_rank_restarts_from_last_checkpoint_and_matches_uninterrupted_
 
 def test_kill_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path):
     """Rank 0 dies after every rank wrote step 4's shards, before the COMPLETE marker and rename."""
-    from ttdist.checkpoint import MARKER, Checkpointer
+    from ttdist.checkpoint import MARKER
 
     run = launch(2, tmp_path, "crash", "train.steps=6", "checkpoint.every_steps=2", "checkpoint.resume=true",
                  env={"TTDIST_FAULT_KILL_IN_SAVE": "4", "TTDIST_FAULT_KILL_RANK": "0"}, check=False)
