@@ -7,6 +7,12 @@ One training loop, top to bottom: config -> process group -> model -> plan -> DM
 -> resume -> [train step, eval, log, checkpoint]* -> summary. Outputs go to
 ``<train.output_dir>/<train.name>/``: ``config.yaml``, ``plan.yaml``, ``metrics.jsonl``,
 ``checkpoints/``, ``summary.json``.
+
+Failures (docs/reliability.md): every collective runs under ``train.collective_timeout_s`` and a
+failed one names the phase, the collective and the ranks that never reached it
+(CollectiveError); non-finite inputs/losses stop every rank with the same NonFiniteError (or are
+skipped); a torchrun restart resumes from the job's newest complete checkpoint. ``Faults`` holds
+the TTDIST_FAULT_* test hooks.
 """
 from __future__ import annotations
 
@@ -610,8 +616,8 @@ class Faults:
         return faults if attempt == 0 else cls(rank=rank)
 
     def _say(self, what: str) -> None:
-        print(f"[rank {self.rank}] fault injection: {what}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        say(f"[rank {self.rank}] fault injection: {what}")
 
     def at_step_start(self, step: int) -> None:
         if self.kill_step == step and self.rank == self.kill_rank:
@@ -665,6 +671,15 @@ class Faults:
         self._say(f"NaN in parameter {name} before step {step}")
 
 
+def say(line: str) -> None:
+    """One line on stderr in a single write, so that the ranks sharing torchrun's stderr do not
+    split it (atomic on a pipe up to 4 KiB)."""
+    sys.stderr.flush()
+    data = (line.rstrip("\n") + "\n").encode("utf-8", "backslashreplace")
+    while data:
+        data = data[os.write(sys.stderr.fileno(), data):]
+
+
 class RunStats:
     """Training throughput (excluding eval and checkpoints) and resource peaks."""
 
@@ -695,5 +710,5 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:  # a rank that fails says why and exits non-zero; torchrun stops the others
-        print(f"[rank {os.environ.get('RANK', '0')}] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        say(f"[rank {os.environ.get('RANK', '0')}] {type(e).__name__}: {e}")
         raise

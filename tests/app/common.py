@@ -40,7 +40,8 @@ class Run:
         return self.out / self.name
 
     def tail(self, n: int = 4000) -> str:
-        return f"exit {self.returncode} after {self.seconds:.0f} s\n--- stdout\n{self.stdout[-n:]}\n--- stderr\n{self.stderr[-n:]}"
+        return (f"exit {self.returncode} after {self.seconds:.0f} s\n--- stdout\n{self.stdout[-n:]}\n"
+                f"--- stderr\n{self.stderr[-n:]}")
 
 
 def launch(nproc: int, out: Path, name: str, *overrides: str, env: Optional[dict] = None, check: bool = True,

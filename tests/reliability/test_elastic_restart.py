@@ -65,7 +65,8 @@ def test_sigkilled_rank_restarts_from_last_checkpoint_and_matches_uninterrupted_
 
     # the final model (TT cores, dense tables, MLPs) and optimizer state, bitwise; the foreign
     # step_12 has been replaced by this job's own
-    assert Checkpointer.meta(foreign)["job"] not in (None, Checkpointer.meta(reference / "checkpoints" / foreign.name).get("job"))
+    other_job = Checkpointer.meta(reference / "checkpoints" / foreign.name).get("job")
+    assert Checkpointer.meta(foreign)["job"] not in (None, other_job)
     final = load_checkpoint(foreign)
     ref = load_checkpoint(reference / "checkpoints" / f"step_{STEPS:08d}")
     assert any(".tt.tt_tables.tt_cores." in k for k in final) and any("over_arch" in k for k in final)

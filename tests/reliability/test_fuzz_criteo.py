@@ -71,7 +71,8 @@ def files(draw):
         data = data[:draw(st.integers(0, len(data) - 1))]
     elif damage == "byte" and data:
         i = draw(st.integers(0, len(data) - 1))
-        data = data[:i] + draw(st.sampled_from([b"g", b"Z", b"\x00", b"\xff", b"\t", b"\r", b"\n", b"-", b" "])) + data[i + 1:]
+        byte = draw(st.sampled_from([b"g", b"Z", b"\x00", b"\xff", b"\t", b"\r", b"\n", b"-", b" "]))
+        data = data[:i] + byte + data[i + 1:]
     return data, draw(st.sampled_from(["plain", "plain", "gzip", "gzip_truncated", "gzip_garbage", "plain_named_gz"]))
 
 

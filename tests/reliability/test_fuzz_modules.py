@@ -138,9 +138,9 @@ def collections():
 def test_tt_collection_matches_dense_or_raises_clearly_and_keeps_its_state(collections, keys, batch, data, weighted):
     ebc, canary, canary_out = collections[weighted]
     lengths_dtype = data.draw(st.sampled_from(INT_DTYPES), label="lengths dtype")  # TorchRec's KJT asserts int lengths
+    extra = data.draw(st.sampled_from([0, 0, 0, 1]), label="extra lengths")
     lengths = data.draw(st.lists(st.one_of(st.integers(0, 3), st.integers(-2, 3), st.sampled_from([2**62])),
-                                 min_size=len(keys) * batch, max_size=len(keys) * batch + data.draw(st.sampled_from([0, 0, 0, 1]))),
-                        label="lengths")
+                                 min_size=len(keys) * batch, max_size=len(keys) * batch + extra), label="lengths")
     total = sum(l for l in lengths if 0 <= l < 2**40)
     n_values = total + data.draw(st.sampled_from([0, 0, 0, 0, 1, -1]), label="values count error") if total else total
     values = data.draw(st.lists(_ints(-2, 105), min_size=max(n_values, 0), max_size=max(n_values, 0)), label="values")

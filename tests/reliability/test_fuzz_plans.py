@@ -40,7 +40,8 @@ VALID = {
     DENSE: {"d0": {"sharding_type": "table_wise", "compute_kernel": "fused", "ranks": [1],
                    "shards": [{"offsets": [0, 0], "sizes": [100, 8], "rank": 1, "device": "cpu"}]}},
 }
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 9), st.sampled_from([2**62, -(2**63), 1.5, "x", "", [], {}, [1, "a"]]))
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 9),
+                 st.sampled_from([2**62, -(2**63), 1.5, "x", "", [], {}, [1, "a"]]))
 
 
 def _write(tmp_path, data, raw: str = None):
@@ -156,7 +157,8 @@ def test_a_missing_plan_file_is_a_value_error(tmp_path):
 @settings(max_examples=300, deadline=None)
 @given(rows=st.integers(1, 5000), dim=st.sampled_from([4, 6, 8, 16]), ranks_d=st.integers(1, 3),
        sharding_type=st.one_of(st.sampled_from(SHARDING_TYPES), st.text(max_size=6)),
-       world=st.integers(1, 8), ranks=st.lists(st.integers(-2, 9), max_size=9), spec=st.none() | st.lists(st.integers(-1, 9), max_size=9))
+       world=st.integers(1, 8), ranks=st.lists(st.integers(-2, 9), max_size=9),
+       spec=st.none() | st.lists(st.integers(-1, 9), max_size=9))
 def test_table_shards_cover_the_first_core_exactly_or_raise_naming_the_table(rows, dim, ranks_d, sharding_type, world,
                                                                             ranks, spec):
     shape = make_tt_shape(rows, dim, [1] * ranks_d, table_name="t")  # rank 1 fits any table

@@ -19,7 +19,8 @@ def _nan(kind: str, rank: int, step: int = 2) -> dict:
 
 
 def _both_ranks_raised(stderr: str, error: str) -> list[str]:
-    lines = [re.search(rf"^\[rank {r}\] {error}: (.*)$", stderr, re.MULTILINE) for r in (0, 1)]
+    # not anchored at a line start: another rank's partial line may precede it on the shared pipe
+    lines = [re.search(rf"\[rank {r}\] {error}: ([^\n]*)", stderr) for r in (0, 1)]
     assert all(lines), stderr[-4000:]
     return [m.group(1) for m in lines]
 
