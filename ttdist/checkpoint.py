@@ -102,18 +102,20 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.rename(partial, final)
             _fsync_dir(self.directory)
-            self._prune()
+            self._prune(final, step)
         _barrier()
         return final
 
-    def _prune(self) -> None:
-        done = self.complete()
-        for old in done[: -self.keep_last_n]:
+    def _prune(self, saved: Path, step: int) -> None:
+        """Keeps ``saved`` and the newest ``keep_last_n - 1`` other complete checkpoints (another
+        job's newer checkpoint in the directory never pushes out the one just written); removes the
+        ``.partial`` leftovers of saves of earlier steps."""
+        others = [p for p in self.complete() if p != saved]
+        for old in others[: max(len(others) - (self.keep_last_n - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
-        newest = int(_NAME.match(done[-1].name).group(1)) if done else -1
-        for p in self.directory.iterdir():  # left by saves interrupted before the newest complete one
+        for p in self.directory.iterdir():
             m = _PARTIAL.match(p.name)
-            if m and int(m.group(1)) < newest:
+            if m and int(m.group(1)) < step:
                 shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod

@@ -108,6 +108,18 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     assert json.loads((tmp_path / "step_00000005" / META).read_text())["step"] == 5
 
 
+def test_the_checkpoint_just_saved_is_never_pruned_even_below_a_newer_one(tmp_path):
+    """An earlier job's step 8 in the directory (a run restarted with checkpoint.resume=false)."""
+    Checkpointer(tmp_path, keep_last_n=5).save(8, _state(8.0), meta={"job": "old"})
+    ckpt = Checkpointer(tmp_path, keep_last_n=1)
+    ckpt.save(2, _state(2.0), meta={"job": "new"})
+    assert _names(tmp_path) == ["step_00000002"]
+    Checkpointer(tmp_path, keep_last_n=5).save(8, _state(8.0), meta={"job": "old"})
+    Checkpointer(tmp_path, keep_last_n=2).save(3, _state(3.0), meta={"job": "new"})
+    assert _names(tmp_path) == ["step_00000003", "step_00000008"]
+    assert ckpt.latest(job="new") == tmp_path / "step_00000003"
+
+
 def test_latest_of_a_job_ignores_other_jobs_checkpoints(tmp_path):
     ckpt = Checkpointer(tmp_path, keep_last_n=5)
     ckpt.save(8, _state(8.0), meta={"job": "old"})
