@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -244,9 +245,27 @@ def table_bytes(cfg, eb: dict) -> dict:
             "compression_total": eb["embedding_bytes_dense"] / eb["embedding_bytes_tt"]}
 
 
-def convert_dense_state(dense_state: dict[str, torch.Tensor], tt_cfg) -> tuple[dict[str, torch.Tensor], dict]:
+@torch.no_grad()
+def balance_cores(cores: Sequence[torch.Tensor]) -> None:
+    """Rescales TT cores in place to equal RMS entries, keeping their product (the table) unchanged.
+
+    TT-SVD leaves orthonormal left cores (entries ~1/sqrt(rows)) and all the scale in the last core;
+    the fused Adagrad's first updates are about lr per entry on every core alike, which on such cores
+    wrecks the small ones. Core k is multiplied by m / rms_k with m the geometric mean of the rms_k
+    (the factors multiply to 1)."""
+    rms = [float(c.pow(2).mean().sqrt()) for c in cores]
+    if min(rms) <= 0.0:
+        return
+    m = math.exp(sum(math.log(x) for x in rms) / len(rms))
+    for core, x in zip(cores, rms):
+        core.mul_(m / x)
+
+
+def convert_dense_state(dense_state: dict[str, torch.Tensor], tt_cfg,
+                        balance: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """State of ``tt_cfg``'s model from a dense-baseline state: the TT tables by TT-SVD of the dense
-    tables, everything else copied. Returns (state, per-table relative Frobenius error)."""
+    tables (``balance``: then core scales equalised, see balance_cores), everything else copied.
+    Returns (state, per-table relative Frobenius error of the TT-SVD)."""
     from ttdist.model import build_model
 
     model = build_model(tt_cfg, torch.device("cpu"))  # unsharded: its keys are the DMP state keys
@@ -257,6 +276,8 @@ def convert_dense_state(dense_state: dict[str, torch.Tensor], tt_cfg) -> tuple[d
         weight = dense_state[f"sparse_arch.embedding_bag_collection.dense.embedding_bags.{name}.weight"]
         with torch.no_grad():
             tt.load_dense(i, weight)
+            if balance:
+                balance_cores(tt.table_cores(i))
             errors[name] = float((tt.full_weight(i) - weight).norm() / weight.norm())
     for key, value in model.state_dict().items():
         if key in dense_state:
@@ -266,6 +287,29 @@ def convert_dense_state(dense_state: dict[str, torch.Tensor], tt_cfg) -> tuple[d
         else:
             state[key] = value.detach().clone()  # TT cores, just converted
     return state, errors
+
+
+def svd_finetune(snap: dict, tt_cfg, total_steps: int, balance: bool, scratch: dict) -> dict:
+    """TT-SVD of the dense snapshot into ``tt_cfg``'s model, eval, fine-tune to ``total_steps``, eval."""
+    t0 = time.perf_counter()
+    state, errors = convert_dense_state(snap["state"], tt_cfg, balance=balance)
+    convert_s = time.perf_counter() - t0
+    run = Run(tt_cfg, init_state=state, init_optimizer_state=snap["optimizer"])
+    converted = run.evaluate()
+    run.train(total_steps - snap["step"], start_batch=snap["step"])
+    tuned = run.evaluate()
+    return {"tt_tables": len(tt_cfg.tt_table_indices()), "tt_rank": tt_cfg.model.tt_ranks[0],
+            "variant": "TT-SVD, cores balanced" if balance else "TT-SVD",
+            "dense_steps": snap["step"], "finetune_steps": total_steps - snap["step"], "total_steps": total_steps,
+            "dense_auc_at_conversion": snap["eval"]["auc"], "dense_logloss_at_conversion": snap["eval"]["logloss"],
+            "converted_auc": converted["auc"], "converted_logloss": converted["logloss"],
+            "finetuned_auc": tuned["auc"], "finetuned_logloss": tuned["logloss"],
+            "scratch_auc": scratch["auc"], "scratch_logloss": scratch["logloss"],
+            "finetuned_minus_scratch_auc": tuned["auc"] - scratch["auc"],
+            "optimizer_state_carried_over": f"{len(run.optimizer_state_loaded)} parameters (MLPs, dense tables); "
+                                            "TT cores' state starts at zero",
+            "tt_svd_seconds": convert_s, "tt_svd_relative_error": errors,
+            "compression_tt": scratch["compression_tt"], "compression_total": scratch["compression_total"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +339,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     help="torch threads (default 1, as each rank of launch/local.sh)")
     ap.add_argument("--steps", type=int, help="override the mode's steps (the SVD split stays at half)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/compression_sweep[_quick].json)")
+    ap.add_argument("--reuse", type=Path, metavar="JSON",
+                    help="take the TT runs (and the seed-1 dense run) from this earlier result of the same settings "
+                         "instead of training them again; the dense baseline is retrained (the TT-SVD path needs its "
+                         "state) and checked against the file")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     import logging
@@ -319,13 +367,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
 
     log(f"mode {mode_name}: {mode}; teacher AUC (ceiling) {ceiling:.4f}")
+    reused = None
+    if args.reuse:
+        reused = json.loads(args.reuse.read_text())
+        if reused.get("settings") != mode or reused.get("overrides") != [*COMMON, *base]:
+            raise SystemExit(f"--reuse {args.reuse}: its settings/overrides differ from this run's")
     svd_dense_steps = mode["svd_dense_steps"] if mode["svd_ranks"] else None
     dense, snap = train_and_eval([*base, "model.dense_baseline=true"], snapshot_at=svd_dense_steps)
     log(f"dense baseline: AUC {dense['auc']:.4f} logloss {dense['logloss']:.4f} "
         f"{dense['wall_s_per_step'] * 1e3:.0f} ms/step")
+    if reused:
+        dense["reused_file_auc"] = reused["dense_baseline"]["auc"]
+        log(f"dense baseline of {args.reuse}: AUC {dense['reused_file_auc']:.4f} (retrained here: {dense['auc']:.4f})")
     dense_repeat = None
     if mode["seed_repeat"]:
-        dense_repeat, _ = train_and_eval([*base, "model.dense_baseline=true", "train.seed=1"])
+        if reused and reused.get("dense_baseline_seed1"):
+            dense_repeat = reused["dense_baseline_seed1"]
+        else:
+            dense_repeat, _ = train_and_eval([*base, "model.dense_baseline=true", "train.seed=1"])
         log(f"dense baseline, train.seed=1: AUC {dense_repeat['auc']:.4f}")
 
     runs, skipped = [], []
@@ -338,7 +397,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 skipped.append({"tt_tables": n, "tt_rank": r, "reason": str(e)})
                 log(f"skip {n} tables rank {r}: {e}")
                 continue
-            result, _ = train_and_eval(overrides)
+            previous = [x for x in (reused or {}).get("runs", []) if x["tt_tables"] == n and x["tt_rank"] == r]
+            if previous:
+                result = {**previous[0], "reused": True}
+            else:
+                result, _ = train_and_eval(overrides)
             result.update(tt_rank=r, auc_loss_pct=auc_loss_pct(result["auc"], dense["auc"]),
                           time_per_step_vs_dense=result["wall_s_per_step"] / dense["wall_s_per_step"],
                           cpu_time_per_step_vs_dense=result["cpu_s_per_step"] / dense["cpu_s_per_step"])
@@ -356,37 +419,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         except ValueError as e:
             skipped.append({"svd": True, "tt_tables": n_svd, "tt_rank": r, "reason": str(e)})
             continue
-        t0 = time.perf_counter()
-        state, errors = convert_dense_state(snap["state"], tt_cfg)
-        convert_s = time.perf_counter() - t0
-        run = Run(tt_cfg, init_state=state, init_optimizer_state=snap["optimizer"])
-        carried = len(run.optimizer_state_loaded)
-        converted = run.evaluate()
-        run.train(mode["steps"] - svd_dense_steps, start_batch=svd_dense_steps)
-        tuned = run.evaluate()
-        del run
         scratch = next((x for x in runs if x["tt_tables"] == n_svd and x["tt_rank"] == r), None)
         if scratch is None:
             scratch, _ = train_and_eval(tt_over)
-        entry = {"tt_tables": n_svd, "tt_rank": r, "dense_steps": svd_dense_steps,
-                 "finetune_steps": mode["steps"] - svd_dense_steps, "total_steps": mode["steps"],
-                 "dense_auc_at_conversion": snap["eval"]["auc"], "dense_logloss_at_conversion": snap["eval"]["logloss"],
-                 "converted_auc": converted["auc"], "converted_logloss": converted["logloss"],
-                 "finetuned_auc": tuned["auc"], "finetuned_logloss": tuned["logloss"],
-                 "scratch_auc": scratch["auc"], "scratch_logloss": scratch["logloss"],
-                 "finetuned_minus_scratch_auc": tuned["auc"] - scratch["auc"],
-                 "optimizer_state_carried_over": f"{carried} parameters (MLPs, dense tables); TT cores fresh",
-                 "tt_svd_seconds": convert_s, "tt_svd_relative_error": errors,
-                 "compression_tt": scratch["compression_tt"], "compression_total": scratch["compression_total"]}
-        svd.append(entry)
-        log(f"TT-SVD rank {r}: dense@{svd_dense_steps} AUC {entry['dense_auc_at_conversion']:.4f} -> converted "
-            f"{converted['auc']:.4f} -> fine-tuned {tuned['auc']:.4f} (scratch {scratch['auc']:.4f})")
+        for balance in (False, True):
+            entry = svd_finetune(snap, tt_cfg, mode["steps"], balance, scratch)
+            svd.append(entry)
+            log(f"{entry['variant']} rank {r}: dense@{svd_dense_steps} AUC {entry['dense_auc_at_conversion']:.4f} -> "
+                f"converted {entry['converted_auc']:.4f} -> fine-tuned {entry['finetuned_auc']:.4f} "
+                f"(scratch {scratch['auc']:.4f})")
 
     out = {
         "benchmark": "compression_sweep", "mode": mode_name,
         "command": f"python benchmarks/compression_sweep.py{' --quick' if args.quick else ''}"
                    + (f" --threads {args.threads}" if args.threads != 1 else "")
-                   + (f" --steps {args.steps}" if args.steps else ""),
+                   + (f" --steps {args.steps}" if args.steps else "")
+                   + (f" --reuse {args.reuse}" if args.reuse else ""),
         "machine": machine_info(),
         "how": "in-process, world size 1 (gloo, HashStore), no torchrun; ttdist's model builder, TorchRec planner, "
                "DMP, fused embedding optimizer and MLP optimizer; this file's train loop; times exclude data and eval",
@@ -395,6 +443,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "dense_baseline": dense, "dense_baseline_seed1": dense_repeat,
         "runs": runs, "skipped": skipped, "tt_svd": svd,
+        "reused_from": None if reused is None else {
+            "file": str(args.reuse), "what": "TT runs and the seed-1 dense run (their own times, load, machine)",
+            "its_total_seconds": reused.get("total_seconds"), "its_load_average": [reused.get("load_average_start"),
+                                                                                  reused.get("load_average_end")]},
         "claims": claims(dense, runs, dense_repeat),
         "total_seconds": time.perf_counter() - started,
     }
@@ -442,8 +494,10 @@ def plot(out: dict, path: Path) -> None:
             ax.annotate(f"r{r['tt_rank']}", (r["compression_total"], r["auc"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
     for s in out["tt_svd"]:
-        ax.scatter([s["compression_total"]], [s["finetuned_auc"]], marker="*", s=120, zorder=5, color="k",
-                   label=f"TT-SVD of dense + fine-tune, r{s['tt_rank']}")
+        balanced = "balanced" in s.get("variant", "")
+        ax.scatter([s["compression_total"]], [s["finetuned_auc"]], marker="P" if balanced else "*", s=90, zorder=5,
+                   color="tab:red" if balanced else "k",
+                   label=f"{s.get('variant', 'TT-SVD')} of dense + fine-tune, r{s['tt_rank']}")
     ax.axhline(out["dense_baseline"]["auc"], color="gray", ls="--", label="dense baseline")
     ax.axhline(out["dense_baseline"]["auc"] * 0.999, color="gray", ls=":", lw=0.8, label="dense - 0.1 %")
     ax.set_xscale("log")

@@ -271,19 +271,27 @@ def section_compression(name: str, d: dict) -> str:
         "of the TT tables only and of all 26 tables.", "",
         table(["model", "TT rank", "compression (TT tables)", "compression (all tables)", "eval AUC", "AUC loss",
                "logloss", "wall ms/step", "CPU ms/step", "CPU time / dense"], rows)]
+    if d.get("reused_from"):
+        ru = d["reused_from"]
+        out += ["", f"The TT runs and the seed-1 dense run come from the earlier `{ru['file']}` (its git history; same "
+                f"settings, {ru['its_total_seconds'] / 60:.0f} min, load average "
+                f"{load_text(ru['its_load_average'])}); the dense baseline was retrained here for the TT-SVD path: AUC "
+                f"{dense['auc']:.4f} here vs {dense.get('reused_file_auc', float('nan')):.4f} in that file."]
     if d.get("skipped"):
         out += ["", "Not run (the rank exceeds a table's unfolding limit at this scale):", ""]
         out += [f"- {x['tt_tables']} tables, rank {x['tt_rank']}: {x['reason']}" for x in d["skipped"]]
     if d.get("tt_svd"):
-        rows = [[x["tt_tables"], x["tt_rank"], f"{x['dense_steps']} + {x['finetune_steps']}",
+        rows = [[x.get("variant", "TT-SVD"), x["tt_tables"], x["tt_rank"], f"{x['dense_steps']} + {x['finetune_steps']}",
                  num(x["dense_auc_at_conversion"], 4), num(x["converted_auc"], 4), num(x["finetuned_auc"], 4),
                  num(x["scratch_auc"], 4), f"{x['finetuned_minus_scratch_auc']:+.4f}",
                  num(min(x["tt_svd_relative_error"].values())) + "–" + num(max(x["tt_svd_relative_error"].values())),
                  num(x["tt_svd_seconds"])] for x in d["tt_svd"]]
         out += ["", "TT-SVD path: the dense baseline after `dense steps`, its largest tables converted by TT-SVD "
-                "(`load_dense`), fine-tuned for the remaining steps on the next batches, vs TT trained from scratch "
+                "(`load_dense`; \"cores balanced\": then each table's cores rescaled to equal RMS entries, the "
+                "table unchanged), fine-tuned for the remaining steps on the next batches (the MLPs' and dense "
+                "tables' optimizer state carried over, the TT cores' starting at zero), vs TT trained from scratch "
                 "for the same total steps:", "",
-                table(["TT tables", "rank", "dense + fine-tune steps", "dense AUC at conversion", "AUC right after TT-SVD",
+                table(["conversion", "TT tables", "rank", "dense + fine-tune steps", "dense AUC at conversion", "AUC right after TT-SVD",
                        "AUC after fine-tune", "TT from scratch AUC", "fine-tuned - scratch",
                        "TT-SVD relative error (per table)", "TT-SVD s"], rows)]
     c = d.get("claims", {})
