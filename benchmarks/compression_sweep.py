@@ -459,20 +459,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def claims(dense: dict, runs: list[dict], dense_repeat: Optional[dict]) -> dict:
-    """The quality figures the issue asks about, from this run's numbers."""
-    out = {}
+    """The quality figures the issue asks about, from this run's numbers.
+
+    For the configurations at >= 100x compression (all tables; TT tables only): the AUC loss vs
+    the dense baseline, and, when the dense baseline was also trained with train.seed=1, vs that
+    run and vs the better of the two (the conservative figure: dense's own seed-to-seed spread is
+    of the size of the differences measured here)."""
+    references = {"dense": dense["auc"]}
+    if dense_repeat is not None:
+        references["dense_seed1"] = dense_repeat["auc"]
+        references["best_dense_seed"] = max(dense["auc"], dense_repeat["auc"])
+    out = {"references_auc": references}
     for key in ("compression_total", "compression_tt"):
         hi = [r for r in runs if r[key] >= 100]
-        if hi:
-            best = min(hi, key=lambda r: r["auc_loss_pct"])
-            out[f"at_100x_{key}"] = {
-                "configs": [{"tt_tables": r["tt_tables"], "tt_rank": r["tt_rank"], key: r[key],
-                             "auc": r["auc"], "auc_loss_pct": r["auc_loss_pct"]} for r in hi],
-                "best_auc_loss_pct": best["auc_loss_pct"], "best": {"tt_tables": best["tt_tables"],
-                                                                    "tt_rank": best["tt_rank"], key: best[key]},
-                "meets_0.1pct_goal": best["auc_loss_pct"] <= 0.1}
-        else:
+        if not hi:
             out[f"at_100x_{key}"] = None
+            continue
+        configs = [{"tt_tables": r["tt_tables"], "tt_rank": r["tt_rank"], key: r[key], "auc": r["auc"],
+                    **{f"auc_loss_pct_vs_{name}": auc_loss_pct(r["auc"], ref) for name, ref in references.items()}}
+                   for r in hi]
+        ref = "best_dense_seed" if dense_repeat is not None else "dense"
+        best = min(configs, key=lambda c: c[f"auc_loss_pct_vs_{ref}"])
+        out[f"at_100x_{key}"] = {
+            "configs": configs, "conservative_reference": ref,
+            "best": best, "best_auc_loss_pct": best[f"auc_loss_pct_vs_{ref}"],
+            "configs_meeting_0.1pct": sum(c[f"auc_loss_pct_vs_{ref}"] <= 0.1 for c in configs),
+            "meets_0.1pct_goal": best[f"auc_loss_pct_vs_{ref}"] <= 0.1}
     if dense_repeat is not None:
         out["dense_seed_to_seed_auc_delta_pct"] = 100.0 * abs(dense_repeat["auc"] - dense["auc"]) / dense["auc"]
     return out
