@@ -3,6 +3,11 @@
 // csrc/cuda/tt_device.cuh on the CPU, thread by thread in shuffled orders, and compares the
 // results with a naive double-precision reference (no dedup, no trie: one chain per position).
 //
+// Built with -DTTDIST_ON_DEVICE the same cases run on a GPU through the op library's own CUDA
+// executor (csrc/cuda/tt_gpu_exec.cuh: the real kernels, CUB, shuffles and atomics), with every
+// buffer in managed memory: a pure-CUDA program, small enough for compute-sanitizer
+// (benchmarks/gpu_check.py runs it under memcheck and racecheck).
+//
 // What this checks without a GPU: all index math (digits, trie, prefix reuse, scratch layout,
 // row-buffer offsets, pooling, segment reduction, slice gradients, optimizer updates, touched
 // slices), the host planning (chunk sizes, shared vs global scratch), validation errors, and
@@ -11,6 +16,9 @@
 //
 // Build and run (no GPU needed; .ci/compile_cuda.sh does this):
 //   nvcc -std=c++17 -O2 -o /tmp/tt_emulate tests/gpu/emulate_kernels.cu && /tmp/tt_emulate
+// On a GPU:
+//   nvcc -std=c++17 -O2 -arch=sm_90 -DTTDIST_ON_DEVICE -o /tmp/tt_ondevice tests/gpu/emulate_kernels.cu
+//   /tmp/tt_ondevice [seed] [random cases per dtype]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -24,6 +32,9 @@
 #include <vector>
 
 #include "../../csrc/cuda/tt_driver.cuh"
+#if defined(TTDIST_ON_DEVICE)
+#include "../../csrc/cuda/tt_gpu_exec.cuh"
+#endif
 
 using namespace ttdist::cuda;
 
@@ -46,6 +57,7 @@ int g_checks = 0;
 // ---------------------------------------------------------------------------------------------
 // CPU executor.
 // ---------------------------------------------------------------------------------------------
+#if !defined(TTDIST_ON_DEVICE)
 constexpr size_t kCanary = 64;
 
 struct CpuExec {
@@ -75,6 +87,7 @@ struct CpuExec {
   }
   void upload(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
   void download(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+  void finish() {}
   void zero(void* p, size_t n) { std::memset(p, 0, n); }
 
   std::vector<int64_t> permutation(int64_t n) {
@@ -152,6 +165,80 @@ struct CpuExec {
   size_t smem_optin() const { return optin; }
   Status status() const { return st; }
 };
+#endif
+
+#if defined(TTDIST_ON_DEVICE)
+// Buffers the kernels read or write: managed memory, so the host reference reads them directly.
+template <typename T>
+struct ManagedAllocator {
+  using value_type = T;
+  ManagedAllocator() = default;
+  template <typename U>
+  ManagedAllocator(const ManagedAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = nullptr;
+    if (cudaMallocManaged(&p, std::max<size_t>(n, 1) * sizeof(T)) != cudaSuccess) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { cudaFree(p); }
+  template <typename U>
+  bool operator==(const ManagedAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const ManagedAllocator<U>&) const { return false; }
+};
+template <typename T>
+using Buf = std::vector<T, ManagedAllocator<T>>;
+
+// Temporary device memory of one driver call, freed when the executor goes (after a sync).
+class CudaMallocAllocator final : public Allocator {
+ public:
+  ~CudaMallocAllocator() override {
+    cudaDeviceSynchronize();
+    for (void* p : blocks_) cudaFree(p);
+  }
+  void* allocate(size_t bytes) override {
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) return nullptr;
+    blocks_.push_back(p);
+    return p;
+  }
+
+ private:
+  std::vector<void*> blocks_;
+};
+
+// The op library's executor on the default stream; finish() waits and reports kernel faults.
+struct DeviceExec {
+  std::unique_ptr<CudaMallocAllocator> allocator{new CudaMallocAllocator};
+  std::unique_ptr<GpuExec> gpu{new GpuExec(*allocator, nullptr)};
+  void* alloc(size_t bytes) { return gpu->alloc(bytes); }
+  void upload(void* dst, const void* src, size_t n) { gpu->upload(dst, src, n); }
+  void download(void* dst, const void* src, size_t n) { gpu->download(dst, src, n); }
+  void zero(void* p, size_t n) { gpu->zero(p, n); }
+  template <class Op>
+  void for_each(int64_t n, const Op& op) { gpu->for_each(n, op); }
+  template <class Prog>
+  void run_program(const Prog& prog, int64_t items, size_t smem_bytes, int64_t global_scratch_elems) {
+    gpu->run_program(prog, items, smem_bytes, global_scratch_elems);
+  }
+  void sort_pairs(const uint64_t* kin, uint64_t* kout, const int64_t* vin, int64_t* vout, int64_t n, int bits) {
+    gpu->sort_pairs(kin, kout, vin, vout, n, bits);
+  }
+  void sort_keys(const int64_t* in, int64_t* out, int64_t n) { gpu->sort_keys(in, out, n); }
+  void inclusive_sum(const int64_t* in, int64_t* out, int64_t n) { gpu->inclusive_sum(in, out, n); }
+  int sm_count() const { return gpu->sm_count(); }
+  size_t smem_optin() const { return gpu->smem_optin(); }
+  Status status() const { return gpu->status(); }
+  void finish() {
+    const cudaError_t e = cudaDeviceSynchronize();
+    EXPECT(e == cudaSuccess, "kernel fault: %s", cudaGetErrorString(e));
+  }
+  bool canaries_intact() const { return true; }  // compute-sanitizer memcheck checks bounds on the GPU
+};
+#else
+template <typename T>
+using Buf = std::vector<T>;
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Typed host storage and conversions.
@@ -404,9 +491,9 @@ TableSpec random_table(std::mt19937_64& rng, int64_t d) {
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct Device {  // typed copies of a case's tensors
-  std::vector<std::vector<T>> cores;
-  std::vector<int64_t> indices, offsets;
-  std::vector<typename AccOf<T>::type> psw;
+  std::vector<Buf<T>> cores;
+  Buf<int64_t> indices, offsets;
+  Buf<typename AccOf<T>::type> psw;
   LookupProblem lp;
   LookupInputs in;
   explicit Device(const Case& c) {
@@ -414,8 +501,8 @@ struct Device {  // typed copies of a case's tensors
       cores.emplace_back();
       for (double v : core) cores.back().push_back(from_double<T>(v));
     }
-    indices = c.indices;
-    offsets = c.offsets;
+    indices.assign(c.indices.begin(), c.indices.end());
+    offsets.assign(c.offsets.begin(), c.offsets.end());
     for (double v : c.psw) psw.push_back(static_cast<typename AccOf<T>::type>(v));
     lp.dtype = dtype_of<T>();
     for (size_t k = 0, t = 0, kk = 0; k < c.cores.size(); ++k) {
@@ -469,6 +556,9 @@ RunOptions random_options(std::mt19937_64& rng) {
   return o;
 }
 
+#if defined(TTDIST_ON_DEVICE)
+DeviceExec make_exec(std::mt19937_64&, const RunOptions&) { return DeviceExec(); }
+#else
 CpuExec make_exec(std::mt19937_64& rng, const RunOptions& o) {
   CpuExec ex;
   ex.rng = &rng;
@@ -479,6 +569,7 @@ CpuExec make_exec(std::mt19937_64& rng, const RunOptions& o) {
   ex.optin = o.optin;
   return ex;
 }
+#endif
 
 template <typename T>
 void check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, const char* what) {
@@ -487,10 +578,11 @@ void check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, con
   Status s = build_problem(dev.lp, &pb);
   EXPECT(s.ok(), "%s: build_problem: %s", what, s.message.c_str());
   if (!s.ok()) return;
-  CpuExec ex = make_exec(rng, o);
-  std::vector<T> out(c.B * pb.total_dim);
+  auto ex = make_exec(rng, o);
+  Buf<T> out(c.B * pb.total_dim);
   std::memset(static_cast<void*>(out.data()), 0xCD, sizeof(T) * out.size());  // every element must be written
   s = forward_impl<T>(ex, pb, dev.in, out.data(), o.drv);
+  ex.finish();
   EXPECT(s.ok(), "%s: forward: %s", what, s.message.c_str());
   const auto ref = ref_forward(c);
   std::vector<double> got;
@@ -506,20 +598,21 @@ void check_backward(std::mt19937_64& rng, const Case& c, const RunOptions& o, co
   Problem pb;
   if (!build_problem(dev.lp, &pb).ok()) return;
   std::vector<double> go_d(c.B * pb.total_dim);
-  std::vector<T> go;
+  Buf<T> go;
   for (auto& v : go_d) {
     v = representable<T>(rand_double(rng, -1, 1));
     go.push_back(from_double<T>(v));
   }
-  std::vector<std::vector<T>> grads;
+  std::vector<Buf<T>> grads;
   std::vector<void*> ptrs;
   for (const auto& core : c.cores) {
     grads.emplace_back(core.size());
     std::memset(static_cast<void*>(grads.back().data()), 0xCD, sizeof(T) * core.size());
     ptrs.push_back(grads.back().data());
   }
-  CpuExec ex = make_exec(rng, o);
+  auto ex = make_exec(rng, o);
   const Status s = backward_impl<T>(ex, pb, dev.in, go.data(), ptrs, o.drv);
+  ex.finish();
   EXPECT(s.ok(), "%s: backward: %s", what, s.message.c_str());
   const auto ref = ref_backward(c, go_d);
   std::vector<double> got, want;
@@ -539,7 +632,7 @@ void check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int o
   Problem pb;
   if (!build_problem(dev.lp, &pb).ok()) return;
   std::vector<double> go_d(c.B * pb.total_dim);
-  std::vector<T> go;
+  Buf<T> go;
   for (auto& v : go_d) {
     v = representable<T>(rand_double(rng, -1, 1));
     go.push_back(from_double<T>(v));
@@ -547,7 +640,7 @@ void check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int o
   const double lr = rand_double(rng, 0.01, 0.5), eps = opt == 0 ? 0.0 : rand_double(rng, 1e-8, 1e-2);
   // States: start from random non-negative values (exercises the accumulation).
   std::vector<std::vector<double>> st_d;
-  std::vector<std::vector<acc_t>> st;
+  std::vector<Buf<acc_t>> st;
   std::vector<void*> st_ptrs;
   for (size_t k = 0; k < c.cores.size(); ++k) {
     const int64_t p = dev.lp.core_shapes[k][0];
@@ -560,8 +653,9 @@ void check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int o
     }
     st_ptrs.push_back(n ? st[k].data() : nullptr);
   }
-  CpuExec ex = make_exec(rng, o);
+  auto ex = make_exec(rng, o);
   const Status s = backward_fused_impl<T>(ex, pb, dev.in, go.data(), st_ptrs, opt, lr, eps, o.drv);
+  ex.finish();
   EXPECT(s.ok(), "%s: fused: %s", what, s.message.c_str());
   // Reference: dense grads, then the update on every touched slice.
   const auto grads = ref_backward(c, go_d);
@@ -608,13 +702,13 @@ void check_sparse_update(std::mt19937_64& rng, int opt) {
   using acc_t = typename AccOf<T>::type;
   const int64_t rows = rand_int(rng, 1, 40), len = rand_int(rng, 1, 300);
   const int64_t n = rand_int(rng, 1, rows);
-  std::vector<int64_t> ids(rows);
+  Buf<int64_t> ids(rows);
   std::iota(ids.begin(), ids.end(), 0);
   std::shuffle(ids.begin(), ids.end(), rng);
   ids.resize(n);
   std::vector<double> w_d(rows * len), g_d(n * len), s_d(opt == 1 ? rows * len : opt == 2 ? rows : 0);
-  std::vector<T> w;
-  std::vector<acc_t> g, s;
+  Buf<T> w;
+  Buf<acc_t> g, s;
   for (auto& v : w_d) {
     v = representable<T>(rand_double(rng, -1, 1));
     w.push_back(from_double<T>(v));
@@ -629,9 +723,10 @@ void check_sparse_update(std::mt19937_64& rng, int opt) {
   }
   const double lr = 0.1, eps = 1e-6;
   RunOptions o = random_options(rng);
-  CpuExec ex = make_exec(rng, o);
+  auto ex = make_exec(rng, o);
   const Status st = sparse_row_update_impl<T>(ex, w.data(), s.empty() ? nullptr : s.data(), rows, len, ids.data(), n,
                                               g.data(), opt, lr, eps);
+  ex.finish();
   EXPECT(st.ok(), "sparse_row_update: %s", st.message.c_str());
   for (int64_t x = 0; x < n; ++x)
     ref_update(w_d.data() + ids[x] * len, opt == 1 ? s_d.data() + ids[x] * len : opt == 2 ? s_d.data() + ids[x] : nullptr,
@@ -642,16 +737,16 @@ void check_sparse_update(std::mt19937_64& rng, int opt) {
          rel_err(got, w_d));
   EXPECT(rel_err(got_s, s_d) <= 1e-5, "%s sparse_row_update opt %d: state error", name_of<T>(), opt);
   // Errors: an id out of range, a duplicate.
-  std::vector<int64_t> bad = ids;
+  Buf<int64_t> bad = ids;
   bad[n - 1] = rows + 3;
-  CpuExec ex2 = make_exec(rng, o);
+  auto ex2 = make_exec(rng, o);
   Status e = sparse_row_update_impl<T>(ex2, w.data(), s.empty() ? nullptr : s.data(), rows, len, bad.data(), n, g.data(),
                                        opt, lr, eps);
   EXPECT(e.code == Status::kIndexError, "sparse_row_update: out-of-range id not reported (%s)", e.message.c_str());
   if (n >= 2) {
-    std::vector<int64_t> dup = ids;
+    Buf<int64_t> dup = ids;
     dup[1] = dup[0];
-    CpuExec ex3 = make_exec(rng, o);
+    auto ex3 = make_exec(rng, o);
     e = sparse_row_update_impl<T>(ex3, w.data(), s.empty() ? nullptr : s.data(), rows, len, dup.data(), n, g.data(), opt,
                                   lr, eps);
     EXPECT(e.code == Status::kInvalidArgument, "sparse_row_update: duplicate id not reported");
@@ -721,14 +816,15 @@ void error_cases(std::mt19937_64& rng) {
     Device<float> dev(bad);
     Problem pb;
     EXPECT(build_problem(dev.lp, &pb).ok(), "build_problem");
-    CpuExec ex = make_exec(rng, RunOptions{});
-    std::vector<float> out(bad.B * pb.total_dim);
+    auto ex = make_exec(rng, RunOptions{});
+    Buf<float> out(bad.B * pb.total_dim);
     const Status st = forward_impl<float>(ex, pb, dev.in, out.data());
+    ex.finish();
     EXPECT(st.code == Status::kIndexError && st.message.find("index 12 at position 1 ") != std::string::npos &&
                st.message.find("2 indices") != std::string::npos,
            "bad index: %s", st.message.c_str());
-    std::vector<float> go(out.size(), 1.f), g0(3 * 1 * 2 * 3, 0.f), g1(4 * 3 * 2 * 1, 0.f);
-    CpuExec ex2 = make_exec(rng, RunOptions{});
+    Buf<float> go(out.size(), 1.f), g0(3 * 1 * 2 * 3, 0.f), g1(4 * 3 * 2 * 1, 0.f);
+    auto ex2 = make_exec(rng, RunOptions{});
     std::vector<void*> grads = {g0.data(), g1.data()};
     const Status sb = backward_impl<float>(ex2, pb, dev.in, go.data(), grads);
     EXPECT(sb.code == Status::kIndexError, "bad index (backward): %s", sb.message.c_str());
@@ -742,9 +838,10 @@ void error_cases(std::mt19937_64& rng) {
     Device<float> dev(b2);
     Problem pb;
     build_problem(dev.lp, &pb);
-    CpuExec ex = make_exec(rng, RunOptions{});
-    std::vector<float> out(b2.B * pb.total_dim);
+    auto ex = make_exec(rng, RunOptions{});
+    Buf<float> out(b2.B * pb.total_dim);
     const Status st = forward_impl<float>(ex, pb, dev.in, out.data());
+    ex.finish();
     EXPECT(st.code == Status::kInvalidArgument && st.message.find("offsets") != std::string::npos,
            "bad offsets variant %d not reported: %s", variant, st.message.c_str());
   }
@@ -801,7 +898,18 @@ int main(int argc, char** argv) {
   const uint64_t seed = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 12345;
   const int count = argc > 2 ? std::atoi(argv[2]) : 60;
   std::mt19937_64 rng(seed);
-  std::printf("tt_emulate: seed %llu, %d random cases per dtype\n", (unsigned long long)seed, count);
+#if defined(TTDIST_ON_DEVICE)
+  const char* mode = "tt_ondevice";
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    std::fprintf(stderr, "tt_ondevice: no CUDA device\n");
+    return 2;
+  }
+  std::printf("tt_ondevice: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
+#else
+  const char* mode = "tt_emulate";
+#endif
+  std::printf("%s: seed %llu, %d random cases per dtype\n", mode, (unsigned long long)seed, count);
   error_cases(rng);
   edge_cases(rng);
   random_cases<float>(rng, count);
@@ -814,6 +922,6 @@ int main(int argc, char** argv) {
       check_sparse_update<double>(rng, opt);
     }
   fbtt_case(rng);
-  std::printf("tt_emulate: %d checks, %d failures\n", g_checks, g_failures);
+  std::printf("%s: %d checks, %d failures\n", mode, g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
