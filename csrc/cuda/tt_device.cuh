@@ -731,6 +731,10 @@ struct CoreGradProgram {
   }
 
   TTD_HD bool phase(int ph, int64_t chunk, ChunkShared& sh, acc_t* scratch, int tid, int nt) const {
+    if (ph == 0) {  // thread 0 writes sh.tab: nothing else may read it in this phase
+      setup.run(ph, chunk, sh, tid, nt);
+      return true;
+    }
     if (ph <= 3) {
       setup.run(ph, chunk, sh, tid, nt);
       if (ph == 1 && sh.tab.d >= 2) {  // zero every dP (accumulated with +=)
