@@ -5,7 +5,7 @@ VENV    := .venv/.installed
 EXT     := $(firstword $(wildcard ttdist/_C*.so))
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/*/*.inc)
 
-.PHONY: demo test test-fast bench build compile-cuda clean
+.PHONY: demo test test-fast bench build compile-cuda gpu-check clean
 
 $(VENV): requirements.txt
 	python3 -m venv .venv
@@ -40,6 +40,11 @@ bench: build
 
 compile-cuda:
 	bash .ci/compile_cuda.sh
+
+# Every GPU check in one command (benchmarks/gpu_check.py). A bare GPU machine has no ./.venv:
+# there it runs on the machine's own python3 and torch and builds what it needs itself.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build ttdist/_C*.so

@@ -42,6 +42,6 @@ setup(
     description="Distributed DLRM training with Tensor-Train compressed embedding tables on TorchRec",
     packages=find_packages(include=["ttdist", "ttdist.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+    cmdclass={"build_ext": BuildExtension},  # ninja (parallel, MAX_JOBS) when installed
     python_requires=">=3.10",
 )

@@ -1,15 +1,22 @@
 """TT lookup kernel benchmark: fwd, bwd and fwd+bwd time per looked-up row.
 
-Compares, in the same run and on the same indices, ttdist's kernel with the plain-PyTorch
-reference (``ttdist.ops.tt_forward_reference`` + autograd) and a dense ``nn.EmbeddingBag`` of
-the same size (sparse gradients; skipped when it does not fit in memory).
+Compares, in the same run and on the same indices:
+  ttdist            TTEmbeddingBag (input validation + op), dense core gradients in backward
+  ttdist_op         the op alone (``ttdist.ops.tt_lookup`` on validated inputs), dense core gradients
+  ttdist_fused_sgd  TTEmbeddingBag(sparse=True): backward = fused EXACT_SGD step on the cores
+  reference         the plain-PyTorch reference (``ttdist.ops.tt_forward_reference`` + autograd)
+  dense_embedding_bag  ``nn.EmbeddingBag`` of the same size, sparse gradients (if it fits)
+  fbtt              FBTT-Embedding's TTEmbeddingBag (CUDA only; sparse=True, SGD, no cache), when
+                    its source is present (see --fbtt) and builds against the installed torch
 
 Formulas (per looked-up row, d cores, Q_k = q_1..q_k, ranks r_0..r_d):
   FLOPs = 2 * sum_{k=2..d} Q_{k-1} * r_{k-1} * q_k * r_k          (forward chain, no reuse)
-  bytes = 4 * (sum_k r_{k-1} q_k r_k  + D)                         (core slices read + row written)
-Backward is counted as 2x the forward FLOPs. Achieved GFLOP/s = FLOPs * rows / time.
+  bytes = element size * (sum_k r_{k-1} q_k r_k  + D)              (core slices read + row written)
+Achieved GFLOP/s = forward FLOPs * rows / forward time; on CUDA also as a fraction of the
+device's plain fp32 peak (--peak-tflops; H200 SXM datasheet: 67).
 
   python benchmarks/tt_kernel_bench.py --device cpu [--quick] [--threads N] [--no-dense] [--shapes fbtt]
+  python benchmarks/tt_kernel_bench.py --device cuda --batches 512,65536 --dtypes float32,bfloat16 --shapes fbtt
 Writes benchmarks/results/tt_kernel_<device>[_<gpu model>].json and prints ratios.
 """
 from __future__ import annotations
@@ -17,28 +24,35 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 import ttdist
-from ttdist.ops import tt_forward_reference
+from fbtt_build import DEFAULT_FBTT, load_fbtt
+from ttdist.ops import tt_forward_reference, tt_lookup
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
 
 SHAPES = {
     # FBTT-Embedding's own benchmark shape (tt_embeddings_benchmark.py).
     "fbtt": dict(p=[200, 220, 250], q=[4, 4, 4], ranks=[32, 32]),
     "small_rank": dict(p=[200, 220, 250], q=[4, 4, 4], ranks=[8, 8]),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Plain (non-tensor-core) fp32 peak in TFLOP/s, by device name; datasheet figures.
+FP32_PEAK_TFLOPS = {"H200": 67.0, "H100": 67.0, "A100": 19.5}
 
 
 def timeit(fn: Callable[[], None], device: str, repeat: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs."""
+    """Median seconds of ``fn`` over ``repeat`` runs (CUDA: synchronised after each)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -55,50 +69,87 @@ def timeit(fn: Callable[[], None], device: str, repeat: int, warmup: int = 2) ->
 def measure(forward: Callable[[], torch.Tensor], device: str, repeat: int) -> dict[str, float]:
     """fwd, bwd, fwd+bwd seconds; bwd = fwd+bwd - fwd."""
     fwd = timeit(lambda: forward(), device, repeat)
-    both = timeit(lambda: forward().sum().backward(), device, repeat)
+    both = timeit(lambda: forward().float().sum().backward(), device, repeat)
     return {"fwd_s": fwd, "bwd_s": max(both - fwd, 0.0), "fwd_bwd_s": both}
 
 
-def dense_fits(rows: int, dim: int, device: str) -> bool:
-    need = rows * dim * 4 * 2.5  # weight + sparse grad + slack
+def dense_fits(rows: int, dim: int, element_size: int, device: str) -> bool:
+    need = rows * dim * element_size * 2.5  # weight + sparse grad + slack
     if device == "cuda":
         return torch.cuda.mem_get_info()[0] > need
-    import os
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") > need
 
 
-def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, repeat: int, with_reference: bool,
-                with_dense: bool = True) -> dict:
+def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, dtype: torch.dtype, repeat: int,
+                with_reference: bool, with_dense: bool = True, fbtt=None) -> dict:
     p, q, ranks = shape["p"], shape["q"], shape["ranks"]
     rows, dim = math.prod(p), math.prod(q)
-    tt = ttdist.TTEmbeddingBag(rows, dim, ranks, tt_p_shapes=p, tt_q_shapes=q, device=device)
     gen = torch.Generator().manual_seed(0)
+    tt = ttdist.TTEmbeddingBag(rows, dim, ranks, tt_p_shapes=p, tt_q_shapes=q, device=device, dtype=dtype,
+                               generator=gen)
+    fused = ttdist.TTEmbeddingBag(rows, dim, ranks, tt_p_shapes=p, tt_q_shapes=q, device=device, dtype=dtype,
+                                  sparse=True, optimizer="exact_sgd", learning_rate=1e-9)
+    fused.load_state_dict(tt.state_dict(), strict=False)
     indices = torch.randint(0, rows, (bags * pooling,), generator=gen).to(device)
     offsets = torch.arange(0, bags * pooling, pooling).to(device)
+    full_offsets = torch.cat([offsets, offsets.new_tensor([indices.numel()])])
     n = indices.numel()
-    result = {"shape": name, "p": p, "q": q, "ranks": ranks, "bags": bags, "pooling": pooling, "lookups": n}
-    runs = {"ttdist": measure(lambda: tt(indices, offsets), device, repeat)}
-    if with_reference:
+    result = {"shape": name, "dtype": str(dtype).replace("torch.", ""), "p": p, "q": q, "ranks": ranks,
+              "bags": bags, "pooling": pooling, "lookups": n}
+    op_cores = [c.detach().clone().requires_grad_(True) for c in tt.tt_cores]
+    runs = {"ttdist": measure(lambda: tt(indices, offsets), device, repeat),
+            "ttdist_op": measure(lambda: tt_lookup(op_cores, tt._spec(), indices, full_offsets), device, repeat),
+            "ttdist_fused_sgd": measure(lambda: fused(indices, offsets), device, repeat)}
+    del op_cores
+    def reference_forward() -> Callable[[], torch.Tensor]:
         cores = [c.detach().clone().requires_grad_(True) for c in tt.tt_cores]
-        full_offsets = torch.cat([offsets, offsets.new_tensor([n])])
-        runs["reference"] = measure(lambda: tt_forward_reference(cores, tt._spec(), indices, full_offsets), device,
-                                    max(2, repeat // 3))
-    if with_dense and dense_fits(rows, dim, device):
-        dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device)
-        runs["dense_embedding_bag"] = measure(lambda: dense(indices, offsets), device, repeat)
-        del dense
-    f, b = tt.shapes[0].flops_per_row(), tt.shapes[0].bytes_per_row()
+        return lambda: tt_forward_reference(cores, tt._spec(), indices, full_offsets)
+
+    def dense_forward() -> Callable[[], torch.Tensor]:
+        dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device, dtype=dtype)
+        return lambda: dense(indices, offsets)
+
+    def fbtt_forward() -> Callable[[], torch.Tensor]:
+        # weight_dist="normal": FBTT's default "approx-normal" init fails under NumPy 2.
+        module = fbtt.TTEmbeddingBag(rows, dim, ranks, tt_p_shapes=p, tt_q_shapes=q, optimizer=fbtt.OptimType.SGD,
+                                     learning_rate=1e-9, sparse=True, use_cache=False, weight_dist="normal")
+        module = module.to(device)
+        return lambda: module(indices, full_offsets)
+
+    baselines = {"reference": (reference_forward, with_reference, max(2, repeat // 3)),
+                 "dense_embedding_bag": (dense_forward, with_dense and dense_fits(rows, dim, tt.tt_cores[0].element_size(),
+                                                                                   device), repeat),
+                 "fbtt": (fbtt_forward, fbtt is not None and dtype == torch.float32, repeat)}
+    for other, (build, wanted, times) in baselines.items():
+        if not wanted:
+            continue
+        try:  # a baseline that fails is reported; ttdist's own figures stay
+            runs[other] = measure(build(), device, times)
+        except Exception as e:
+            result.setdefault("errors", {})[other] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"{other} failed at {bags} bags, {dtype}: {result['errors'][other]}", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    f, b = tt.shapes[0].flops_per_row(), tt.shapes[0].bytes_per_row(tt.tt_cores[0].element_size())
     for run in runs.values():
         for key in ("fwd", "bwd", "fwd_bwd"):
             run[f"{key}_us_per_row"] = run[f"{key}_s"] * 1e6 / n
         run["fwd_gflops"] = f * n / run["fwd_s"] / 1e9
         run["fwd_gbytes_per_s"] = b * n / run["fwd_s"] / 1e9
     result["runs"] = runs
-    tt_time = runs["ttdist"]["fwd_bwd_s"]
-    result["ratios"] = {f"{other}_over_ttdist_fwd_bwd": run["fwd_bwd_s"] / tt_time
-                        for other, run in runs.items() if other != "ttdist"}
+    result["ratios"] = {}
+    for base in ("ttdist", "ttdist_fused_sgd"):
+        for other, run in runs.items():
+            if other not in ("ttdist", "ttdist_fused_sgd"):
+                result["ratios"][f"{other}_over_{base}_fwd_bwd"] = run["fwd_bwd_s"] / runs[base]["fwd_bwd_s"]
     result["flops_per_row"], result["bytes_per_row"] = f, b
     return result
+
+
+def fp32_peak_tflops(device_name: str, override: Optional[float]) -> Optional[float]:
+    if override:
+        return override
+    return next((v for k, v in FP32_PEAK_TFLOPS.items() if k in device_name), None)
 
 
 def main() -> None:
@@ -109,33 +160,57 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense nn.EmbeddingBag baseline")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--batches", default=None, help="comma-separated bag counts (default: 512 on CPU; "
+                                                     "512,4096,16384,65536 on CUDA)")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated subset of " + ",".join(DTYPES))
+    ap.add_argument("--fbtt", type=Path, default=DEFAULT_FBTT,
+                    help="FBTT-Embedding source checkout (CUDA only; skipped when absent)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's plain fp32 peak")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/...)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeat = args.repeat or (3 if args.quick else 10)
-    batches = [512] if args.device == "cpu" else ([512, 4096] if args.quick else [512, 4096, 16384, 65536])
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+    else:
+        batches = [512] if args.device == "cpu" else ([512, 4096] if args.quick else [512, 4096, 16384, 65536])
+    fbtt, fbtt_status = None, "not run (CPU)" if args.device == "cpu" else f"not present at {args.fbtt}"
+    if args.device == "cuda" and (args.fbtt / "tt_embeddings_cuda.cu").exists():
+        try:
+            t0 = time.perf_counter()
+            fbtt = load_fbtt(args.fbtt, REPO / "build" / "fbtt")
+            fbtt_status = f"built in {time.perf_counter() - t0:.0f} s"
+        except Exception as e:  # a build failure must not hide ttdist's own figures
+            fbtt_status = f"build failed: {type(e).__name__}: {str(e)[-2000:]}"
+        print(f"FBTT-Embedding: {fbtt_status}", flush=True)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    peak = fp32_peak_tflops(device_name, args.peak_tflops) if args.device == "cuda" else None
     results = []
-    for name in args.shapes.split(","):
-        shape = SHAPES[name]
-        for bags in batches:
-            r = bench_shape(name, shape, bags, 20, args.device, repeat, with_reference=bags <= 16384,
-                            with_dense=not args.no_dense)
-            results.append(r)
-            runs = r["runs"]
-            line = (f"{name:>10} bags={bags:>6}: ttdist fwd {runs['ttdist']['fwd_us_per_row']:.3f} "
-                    f"bwd {runs['ttdist']['bwd_us_per_row']:.3f} fwd+bwd {runs['ttdist']['fwd_bwd_us_per_row']:.3f} us/row, "
-                    f"{runs['ttdist']['fwd_gflops']:.1f} GFLOP/s")
-            for k, v in r["ratios"].items():
-                line += f" | {k} = {v:.2f}x"
-            print(line, flush=True)
-    device_name = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else platform.processor() or "cpu"
+    for dtype_name in args.dtypes.split(","):
+        for name in args.shapes.split(","):
+            for bags in batches:
+                r = bench_shape(name, SHAPES[name], bags, 20, args.device, DTYPES[dtype_name], repeat,
+                                with_reference=bags <= 65536, with_dense=not args.no_dense, fbtt=fbtt)
+                results.append(r)
+                t = r["runs"]["ttdist"]
+                if peak:
+                    for run in r["runs"].values():
+                        run["fwd_fraction_of_fp32_peak"] = run["fwd_gflops"] / (peak * 1e3)
+                line = (f"{name:>10} {dtype_name:>8} bags={bags:>6}: ttdist fwd {t['fwd_us_per_row']:.4f} "
+                        f"bwd {t['bwd_us_per_row']:.4f} fwd+bwd {t['fwd_bwd_us_per_row']:.4f} us/row, "
+                        f"{t['fwd_gflops']:.1f} GFLOP/s")
+                for k, v in r["ratios"].items():
+                    line += f" | {k} = {v:.2f}x"
+                print(line, flush=True)
     out = {
         "device": args.device, "device_name": device_name, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "results": results,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "fp32_peak_tflops": peak, "fbtt": fbtt_status,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "results": results,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = f"_{device_name}" if args.device == "cuda" else ""
-    path = RESULTS / f"tt_kernel_{args.device}{suffix}.json"
+    suffix = f"_{device_name.replace(' ', '_')}" if args.device == "cuda" else ""
+    path = args.out or RESULTS / f"tt_kernel_{args.device}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 

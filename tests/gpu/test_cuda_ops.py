@@ -359,7 +359,7 @@ def test_out_of_range_index_raises(bad):
     pb.indices[-1] = rows if bad == "rows" else bad  # the last position reads table 1
     with pytest.raises((RuntimeError, IndexError), match="out of range"):
         torch.ops.ttdist.tt_forward(*pb.args(DEVICE))
-    go = torch.ones(pb.batch, 16)
+    go = torch.ones(pb.batch, 28)  # D = 12 + 16
     cores, *rest = pb.args(DEVICE)
     with pytest.raises((RuntimeError, IndexError), match="out of range"):
         torch.ops.ttdist.tt_backward(go.to(DEVICE), cores, *rest)
@@ -367,6 +367,13 @@ def test_out_of_range_index_raises(bad):
         torch.cuda.synchronize()  # an illegal access would surface here
     pb.indices[-1] = 0
     assert_rel(pb.forward(DEVICE), pb.reference(), REF_TOL[torch.float32])
+
+
+def test_grad_output_of_wrong_shape_raises():
+    pb = Problem(SHAPES[3], [0, 1], [0, 0], batch=9, dtype=torch.float32, seed=8)
+    cores, *rest = pb.args(DEVICE)
+    with pytest.raises(RuntimeError, match=r"grad_output must be \(9, 28\)"):
+        torch.ops.ttdist.tt_backward(torch.ones(9, 16, device=DEVICE), cores, *rest)
 
 
 def test_bad_offsets_raise():
