@@ -97,6 +97,7 @@ def train(model: nn.Module, batches: list, device: str, dtype: torch.dtype) -> t
         losses.append(loss.detach())
     sync()
     seconds = (time.perf_counter() - t0) / len(batches)
+    ttdist.ops.check_errors(torch.device(device))
     return [float(x) for x in losses], seconds
 
 

@@ -7,14 +7,21 @@ p (i_1 most significant), column j likewise over q, and
 ``W[i, j] = G_1[i_1, :, j_1, :] @ ... @ G_d[i_d, :, j_d, :]``.
 
 Every lookup op takes ``indices`` [N] (int64), ``offsets`` [F * B + 1] (fbgemm's TBE layout,
-features one after another) and optional ``per_sample_weights`` [N]; it returns [B, sum_f D_t(f)].
-Inputs are validated by the modules before these ops run; the kernels check again (cheaply) so
-that a bad call raises instead of reading out of bounds.
+features one after another), optional ``per_sample_weights`` [N] and optional ``table_num_rows``
+[T] (the rows an index may name, ``num_embeddings`` <= prod p); it returns [B, sum_f D_t(f)].
+
+Bad index values or offsets: the CPU ops raise before computing (``IndexError`` / ``ValueError``).
+The CUDA ops check them on the device without making the host wait, leave the bad entries out
+of the result, and raise the same errors later: at the next ttdist op call on that device once
+the check has reached the host, or at ``check_errors(device)``, which waits for it (call it where
+the caller synchronises anyway, e.g. when it reads the loss). ``sync_checks()`` makes every CUDA
+op wait and raise at once (slow; for debugging), as does ``TTDIST_SYNC_CHECKS=1``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -39,6 +46,11 @@ class LookupSpec:
     table_num_cores: tuple[int, ...]
     feature_table_map: tuple[int, ...]
     pooling_modes: tuple[int, ...]
+    table_num_rows: Optional[tuple[int, ...]] = None  # rows an index may name per table; None: prod p
+
+    @property
+    def num_rows(self) -> Optional[list[int]]:
+        return None if self.table_num_rows is None else list(self.table_num_rows)
 
 
 @dataclass(frozen=True)
@@ -67,15 +79,47 @@ def _table_dims(cores: Sequence[Tensor], table_num_cores: Sequence[int]) -> list
 
 
 @torch.library.register_fake("ttdist::tt_forward")
-def _tt_forward_fake(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, per_sample_weights):
+def _tt_forward_fake(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, per_sample_weights,
+                     table_num_rows=None):
     dims = _table_dims(cores, table_num_cores)
     batch = (offsets.shape[0] - 1) // len(feature_table_map)
     return cores[0].new_empty((batch, sum(dims[t] for t in feature_table_map)))
 
 
 @torch.library.register_fake("ttdist::tt_backward")
-def _tt_backward_fake(grad_output, cores, *args):
+def _tt_backward_fake(grad_output, cores, *args, **kwargs):
     return [torch.empty_like(c) for c in cores]
+
+
+@torch.library.register_fake("ttdist::tt_backward_fused_")
+def _tt_backward_fused_fake(grad_output, cores, optimizer_states, *args, **kwargs):
+    return None
+
+
+@torch.library.register_fake("ttdist::sparse_row_update_")
+def _sparse_row_update_fake(weight, optimizer_state, row_ids, row_grads, optimizer, learning_rate, eps):
+    return None
+
+
+def check_errors(device: Union[torch.device, str, None] = None) -> None:
+    """Waits for the device checks of every earlier CUDA op on ``device`` (default: the current
+    CUDA device) and raises the first bad input they found (``IndexError`` / ``ValueError``).
+    A no-op for CPU devices, and where CUDA is not available."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.ops.ttdist.check_errors(torch.device(device))
+
+
+@contextlib.contextmanager
+def sync_checks(enabled: bool = True) -> Iterator[None]:
+    """Within the block every CUDA op waits for its own checks and raises at once."""
+    previous = torch.ops.ttdist.set_sync_checks(enabled)
+    try:
+        yield
+    finally:
+        torch.ops.ttdist.set_sync_checks(previous)
 
 
 class _TTLookup(torch.autograd.Function):
@@ -94,7 +138,8 @@ class _TTLookup(torch.autograd.Function):
         else:
             ctx.inputs, ctx.cores = (indices, offsets, per_sample_weights), cores
         return torch.ops.ttdist.tt_forward(
-            list(cores), spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets, per_sample_weights
+            list(cores), spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets,
+            per_sample_weights, spec.num_rows,
         )
 
     @staticmethod
@@ -105,13 +150,14 @@ class _TTLookup(torch.autograd.Function):
             indices, offsets, per_sample_weights, *cores = ctx.saved_tensors
             grads = torch.ops.ttdist.tt_backward(
                 grad_output, cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
-                indices, offsets, per_sample_weights,
+                indices, offsets, per_sample_weights, spec.num_rows,
             )
             return (None,) * 6 + tuple(grads)
         indices, offsets, per_sample_weights = ctx.inputs
         torch.ops.ttdist.tt_backward_fused_(
             grad_output, list(ctx.cores), list(fused.states), spec.table_num_cores, spec.feature_table_map,
             spec.pooling_modes, indices, offsets, per_sample_weights, fused.optimizer, fused.learning_rate, fused.eps,
+            spec.num_rows,
         )
         return (None,) * (6 + len(ctx.cores))
 

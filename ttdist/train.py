@@ -49,6 +49,7 @@ from ttdist.metrics import MetricsLog, evaluate
 from ttdist.model import build_model, build_sharders, embedding_bytes, plan_constraints, table_configs
 from ttdist.modules.collection import TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
+from ttdist.ops import check_errors
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -361,7 +362,10 @@ def train_step(model, optimizer: KeyedOptimizer, loss_fn, batch, step: int, cfg:
     with progress.phase(f"step {n} backward"):
         loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    value = float(loss.detach())
+    if loss.is_cuda:  # the TT ops check index values on the GPU; the host has just waited anyway
+        check_errors(loss.device)
+    return value
 
 
 def _gather(obj) -> list:

@@ -92,6 +92,7 @@ struct TableShape {
   std::vector<int64_t> Q;           // Q[k] = q_0 * ... * q_k
   std::vector<int64_t> slice;       // slice[k] = r_k * q_k * r_{k+1}
   int64_t num_rows = 1, dim = 1;
+  int64_t valid_rows = 1;  // rows an index may name: num_rows, or the caller's table_num_rows
 
   int64_t digit(int64_t row, int64_t k) const { return (row / row_stride[k]) % p[k]; }
   // First level at which rows a and b differ (d when equal).
@@ -108,17 +109,18 @@ TableShape table_shape(const std::vector<Tensor>& cores, int64_t begin, int64_t 
   s.r.push_back(1);
   for (int64_t k = 0; k < d; ++k) {
     const Tensor& c = cores[begin + k];
-    TORCH_CHECK(c.dim() == 4, "ttdist: core ", k, " must be 4-D (p, r_in, q, r_out), got ", c.sizes());
-    TORCH_CHECK(c.size(1) == s.r.back(), "ttdist: core ", k, " has r_in ", c.size(1), " but the previous core has r_out ", s.r.back());
-    TORCH_CHECK(c.is_contiguous(), "ttdist: cores must be contiguous");
+    TORCH_CHECK_VALUE(c.dim() == 4, "ttdist: core ", k, " must be 4-D (p, r_in, q, r_out), got ", c.sizes());
+    TORCH_CHECK_VALUE(c.size(1) == s.r.back(), "ttdist: core ", k, " has r_in ", c.size(1), " but the previous core has r_out ", s.r.back());
+    TORCH_CHECK_VALUE(c.is_contiguous(), "ttdist: cores must be contiguous");
     s.p.push_back(c.size(0));
     s.q.push_back(c.size(2));
     s.r.push_back(c.size(3));
   }
-  TORCH_CHECK(s.r.back() == 1, "ttdist: the last core must have r_out = 1");
+  TORCH_CHECK_VALUE(s.r.back() == 1, "ttdist: the last core must have r_out = 1");
   s.row_stride.assign(d, 1);
   for (int64_t k = d - 2; k >= 0; --k) s.row_stride[k] = s.row_stride[k + 1] * s.p[k + 1];
   s.num_rows = s.row_stride[0] * s.p[0];
+  s.valid_rows = s.num_rows;
   int64_t acc = 1;
   for (int64_t k = 0; k < d; ++k) {
     acc *= s.q[k];
@@ -165,8 +167,8 @@ TableBatch gather_table(const LookupArgs& a, int64_t t, const TableShape& shape,
   for (int64_t f = 0; f < F; ++f) {
     if (a.feature_table_map[f] != t) continue;
     for (int64_t j = offsets[f * B]; j < offsets[(f + 1) * B]; ++j) {
-      TORCH_CHECK(idx[j] >= 0 && idx[j] < shape.num_rows, "ttdist: index ", idx[j], " at position ", j,
-                  " of feature ", f, " is out of range [0, ", shape.num_rows, ")");
+      TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < shape.valid_rows, "ttdist: index ", idx[j], " at position ", j,
+                        " of feature ", f, " (table ", t, ") is out of range [0, ", shape.valid_rows, ")");
       tb.order.push_back(j);
     }
   }
@@ -328,28 +330,48 @@ Prepared prepare(const std::vector<Tensor>& cores, const LookupArgs& a, const Te
   Prepared pr;
   const int64_t T = static_cast<int64_t>(a.table_num_cores.size());
   const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
-  TORCH_CHECK(F > 0, "ttdist: feature_table_map must name at least one feature");
-  TORCH_CHECK(static_cast<int64_t>(a.pooling_modes.size()) == F, "ttdist: pooling_modes needs one entry per feature");
-  TORCH_CHECK(indices.dim() == 1 && offsets.dim() == 1, "ttdist: indices and offsets must be 1-D");
-  TORCH_CHECK((offsets.numel() - 1) % F == 0 && offsets.numel() >= 1,
+  TORCH_CHECK_VALUE(F > 0, "ttdist: feature_table_map must name at least one feature");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(a.pooling_modes.size()) == F, "ttdist: pooling_modes needs one entry per feature");
+  TORCH_CHECK_VALUE(indices.dim() == 1 && offsets.dim() == 1, "ttdist: indices and offsets must be 1-D");
+  TORCH_CHECK_VALUE((offsets.numel() - 1) % F == 0 && offsets.numel() >= 1,
               "ttdist: offsets must have F * B + 1 entries, got ", offsets.numel(), " for F = ", F);
   pr.B = (offsets.numel() - 1) / F;
+  // The core counts first: table_shape reads cores[begin .. begin + d).
+  const int64_t C = static_cast<int64_t>(cores.size());
   int64_t begin = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t d = a.table_num_cores[t];
+    TORCH_CHECK_VALUE(d >= 1 && d <= C - begin, "ttdist: table ", t, " has table_num_cores ", d,
+                      " but only ", C - begin, " of the ", C, " cores are left for it");
+    begin += d;
+  }
+  TORCH_CHECK_VALUE(begin == C, "ttdist: table_num_cores sums to ", begin, " but ", C, " cores were given");
+  TORCH_CHECK_VALUE(a.table_num_rows.empty() || static_cast<int64_t>(a.table_num_rows.size()) == T,
+                    "ttdist: table_num_rows needs one entry per table, got ", a.table_num_rows.size(), " for ", T,
+                    " tables");
+  begin = 0;
   for (int64_t t = 0; t < T; ++t) {
     pr.core_begin.push_back(begin);
     pr.shapes.push_back(table_shape(cores, begin, a.table_num_cores[t]));
+    if (!a.table_num_rows.empty()) {
+      const int64_t valid = a.table_num_rows[t];
+      TORCH_CHECK_VALUE(valid >= 1 && valid <= pr.shapes.back().num_rows, "ttdist: table_num_rows[", t, "] = ", valid,
+                        " is not in [1, ", pr.shapes.back().num_rows, "] (the product of the table's p)");
+      pr.shapes.back().valid_rows = valid;
+    }
     begin += a.table_num_cores[t];
   }
-  TORCH_CHECK(begin == static_cast<int64_t>(cores.size()), "ttdist: table_num_cores sums to ", begin, " but ", cores.size(), " cores were given");
   for (int64_t f = 0; f < F; ++f) {
     const int64_t t = a.feature_table_map[f];
-    TORCH_CHECK(t >= 0 && t < T, "ttdist: feature ", f, " maps to table ", t, ", valid range [0, ", T, ")");
+    TORCH_CHECK_VALUE(t >= 0 && t < T, "ttdist: feature ", f, " maps to table ", t, ", valid range [0, ", T, ")");
     pr.col_offset.push_back(pr.total_dim);
     pr.total_dim += pr.shapes[t].dim;
   }
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[offsets.numel() - 1] == indices.numel(), "ttdist: offsets must start at 0 and end at the number of indices");
-  for (int64_t x = 0; x + 1 < offsets.numel(); ++x) TORCH_CHECK(off[x] <= off[x + 1], "ttdist: offsets must be non-decreasing");
+  bool offsets_ok = off[0] == 0 && off[offsets.numel() - 1] == indices.numel();
+  for (int64_t x = 0; offsets_ok && x + 1 < offsets.numel(); ++x) offsets_ok = off[x] <= off[x + 1];
+  TORCH_CHECK_VALUE(offsets_ok, "ttdist: offsets must start at 0, be non-decreasing and end at the number of indices (",
+                    indices.numel(), ")");
   pr.unique_of.assign(indices.numel(), -1);
   for (int64_t t = 0; t < T; ++t)
     pr.batches.push_back(gather_table(a, t, pr.shapes[t], indices.data_ptr<int64_t>(), off, pr.B, pr.unique_of));
@@ -438,8 +460,10 @@ void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores
   const Tensor indices = indices_in.to(at::kLong).contiguous();
   const Tensor offsets = offsets_in.to(at::kLong).contiguous();
   Prepared pr = prepare(cores, a, indices, offsets);
+  TORCH_CHECK(grad_output.scalar_type() == cores[0].scalar_type(), "ttdist: grad_output must have the cores' dtype ",
+              cores[0].scalar_type(), ", got ", grad_output.scalar_type());
   const Tensor go = grad_output.contiguous();
-  TORCH_CHECK(go.dim() == 2 && go.size(0) == pr.B && go.size(1) == pr.total_dim, "ttdist: grad_output must be (",
+  TORCH_CHECK_VALUE(go.dim() == 2 && go.size(0) == pr.B && go.size(1) == pr.total_dim, "ttdist: grad_output must be (",
               pr.B, ", ", pr.total_dim, "), got ", go.sizes());
   const auto scale = position_scales<acc_t>(a, offsets.data_ptr<int64_t>(), pr.B, indices);
   for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
@@ -574,10 +598,14 @@ void sparse_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, 
               "ttdist: row_grads must be (", row_ids.numel(), ", ", len, ")");
   check_optimizer_state(weight, optimizer_state, rows, len, optimizer);
   std::vector<int64_t> ids(row_ids.data_ptr<int64_t>(), row_ids.data_ptr<int64_t>() + row_ids.numel());
-  for (int64_t r : ids) TORCH_CHECK(r >= 0 && r < rows, "ttdist: row id ", r, " out of range [0, ", rows, ")");
+  for (size_t n = 0; n < ids.size(); ++n)
+    TORCH_CHECK_INDEX(ids[n] >= 0 && ids[n] < rows, "ttdist: row id ", ids[n], " at position ", n, " out of range [0, ",
+                      rows, ")");
   std::vector<int64_t> sorted = ids;
   std::sort(sorted.begin(), sorted.end());
-  TORCH_CHECK(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), "ttdist: row ids must be unique");
+  const auto repeat = std::adjacent_find(sorted.begin(), sorted.end());
+  TORCH_CHECK_VALUE(repeat == sorted.end(), "ttdist: row ids must be unique; row ", repeat == sorted.end() ? 0 : *repeat,
+                    " repeats");
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sparse_row_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* g = row_grads.data_ptr<acc_t>();

@@ -23,6 +23,7 @@ struct LookupArgs {
   std::vector<int64_t> feature_table_map;  // F entries: table of feature f
   std::vector<int64_t> pooling_modes;      // F entries: kPoolingSum | kPoolingMean
   std::optional<at::Tensor> per_sample_weights;
+  std::vector<int64_t> table_num_rows;  // T entries: rows an index may name (<= prod p), or empty: prod p
 };
 
 at::Tensor tt_forward_cpu(const std::vector<at::Tensor>& cores, const LookupArgs& args, const at::Tensor& indices,

@@ -22,6 +22,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "tt_kernels.h"
+
 namespace ttdist {
 namespace cuda {
 
@@ -38,6 +40,7 @@ constexpr int kChunkThreads = 256;  // threads of the chunk programs (>= 32 * kM
 constexpr int kUpdateThreads = 128; // threads of the optimizer-update programs (a power of two)
 constexpr int kWarp = 32;
 constexpr int kItemThreads = 256;   // threads per block of item ops
+constexpr int kHotPositions = 64;   // a unique row with more positions has its gradient summed in pieces
 
 enum : int { kOptSGD = 0, kOptAdagrad = 1, kOptRowwiseAdagrad = 2 };
 enum : int { kPoolSum = 0, kPoolMean = 1 };
@@ -85,6 +88,14 @@ TTD_HD void atomic_add_u64(unsigned long long* p, unsigned long long v) {
   atomicAdd(p, v);
 #else
   *p += v;
+#endif
+}
+
+TTD_HD void atomic_max_i64(long long* p, long long v) {
+#if defined(__CUDA_ARCH__)
+  atomicMax(p, v);
+#else
+  if (v > *p) *p = v;
 #endif
 }
 
@@ -142,6 +153,7 @@ struct TableDesc {
   int32_t off_p[kMaxCores];       // scratch offset of the level-k node buffer P_k (elements)
   int32_t off_dp[kMaxCores];      // scratch offset of dP_k (backward programs only)
   int64_t num_rows;               // prod p
+  int64_t valid_rows;             // rows an index may name (num_embeddings <= prod p)
   int64_t key_base;               // sort key of row 0 (tables stacked in one key space)
   int64_t row_stride[kMaxCores];  // p_{k+1} * ... * p_{d-1}; digit i_k = row / stride % p_k
 };
@@ -182,11 +194,44 @@ struct PrepStatus {
   unsigned long long pad0;
 };
 
+// ---------------------------------------------------------------------------------------------
+// Shared-memory accumulation and warp shuffles. On the GPU: plain code and __shfl_xor_sync. On
+// the host the emulator (tests/gpu/emulate_kernels.cu) installs hooks that run the lanes of a
+// warp as coroutines meeting at every shuffle, and that check that no two threads of a block
+// read-modify-write one address in one phase without atomics.
+// ---------------------------------------------------------------------------------------------
+struct HostEmulationHooks {
+  double (*shfl_xor)(double value, int lane_mask) = nullptr;  // this lane's partner's value
+  void (*exclusive_access)(const void* address) = nullptr;     // called before a non-atomic update
+};
+inline HostEmulationHooks& host_hooks() {
+  static HostEmulationHooks hooks;
+  return hooks;
+}
+
+template <typename T>
+TTD_HD T shfl_xor(T v, int lane_mask) {
+#if defined(__CUDA_ARCH__)
+  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+#else
+  return static_cast<T>(host_hooks().shfl_xor(static_cast<double>(v), lane_mask));
+#endif
+}
+
+// *p += v where no other thread of the block touches *p in this phase (not atomic).
+template <typename T>
+TTD_HD void exclusive_add(T* p, T v) {
+#if !defined(__CUDA_ARCH__)
+  if (host_hooks().exclusive_access != nullptr) host_hooks().exclusive_access(p);
+#endif
+  *p += v;
+}
+
 struct RowUpdateStatus {
   unsigned long long first_bad;  // smallest list position with an out-of-range id
   unsigned long long bad_count;
   unsigned long long duplicates;  // 1 if an id repeats
-  unsigned long long pad0;
+  long long duplicate_value;      // the largest repeated id
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -227,7 +272,7 @@ struct PositionsOp {
     const TableDesc& tab = tables[features[f].table];
     const int64_t row = indices[j];
     uint64_t key = key_space;
-    if (row >= 0 && row < tab.num_rows) {
+    if (row >= 0 && row < tab.valid_rows) {
       key = static_cast<uint64_t>(tab.key_base) + static_cast<uint64_t>(row);
     } else {
       atomic_min_u64(&status->first_bad, static_cast<unsigned long long>(j));
@@ -246,7 +291,9 @@ struct HeadFlagsOp {
 };
 
 // uid1 = inclusive prefix sum of the head flags: sorted position n belongs to unique uid1[n] - 1.
+// Positions with an out-of-range index (the sentinel key, sorted last) get unique id -1.
 struct ScatterUniqueOp {
+  uint64_t key_space;  // the sentinel
   const uint64_t* sorted_keys;
   const int64_t* order;  // order[n]: original position of sorted position n
   const int64_t* head;
@@ -258,7 +305,7 @@ struct ScatterUniqueOp {
   PrepStatus* status;
   TTD_HD void operator()(int64_t n) const {
     const int64_t u = uid1[n] - 1;
-    unique_of[order[n]] = u;
+    unique_of[order[n]] = sorted_keys[n] == key_space ? -1 : u;
     if (head[n]) {
       useg[u] = n;
       ukey[u] = sorted_keys[n];
@@ -316,7 +363,8 @@ TTD_HD acc_t position_scale(const acc_t* psw, int64_t j, int pooling, int64_t ba
 template <typename scalar_t>
 struct PoolOp {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t* offsets;
+  int64_t num_indices;
+  const int64_t* offsets;  // clamped into [0, N]: malformed offsets (recorded) never index out of bounds
   const int64_t* unique_of;
   const acc_t* psw;
   const FeatureDesc* features;
@@ -330,13 +378,16 @@ struct PoolOp {
     const int lane = static_cast<int>(item - fb * kWarp);
     const int64_t f = fb / batch, b = fb - f * batch;
     const FeatureDesc fd = features[f];
-    const int64_t lo = offsets[fb], hi = offsets[fb + 1];
+    const int64_t lo = tt_min(tt_max<int64_t>(offsets[fb], 0), num_indices);
+    const int64_t hi = tt_min(tt_max(offsets[fb + 1], lo), num_indices);
     const int64_t ub = plan.ubegin[fd.table], base = plan.row_off[fd.table];
     scalar_t* dst = out + b * total_dim + fd.col;
     for (int e = lane; e < fd.dim; e += kWarp) {
       acc_t acc = 0;
-      for (int64_t j = lo; j < hi; ++j)
-        acc += position_scale(psw, j, fd.pooling, hi - lo) * rows[base + (unique_of[j] - ub) * fd.dim + e];
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t u = unique_of[j];
+        if (u >= 0) acc += position_scale(psw, j, fd.pooling, hi - lo) * rows[base + (u - ub) * fd.dim + e];
+      }
       from_acc(acc, dst + e);
     }
   }
@@ -344,31 +395,25 @@ struct PoolOp {
 
 // ---------------------------------------------------------------------------------------------
 // Backward: gradient of every unique row, summed over its positions in sorted (= position)
-// order: deterministic. item = (unique u, lane).
+// order: deterministic. A warp per row (lanes over columns); a hot row (more than
+// kHotPositions positions, e.g. a Zipf-head id in many bags) is summed by many warps in pieces of
+// kHotPositions positions, each into its own partial, and the partials are then added in piece
+// order, so no warp walks more than kHotPositions positions and the sum stays deterministic.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
-struct GradRowsOp {
+struct RowGradSum {
   using acc_t = typename AccOf<scalar_t>::type;
-  const TableDesc* tables;
-  int64_t num_tables;
   const FeatureDesc* features;
-  PlanView plan;
-  const int64_t* useg;
   const int64_t* order;
   const int64_t* bag_of;
   const int64_t* offsets;
   const acc_t* psw;
   const scalar_t* grad_output;  // (B, total_dim)
-  acc_t* grad_rows;             // row buffer layout
   int64_t batch;
   int64_t total_dim;
-  TTD_HD void operator()(int64_t item) const {
-    const int64_t u = item / kWarp;
-    const int lane = static_cast<int>(item - u * kWarp);
-    const int64_t t = find_segment(plan.ubegin, num_tables, u);
-    const int D = tables[t].dim;
-    acc_t* dst = grad_rows + plan.row_off[t] + (u - plan.ubegin[t]) * D;
-    const int64_t n0 = useg[u], n1 = useg[u + 1];
+
+  // dst[e] = sum over sorted positions n in [n0, n1) of scale(j) * grad_output[b(j), col + e].
+  TTD_HD void operator()(int64_t n0, int64_t n1, int D, int lane, acc_t* dst) const {
     for (int e = lane; e < D; e += kWarp) {
       acc_t acc = 0;
       for (int64_t n = n0; n < n1; ++n) {
@@ -378,6 +423,101 @@ struct GradRowsOp {
         const acc_t s = position_scale(psw, j, fd.pooling, offsets[fb + 1] - offsets[fb]);
         acc += s * to_acc(grad_output[b * total_dim + fd.col + e]);
       }
+      dst[e] = acc;
+    }
+  }
+};
+
+// Where unique row u's gradient goes in the row buffer, and its dim.
+struct RowSlot {
+  const TableDesc* tables;
+  int64_t num_tables;
+  PlanView plan;
+  TTD_HD int64_t offset(int64_t u, int* dim) const {
+    const int64_t t = find_segment(plan.ubegin, num_tables, u);
+    *dim = tables[t].dim;
+    return plan.row_off[t] + (u - plan.ubegin[t]) * tables[t].dim;
+  }
+};
+
+// Pieces of every unique row (0 unless hot); u ranges over a host bound, valid u < ubegin[T].
+struct PieceCountOp {
+  PlanView plan;
+  int64_t num_tables;
+  const int64_t* useg;
+  int64_t* pieces;
+  TTD_HD void operator()(int64_t u) const {
+    const int64_t len = u < plan.ubegin[num_tables] ? useg[u + 1] - useg[u] : 0;
+    pieces[u] = len > kHotPositions ? (len + kHotPositions - 1) / kHotPositions : 0;
+  }
+};
+
+// item = (unique u, lane): rows that are not hot.
+template <typename scalar_t>
+struct GradRowsOp {
+  using acc_t = typename AccOf<scalar_t>::type;
+  RowSlot slot;
+  RowGradSum<scalar_t> sum;
+  const int64_t* useg;
+  acc_t* grad_rows;  // row buffer layout
+  TTD_HD void operator()(int64_t item) const {
+    const int64_t u = item / kWarp;
+    if (u >= slot.plan.ubegin[slot.num_tables]) return;
+    const int64_t n0 = useg[u], n1 = useg[u + 1];
+    if (n1 - n0 > kHotPositions) return;  // GradPiecesOp + ReduceHotRowsOp
+    int D = 0;
+    const int64_t off = slot.offset(u, &D);
+    sum(n0, n1, D, static_cast<int>(item - u * kWarp), grad_rows + off);
+  }
+};
+
+// item = (piece, lane): piece p of a hot row into partials[p * max_dim ...].
+template <typename scalar_t>
+struct GradPiecesOp {
+  using acc_t = typename AccOf<scalar_t>::type;
+  RowSlot slot;
+  RowGradSum<scalar_t> sum;
+  const int64_t* useg;
+  const int64_t* piece_end;  // inclusive prefix sum of the pieces per unique row (host-bound entries)
+  int64_t unique_bound;
+  int64_t max_dim;
+  acc_t* partials;
+  TTD_HD void operator()(int64_t item) const {
+    const int64_t p = item / kWarp;
+    const int64_t U = slot.plan.ubegin[slot.num_tables];
+    if (U == 0 || p >= piece_end[unique_bound - 1]) return;
+    int64_t lo = 0, hi = U;  // first u with piece_end[u] > p
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (piece_end[mid] <= p) lo = mid + 1;
+      else hi = mid;
+    }
+    const int64_t u = lo, first = u > 0 ? piece_end[u - 1] : 0;
+    const int64_t n0 = useg[u] + (p - first) * kHotPositions, n1 = tt_min(useg[u + 1], n0 + kHotPositions);
+    int D = 0;
+    slot.offset(u, &D);
+    sum(n0, n1, D, static_cast<int>(item - p * kWarp), partials + p * max_dim);
+  }
+};
+
+// item = (unique u, lane): a hot row's gradient = its partials added in piece order.
+template <typename acc_t>
+struct ReduceHotRowsOp {
+  RowSlot slot;
+  const int64_t* piece_end;
+  int64_t max_dim;
+  const acc_t* partials;
+  acc_t* grad_rows;
+  TTD_HD void operator()(int64_t item) const {
+    const int64_t u = item / kWarp;
+    if (u >= slot.plan.ubegin[slot.num_tables]) return;
+    const int64_t first = u > 0 ? piece_end[u - 1] : 0, last = piece_end[u];
+    if (last == first) return;  // not hot
+    int D = 0;
+    acc_t* dst = grad_rows + slot.offset(u, &D);
+    for (int e = static_cast<int>(item - u * kWarp); e < D; e += kWarp) {
+      acc_t acc = 0;
+      for (int64_t p = first; p < last; ++p) acc += partials[p * max_dim + e];
       dst[e] = acc;
     }
   }
@@ -578,19 +718,13 @@ struct RowsProgram {
   }
 };
 
-// Sum over the `parts` consecutive lanes that computed partial sums of one output; the group's
-// first lane gets the total. On the host (emulator) every lane keeps its own partial and adds it
-// to the (zeroed) output itself, so `leader` is always true there.
+// Sum over the `parts` (a power of two) consecutive lanes that computed partial sums of one
+// output: every lane gets the total, the group's first lane is its leader. Every lane of the
+// warp must call it (a full-mask shuffle).
 template <typename acc_t>
 TTD_HD acc_t group_sum(acc_t v, int parts, bool* leader, int tid) {
-#if defined(__CUDA_ARCH__)
-  for (int o = parts / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = parts / 2; o > 0; o >>= 1) v += shfl_xor(v, o);
   *leader = (tid % parts) == 0;
-#else
-  (void)parts;
-  (void)tid;
-  *leader = true;
-#endif
   return v;
 }
 
@@ -722,10 +856,10 @@ struct CoreGradProgram {
       if (active && leader) {
         acc_t* dst = dPprev + p * tb.node_elems[k - 1] + kk;
         const int ld = tb.ld[k - 1];
-        if (m0 < M) dst[m0 * ld] += c0;
-        if (m0 + 1 < M) dst[(m0 + 1) * ld] += c1;
-        if (m0 + 2 < M) dst[(m0 + 2) * ld] += c2;
-        if (m0 + 3 < M) dst[(m0 + 3) * ld] += c3;
+        if (m0 < M) exclusive_add(dst + m0 * ld, c0);
+        if (m0 + 1 < M) exclusive_add(dst + (m0 + 1) * ld, c1);
+        if (m0 + 2 < M) exclusive_add(dst + (m0 + 2) * ld, c2);
+        if (m0 + 3 < M) exclusive_add(dst + (m0 + 3) * ld, c3);
       }
     }
   }
@@ -901,6 +1035,7 @@ struct SliceResolver {
 template <typename scalar_t>
 struct RowResolver {
   using acc_t = typename AccOf<scalar_t>::type;
+  int64_t rows;
   scalar_t* weight;
   acc_t* state;
   const int64_t* ids;
@@ -910,11 +1045,12 @@ struct RowResolver {
   TTD_HD UpdateTarget<scalar_t> operator()(int64_t n) const {
     const int64_t row = ids[n];
     UpdateTarget<scalar_t> t;
-    t.w = weight + row * len;
+    t.active = row >= 0 && row < rows;  // an id out of range is recorded and skipped
+    const int64_t r = t.active ? row : 0;
+    t.w = weight + r * len;
     t.g = grads + n * len;
-    t.state = optimizer == kOptAdagrad ? state + row * len : optimizer == kOptRowwiseAdagrad ? state + row : nullptr;
+    t.state = optimizer == kOptAdagrad ? state + r * len : optimizer == kOptRowwiseAdagrad ? state + r : nullptr;
     t.len = len;
-    t.active = true;
     return t;
   }
 };
@@ -936,7 +1072,70 @@ struct CheckDuplicatesOp {
   const int64_t* sorted_ids;
   RowUpdateStatus* status;
   TTD_HD void operator()(int64_t n) const {
-    if (n > 0 && sorted_ids[n] == sorted_ids[n - 1]) atomic_max_u64(&status->duplicates, 1ull);
+    if (n > 0 && sorted_ids[n] == sorted_ids[n - 1]) {
+      atomic_max_u64(&status->duplicates, 1ull);
+      atomic_max_i64(&status->duplicate_value, sorted_ids[n]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Error reports: one thread copies a call's first bad input into the caller's ErrorRecord,
+// unless an earlier call's error is still there (stream order: no atomics needed).
+// ---------------------------------------------------------------------------------------------
+struct ReportLookupErrorsOp {
+  const PrepStatus* status;
+  const int64_t* indices;
+  const int64_t* bag_of;
+  const FeatureDesc* features;
+  const TableDesc* tables;
+  int64_t batch;
+  int64_t num_indices;
+  int64_t call;
+  ErrorRecord* record;
+  TTD_HD void operator()(int64_t) const {
+    if (record->code != kErrNone) return;
+    if (status->bad_offsets) {
+      record->code = kErrOffsets;
+      record->call = call;
+      record->limit = num_indices;
+      return;
+    }
+    if (status->bad_count == 0) return;
+    const int64_t j = static_cast<int64_t>(status->first_bad);
+    const int64_t f = bag_of[j] / batch;
+    const TableDesc& tab = tables[features[f].table];
+    record->code = kErrIndex;
+    record->call = call;
+    record->position = j;
+    record->value = indices[j];
+    record->feature = f;
+    record->table = features[f].table;
+    record->limit = tab.valid_rows;
+    record->count = static_cast<int64_t>(status->bad_count);
+  }
+};
+
+struct ReportRowErrorsOp {
+  const RowUpdateStatus* status;
+  const int64_t* ids;
+  int64_t rows;
+  int64_t call;
+  ErrorRecord* record;
+  TTD_HD void operator()(int64_t) const {
+    if (record->code != kErrNone || (status->bad_count == 0 && status->duplicates == 0)) return;
+    record->call = call;
+    record->limit = rows;
+    if (status->bad_count) {
+      const int64_t j = static_cast<int64_t>(status->first_bad);
+      record->code = kErrRowId;
+      record->position = j;
+      record->value = ids[j];
+      record->count = static_cast<int64_t>(status->bad_count);
+    } else {
+      record->code = kErrDuplicateRowId;
+      record->value = static_cast<int64_t>(status->duplicate_value);
+    }
   }
 };
 

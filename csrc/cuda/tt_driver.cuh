@@ -1,10 +1,11 @@
 // Host-side driver of the TT ops, generic over an executor `Exec` that provides the primitives:
 //
 //   void* alloc(size_t bytes)                       temporary device memory (valid until return)
-//   void upload(void* dst, const void* src, size_t) / download(...) (download waits for the data)
+//   void upload(void* dst, const void* src, size_t)  host to device, stream-ordered, no wait
 //   void zero(void* p, size_t bytes)
 //   for_each(int64_t n, const Op& op)               op(i) for i in [0, n)
-//   run_program(const Prog& prog, int64_t items, size_t smem_bytes, int64_t global_scratch_elems)
+//   run_program(const Prog& prog, int64_t max_items, const unsigned long long* items, size_t smem_bytes,
+//               int64_t global_scratch_elems)      items: device count <= max_items (null: max_items)
 //   sort_pairs(keys_in, keys_out, vals_in, vals_out, n, key_bits)   stable, uint64 keys, int64 values
 //   sort_keys(in, out, n)                           int64
 //   inclusive_sum(in, out, n)                       int64
@@ -12,7 +13,9 @@
 //   Status status();                                the first error seen (CUDA errors on the GPU)
 //
 // tt_kernels.cu instantiates it with the CUDA executor (kernels, CUB); the host emulator in
-// tests/gpu/emulate_kernels.cu with a CPU executor. Everything here is host code.
+// tests/gpu/emulate_kernels.cu with a CPU executor. Everything here is host code, and none of it
+// waits for the device: sizes that depend on the data are bounded from N and the kernels read
+// the actual counts (unique rows, chunks, hot-row pieces) from device memory.
 #pragma once
 
 #include <algorithm>
@@ -33,7 +36,7 @@ inline size_t acc_size_of(DType t) { return t == DType::kFloat64 ? 8 : 4; }
 // The validated, device-ready description of one lookup.
 struct Problem {
   DType dtype = DType::kFloat32;
-  int64_t T = 0, F = 0, C = 0, B = 0, N = 0, nbags = 0, total_dim = 0;
+  int64_t T = 0, F = 0, C = 0, B = 0, N = 0, nbags = 0, total_dim = 0, max_dim = 1;
   uint64_t key_space = 0;  // sum of the tables' rows; also the invalid-row sentinel key
   int key_bits = 1;        // key_space < 2^key_bits
   std::vector<TableDesc> tables;
@@ -66,6 +69,9 @@ inline Status build_problem(const LookupProblem& lp, Problem* out) {
   if (static_cast<int64_t>(lp.cores.size()) != pb.C) return invalid("one device pointer per core is required");
   if (pb.F == 0) return invalid("feature_table_map must name at least one feature");
   if (static_cast<int64_t>(lp.pooling_modes.size()) != pb.F) return invalid("pooling_modes needs one entry per feature");
+  if (!lp.table_num_rows.empty() && static_cast<int64_t>(lp.table_num_rows.size()) != pb.T)
+    return invalid("table_num_rows needs one entry per table, got " + str(static_cast<int64_t>(lp.table_num_rows.size())) +
+                   " for " + str(pb.T) + " tables");
   if (lp.num_offsets < 1 || (lp.num_offsets - 1) % pb.F != 0)
     return invalid("offsets must have F * B + 1 entries, got " + str(lp.num_offsets) + " for F = " + str(pb.F));
   if (pb.N < 0 || pb.N > kInt32Max) return invalid("at most 2^31 - 1 indices per call are supported, got " + str(pb.N));
@@ -92,8 +98,9 @@ inline Status build_problem(const LookupProblem& lp, Problem* out) {
       if (s[1] != td.r[k])
         return invalid("core " + str(k) + " of table " + str(t) + " has r_in " + str(s[1]) + " but the previous core has r_out " + str(td.r[k]));
       const int64_t slice = s[1] * s[2] * s[3];
-      if (slice * s[0] > kInt32Max || slice > kInt32Max / 32)
-        return invalid("core " + str(k) + " of table " + str(t) + " is too large (more than 2^31 elements)");
+      if (slice > kInt32Max / 32)
+        return invalid("core " + str(k) + " of table " + str(t) + " has slices of " + str(slice) +
+                       " elements; at most 2^26 are supported");
       td.p[k] = static_cast<int32_t>(s[0]);
       td.q[k] = static_cast<int32_t>(s[2]);
       td.r[k + 1] = static_cast<int32_t>(s[3]);
@@ -110,7 +117,16 @@ inline Status build_problem(const LookupProblem& lp, Problem* out) {
     }
     if (td.r[d] != 1) return invalid("the last core of table " + str(t) + " must have r_out = 1");
     td.dim = static_cast<int32_t>(Q);
+    pb.max_dim = std::max<int64_t>(pb.max_dim, Q);
     td.num_rows = rows;
+    td.valid_rows = rows;
+    if (!lp.table_num_rows.empty()) {
+      const int64_t valid = lp.table_num_rows[t];
+      if (valid < 1 || valid > rows)
+        return invalid("table_num_rows[" + str(t) + "] = " + str(valid) + " is not in [1, " + str(rows) +
+                       "] (the product of the table's p)");
+      td.valid_rows = valid;
+    }
     int64_t stride = 1;
     for (int64_t k = d - 1; k >= 0; --k) {
       td.row_stride[k] = stride;
@@ -229,6 +245,7 @@ inline Status plan_chunks(std::vector<TableDesc>& tables, bool backward, size_t 
 
 // ---------------------------------------------------------------------------------------------
 // Preparation: descriptors to the device, validation, sort by (table, row), unique rows, plan.
+// Device arrays are sized by host bounds (U <= N unique rows); the counts live in `status`.
 // ---------------------------------------------------------------------------------------------
 struct Prepared {
   TableDesc* tables = nullptr;
@@ -241,7 +258,10 @@ struct Prepared {
   int64_t* unique_of = nullptr;
   int64_t* useg = nullptr;
   PlanView plan{};
-  PrepStatus host{};
+  PrepStatus* status = nullptr;  // device: unique rows, chunks, row-buffer size, bad input
+  int64_t unique_bound = 0;      // >= valid unique rows (N)
+  int64_t chunk_bound = 0;       // >= chunks (ceil(N / R) + T)
+  int64_t rowbuf_bound = 0;      // >= row-buffer elements (N * max D + 4 T)
 };
 
 template <class Exec>
@@ -249,23 +269,31 @@ inline void* alloc_bytes(Exec& ex, size_t bytes) { return ex.alloc(std::max<size
 
 template <class Exec>
 Status prepare(Exec& ex, const Problem& pb, const LookupInputs& in, int chunk_rows, Prepared* pr) {
+  if (in.errors == nullptr) return invalid("no error record given");
   const int64_t N = pb.N, T = pb.T;
-  // Descriptors: one upload.
+  // Descriptors and the zeroed status: one upload.
   auto align = [](size_t x) { return (x + 255) / 256 * 256; };
   const size_t o_tab = 0, o_feat = align(o_tab + sizeof(TableDesc) * T),
                o_core = align(o_feat + sizeof(FeatureDesc) * pb.F), o_sb = align(o_core + sizeof(CoreDesc) * pb.C),
-               total = align(o_sb + sizeof(int64_t) * (pb.C + 1));
+               o_st = align(o_sb + sizeof(int64_t) * (pb.C + 1)), total = align(o_st + sizeof(PrepStatus));
   std::vector<unsigned char> blob(total, 0);
   std::memcpy(blob.data() + o_tab, pb.tables.data(), sizeof(TableDesc) * T);
   std::memcpy(blob.data() + o_feat, pb.features.data(), sizeof(FeatureDesc) * pb.F);
   std::memcpy(blob.data() + o_core, pb.cores.data(), sizeof(CoreDesc) * pb.C);
   std::memcpy(blob.data() + o_sb, pb.slice_base.data(), sizeof(int64_t) * (pb.C + 1));
+  PrepStatus init{};
+  init.first_bad = ~0ull;
+  std::memcpy(blob.data() + o_st, &init, sizeof(PrepStatus));
   unsigned char* dev = static_cast<unsigned char*>(alloc_bytes(ex, total));
   ex.upload(dev, blob.data(), total);
   pr->tables = reinterpret_cast<TableDesc*>(dev + o_tab);
   pr->features = reinterpret_cast<FeatureDesc*>(dev + o_feat);
   pr->cores = reinterpret_cast<CoreDesc*>(dev + o_core);
   pr->slice_base = reinterpret_cast<int64_t*>(dev + o_sb);
+  pr->status = reinterpret_cast<PrepStatus*>(dev + o_st);
+  pr->unique_bound = N;
+  pr->chunk_bound = (N + chunk_rows - 1) / chunk_rows + T;
+  pr->rowbuf_bound = N * pb.max_dim + 4 * T;
 
   const size_t n8 = sizeof(int64_t) * static_cast<size_t>(N);
   uint64_t* keys = static_cast<uint64_t*>(alloc_bytes(ex, n8));
@@ -280,10 +308,7 @@ Status prepare(Exec& ex, const Problem& pb, const LookupInputs& in, int chunk_ro
   pr->useg = static_cast<int64_t*>(alloc_bytes(ex, n8 + 8));
   int64_t* plan = static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * 3 * (T + 1)));
   pr->plan = PlanView{plan, plan + (T + 1), plan + 2 * (T + 1)};
-  PrepStatus* st = static_cast<PrepStatus*>(alloc_bytes(ex, sizeof(PrepStatus)));
-  PrepStatus init{};
-  init.first_bad = ~0ull;
-  ex.upload(st, &init, sizeof(PrepStatus));
+  PrepStatus* st = pr->status;
 
   ex.for_each(pb.nbags + 1, CheckOffsetsOp{in.offsets, pb.nbags, N, st});
   if (N > 0 && pb.nbags > 0) {
@@ -292,25 +317,12 @@ Status prepare(Exec& ex, const Problem& pb, const LookupInputs& in, int chunk_ro
     ex.sort_pairs(keys, skeys, pos, pr->order, N, pb.key_bits);
     ex.for_each(N, HeadFlagsOp{skeys, head});
     ex.inclusive_sum(head, uid1, N);
-    ex.for_each(N, ScatterUniqueOp{skeys, pr->order, head, uid1, N, pr->unique_of, pr->ukey, pr->useg, st});
+    ex.for_each(N, ScatterUniqueOp{pb.key_space, skeys, pr->order, head, uid1, N, pr->unique_of, pr->ukey, pr->useg,
+                                   st});
   }
   ex.for_each(1, PlanOp{pr->tables, T, chunk_rows, pr->ukey, pb.key_space, pr->plan, st});
-  ex.download(&pr->host, st, sizeof(PrepStatus));
-  Status s = ex.status();
-  if (!s.ok()) return s;
-  if (pr->host.bad_offsets)
-    return invalid("offsets must start at 0, be non-decreasing and end at the number of indices (" + str(N) + ")");
-  if (pr->host.bad_count) {
-    const int64_t j = static_cast<int64_t>(pr->host.first_bad);
-    int64_t value = 0, fb = 0;
-    ex.download(&value, in.indices + j, sizeof(int64_t));
-    ex.download(&fb, pr->bag_of + j, sizeof(int64_t));
-    const int64_t f = fb / std::max<int64_t>(pb.B, 1);
-    const int64_t rows = pb.tables[pb.features[f].table].num_rows;
-    return Status::Error(Status::kIndexError, "ttdist: index " + str(value) + " at position " + str(j) + " of feature " +
-                                                  str(f) + " is out of range [0, " + str(rows) + ") (" +
-                                                  str(static_cast<int64_t>(pr->host.bad_count)) + " indices out of range)");
-  }
+  ex.for_each(1, ReportLookupErrorsOp{st, in.indices, pr->bag_of, pr->features, pr->tables, std::max<int64_t>(pb.B, 1),
+                                      N, in.call, in.errors});
   return ex.status();
 }
 
@@ -327,14 +339,15 @@ Status forward_impl(Exec& ex, Problem pb, const LookupInputs& in, scalar_t* out,
   s = prepare(ex, pb, in, cp.rows, &pr);
   if (!s.ok()) return s;
   acc_t* rows = nullptr;
-  if (pr.host.rowbuf_elems > 0) {
-    rows = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * pr.host.rowbuf_elems));
+  if (pb.N > 0) {
+    rows = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * pr.rowbuf_bound));
     RowsProgram<scalar_t> prog{ChunkSetup{pr.tables, pb.T, pr.plan, pr.ukey, cp.rows}, pr.cores, rows};
-    ex.run_program(prog, static_cast<int64_t>(pr.host.total_chunks), cp.smem_bytes, cp.global_scratch_elems);
+    ex.run_program(prog, pr.chunk_bound, &pr.status->total_chunks, cp.smem_bytes, cp.global_scratch_elems);
   }
   if (pb.nbags > 0 && pb.total_dim > 0)
-    ex.for_each(pb.nbags * kWarp, PoolOp<scalar_t>{in.offsets, pr.unique_of, static_cast<const acc_t*>(in.per_sample_weights),
-                                                   pr.features, pr.plan, rows, out, pb.B, pb.total_dim});
+    ex.for_each(pb.nbags * kWarp, PoolOp<scalar_t>{pb.N, in.offsets, pr.unique_of,
+                                                   static_cast<const acc_t*>(in.per_sample_weights), pr.features,
+                                                   pr.plan, rows, out, pb.B, pb.total_dim});
   return ex.status();
 }
 
@@ -349,15 +362,25 @@ Status core_grads_impl(Exec& ex, Problem& pb, const LookupInputs& in, const scal
   if (!s.ok()) return s;
   Prepared& pr = *prepared;
   s = prepare(ex, pb, in, cp.rows, &pr);
-  if (!s.ok()) return s;
-  const int64_t U = static_cast<int64_t>(pr.host.valid_unique);
-  if (U == 0) return ex.status();
-  acc_t* grad_rows = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * pr.host.rowbuf_elems));
-  ex.for_each(U * kWarp, GradRowsOp<scalar_t>{pr.tables, pb.T, pr.features, pr.plan, pr.useg, pr.order, pr.bag_of,
-                                              in.offsets, static_cast<const acc_t*>(in.per_sample_weights),
-                                              grad_output, grad_rows, pb.B, pb.total_dim});
+  if (!s.ok() || pb.N == 0) return s;
+  const int64_t U = pr.unique_bound;
+  acc_t* grad_rows = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * pr.rowbuf_bound));
+  const RowSlot slot{pr.tables, pb.T, pr.plan};
+  const RowGradSum<scalar_t> sum{pr.features, pr.order, pr.bag_of, in.offsets,
+                                 static_cast<const acc_t*>(in.per_sample_weights), grad_output, pb.B, pb.total_dim};
+  // Hot rows in pieces: at most N / kHotPositions pieces of full rows plus one partial piece per hot row.
+  int64_t* pieces = static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * U));
+  int64_t* piece_end = static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * U));
+  ex.for_each(U, PieceCountOp{pr.plan, pb.T, pr.useg, pieces});
+  ex.inclusive_sum(pieces, piece_end, U);
+  const int64_t piece_bound = 2 * (pb.N / kHotPositions) + 1;
+  acc_t* partials = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * piece_bound * pb.max_dim));
+  ex.for_each(U * kWarp, GradRowsOp<scalar_t>{slot, sum, pr.useg, grad_rows});
+  ex.for_each(piece_bound * kWarp,
+              GradPiecesOp<scalar_t>{slot, sum, pr.useg, piece_end, U, pb.max_dim, partials});
+  ex.for_each(U * kWarp, ReduceHotRowsOp<acc_t>{slot, piece_end, pb.max_dim, partials, grad_rows});
   CoreGradProgram<scalar_t> prog{ChunkSetup{pr.tables, pb.T, pr.plan, pr.ukey, cp.rows}, pr.cores, grad_rows, touched};
-  ex.run_program(prog, static_cast<int64_t>(pr.host.total_chunks), cp.smem_bytes, cp.global_scratch_elems);
+  ex.run_program(prog, pr.chunk_bound, &pr.status->total_chunks, cp.smem_bytes, cp.global_scratch_elems);
   return ex.status();
 }
 
@@ -409,47 +432,39 @@ Status backward_fused_impl(Exec& ex, Problem pb, const LookupInputs& in, const s
   Prepared pr;
   Status s = core_grads_impl<scalar_t>(ex, pb, in, grad_output, touched, opt, &pr);
   if (!s.ok()) return s;
-  if (pr.host.valid_unique == 0) return ex.status();  // nothing touched
   // Every slice of every core is an item (a grid-stride loop over all of them), so no touched
   // slice is missed whatever p_k is; untouched slices return at once.
   UpdateProgram<scalar_t, SliceResolver<scalar_t>> prog{SliceResolver<scalar_t>{pr.cores, pr.slice_base, pb.C, touched, optimizer},
                                                        optimizer, static_cast<acc_t>(lr), static_cast<acc_t>(eps)};
-  ex.run_program(prog, slices, 0, 0);
+  ex.run_program(prog, slices, nullptr, 0, 0);
   return ex.status();
 }
 
 template <typename scalar_t, class Exec>
 Status sparse_row_update_impl(Exec& ex, scalar_t* weight, void* state, int64_t rows, int64_t len, const int64_t* ids,
-                              int64_t n, const void* grads, int optimizer, double lr, double eps) {
+                              int64_t n, const void* grads, int optimizer, double lr, double eps, ErrorRecord* errors,
+                              int64_t call) {
   using acc_t = typename AccOf<scalar_t>::type;
   if (optimizer != kOptSGD && optimizer != kOptAdagrad && optimizer != kOptRowwiseAdagrad)
     return invalid("unknown optimizer code " + str(optimizer));
+  if (errors == nullptr) return invalid("no error record given");
   if (n == 0 || len == 0) return ex.status();
   if (n > std::numeric_limits<int32_t>::max()) return invalid("at most 2^31 - 1 row ids per call are supported");
   RowUpdateStatus* st = static_cast<RowUpdateStatus*>(alloc_bytes(ex, sizeof(RowUpdateStatus)));
   RowUpdateStatus init{};
   init.first_bad = ~0ull;
+  init.duplicate_value = -1;
   ex.upload(st, &init, sizeof(init));
   ex.for_each(n, CheckRowIdsOp{ids, rows, st});
   int64_t* sorted = static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * n));
   ex.sort_keys(ids, sorted, n);
   ex.for_each(n, CheckDuplicatesOp{sorted, st});
-  RowUpdateStatus host{};
-  ex.download(&host, st, sizeof(host));
-  Status s = ex.status();
-  if (!s.ok()) return s;
-  if (host.bad_count) {
-    const int64_t j = static_cast<int64_t>(host.first_bad);
-    int64_t value = 0;
-    ex.download(&value, ids + j, sizeof(int64_t));
-    return Status::Error(Status::kIndexError,
-                         "ttdist: row id " + str(value) + " at position " + str(j) + " out of range [0, " + str(rows) + ")");
-  }
-  if (host.duplicates) return invalid("row ids must be unique");
+  ex.for_each(1, ReportRowErrorsOp{st, ids, rows, call, errors});
   UpdateProgram<scalar_t, RowResolver<scalar_t>> prog{
-      RowResolver<scalar_t>{weight, static_cast<acc_t*>(state), ids, static_cast<const acc_t*>(grads), len, optimizer},
+      RowResolver<scalar_t>{rows, weight, static_cast<acc_t*>(state), ids, static_cast<const acc_t*>(grads), len,
+                            optimizer},
       optimizer, static_cast<acc_t>(lr), static_cast<acc_t>(eps)};
-  ex.run_program(prog, n, 0, 0);
+  ex.run_program(prog, n, nullptr, 0, 0);
   return ex.status();
 }
 

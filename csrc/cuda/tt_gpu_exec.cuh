@@ -7,6 +7,8 @@
 #include <cub/cub.cuh>
 
 #include <algorithm>
+#include <cstring>
+#include <deque>
 #include <limits>
 #include <mutex>
 #include <set>
@@ -20,24 +22,33 @@
 namespace ttdist {
 namespace cuda {
 
+// Threads per block of item ops, and the blocks per SM the register budget is sized for
+// (__launch_bounds__ min-blocks: 256 threads x 4 blocks -> at most 64 registers per thread).
+constexpr int kItemMinBlocks = 4;
+// Block programs: 2 resident blocks of kThreads per SM -> at most 128 registers per thread, so
+// the chunk programs (up to ~110 registers) do not spill.
+constexpr int kProgramMinBlocks = 2;
+
 // One thread per item, grid-stride (no grid-dimension limit on the item count).
 template <class Op>
-__global__ void __launch_bounds__(kItemThreads) items_kernel(const Op op, int64_t n) {
+__global__ void __launch_bounds__(kItemThreads, kItemMinBlocks) items_kernel(const Op op, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) op(i);
 }
 
 // One block per program item, grid-stride (a persistent grid); phases separated by barriers.
+// The item count is min(max_items, *items) when `items` (device memory) is given.
 template <class Prog>
-__global__ void __launch_bounds__(Prog::kThreads) program_kernel(const Prog prog, int64_t items,
-                                                                 typename Prog::scratch_t* global_scratch,
-                                                                 int64_t global_scratch_elems) {
+__global__ void __launch_bounds__(Prog::kThreads, kProgramMinBlocks)
+    program_kernel(const Prog prog, int64_t max_items, const unsigned long long* items,
+                   typename Prog::scratch_t* global_scratch, int64_t global_scratch_elems) {
   using scratch_t = typename Prog::scratch_t;
   __shared__ typename Prog::Shared sh;
   extern __shared__ __align__(16) unsigned char tt_dynamic_smem[];
   scratch_t* scratch = global_scratch != nullptr ? global_scratch + blockIdx.x * global_scratch_elems
                                                  : reinterpret_cast<scratch_t*>(tt_dynamic_smem);
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  const int64_t n = items != nullptr ? tt_min<int64_t>(max_items, static_cast<int64_t>(*items)) : max_items;
+  for (int64_t item = blockIdx.x; item < n; item += gridDim.x) {
     for (int ph = 0;; ++ph) {
       const bool more = prog.phase(ph, item, sh, scratch, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
       __syncthreads();
@@ -50,10 +61,76 @@ inline std::string cuda_message(cudaError_t e, const char* what) {
   return std::string("ttdist CUDA: ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
 }
 
-// The CUDA executor of tt_driver.cuh.
+// Pinned host buffers for the host-to-device copies of a call (descriptors, initial status):
+// from pageable memory the driver may make the host wait for the stream, from pinned memory the
+// copy is asynchronous. A buffer is reused once the event recorded after its copy has completed
+// (asked without waiting); otherwise another is allocated. Shared by all threads and devices.
+class PinnedStaging {
+ public:
+  static cudaError_t copy_to_device(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+    static PinnedStaging staging;
+    return staging.copy(dst, src, bytes, stream);
+  }
+
+ private:
+  struct Buffer {
+    void* host = nullptr;
+    size_t bytes = 0;
+    int device = -1;
+    cudaEvent_t done = nullptr;
+    bool in_flight = false;
+  };
+
+  cudaError_t copy(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) return e;
+    std::lock_guard<std::mutex> lock(mutex_);
+    Buffer* buffer = nullptr;
+    for (Buffer& b : buffers_) {
+      if (b.device != device || b.bytes < bytes) continue;
+      if (b.in_flight) {
+        const cudaError_t q = cudaEventQuery(b.done);
+        if (q == cudaErrorNotReady) {
+          (void)cudaGetLastError();  // a query's "not ready" is no error: clear it, as torch does
+          continue;
+        }
+        if (q != cudaSuccess) return q;
+      }
+      buffer = &b;
+      break;
+    }
+    if (buffer == nullptr) {
+      Buffer b;
+      b.device = device;
+      b.bytes = 4096;
+      while (b.bytes < bytes) b.bytes *= 2;
+      if ((e = cudaHostAlloc(&b.host, b.bytes, cudaHostAllocDefault)) != cudaSuccess) return e;
+      if ((e = cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming)) != cudaSuccess) return e;
+      buffers_.push_back(b);
+      buffer = &buffers_.back();
+    }
+    std::memcpy(buffer->host, src, bytes);
+    if ((e = cudaMemcpyAsync(dst, buffer->host, bytes, cudaMemcpyHostToDevice, stream)) != cudaSuccess) return e;
+    buffer->in_flight = true;
+    return cudaEventRecord(buffer->done, stream);
+  }
+
+  std::mutex mutex_;
+  std::deque<Buffer> buffers_;  // stable addresses
+};
+
+// The CUDA executor of tt_driver.cuh. Enqueues only: nothing here waits for the device.
 class GpuExec {
  public:
   GpuExec(Allocator& alloc, cudaStream_t stream) : alloc_(alloc), stream_(stream) {
+    // An error left by earlier work on this thread is reported as such, not blamed on (and
+    // cleared by) this call's first launch check.
+    const cudaError_t pending = cudaPeekAtLastError();
+    if (pending != cudaSuccess) {
+      status_ = Status::Error(Status::kCudaError, cuda_message(pending, "an error pending from earlier CUDA work"));
+      return;
+    }
     int device = 0;
     check(cudaGetDevice(&device), "cudaGetDevice");
     if (!ok()) return;
@@ -66,15 +143,10 @@ class GpuExec {
 
   void* alloc(size_t bytes) { return alloc_.allocate(bytes); }
   void upload(void* dst, const void* src, size_t bytes) {
-    // Pageable source: returns once the data is staged, so `src` may be freed afterwards.
-    if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync H2D");
-  }
-  void download(void* dst, const void* src, size_t bytes) {
-    if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync D2H");
-    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    if (bytes && ok()) check(PinnedStaging::copy_to_device(dst, src, bytes, stream_), "host-to-device copy");
   }
   void zero(void* p, size_t bytes) {
-    if (bytes) check(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
+    if (bytes && ok()) check(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
   }
 
   template <class Op>
@@ -87,8 +159,9 @@ class GpuExec {
   }
 
   template <class Prog>
-  void run_program(const Prog& prog, int64_t items, size_t smem_bytes, int64_t global_scratch_elems) {
-    if (items <= 0 || !ok()) return;
+  void run_program(const Prog& prog, int64_t max_items, const unsigned long long* items, size_t smem_bytes,
+                   int64_t global_scratch_elems) {
+    if (max_items <= 0 || !ok()) return;
     using scratch_t = typename Prog::scratch_t;
     auto kernel = program_kernel<Prog>;
     // The default limit (48 KB) covers static + dynamic shared memory together; a kernel that
@@ -100,11 +173,12 @@ class GpuExec {
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     if (!ok()) return;
     const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * sm_count_;
-    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>({items, resident, std::numeric_limits<int32_t>::max()}));
+    const int64_t grid =
+        std::max<int64_t>(1, std::min<int64_t>({max_items, resident, std::numeric_limits<int32_t>::max()}));
     scratch_t* scratch = nullptr;
     if (global_scratch_elems > 0)
       scratch = static_cast<scratch_t*>(alloc(sizeof(scratch_t) * static_cast<size_t>(grid * global_scratch_elems)));
-    kernel<<<static_cast<unsigned>(grid), Prog::kThreads, smem_bytes, stream_>>>(prog, items, scratch,
+    kernel<<<static_cast<unsigned>(grid), Prog::kThreads, smem_bytes, stream_>>>(prog, max_items, items, scratch,
                                                                                 global_scratch_elems);
     check(cudaGetLastError(), "program_kernel launch");
   }

@@ -84,19 +84,21 @@ Status tt_backward_fused(const LookupProblem& problem, const LookupInputs& input
 
 Status sparse_row_update(DType dtype, void* weight, void* optimizer_state, int64_t rows, int64_t row_len,
                          const int64_t* row_ids, int64_t num_ids, const void* row_grads, int optimizer,
-                         double learning_rate, double eps, Allocator& alloc, cudaStream_t stream) {
+                         double learning_rate, double eps, ErrorRecord* errors, int64_t call, Allocator& alloc,
+                         cudaStream_t stream) {
   GpuExec ex(alloc, stream);
   if (!ex.status().ok()) return ex.status();
   switch (dtype) {
     case DType::kFloat32:
       return sparse_row_update_impl<float>(ex, static_cast<float*>(weight), optimizer_state, rows, row_len, row_ids,
-                                           num_ids, row_grads, optimizer, learning_rate, eps);
+                                           num_ids, row_grads, optimizer, learning_rate, eps, errors, call);
     case DType::kBFloat16:
       return sparse_row_update_impl<__nv_bfloat16>(ex, static_cast<__nv_bfloat16*>(weight), optimizer_state, rows,
-                                                   row_len, row_ids, num_ids, row_grads, optimizer, learning_rate, eps);
+                                                   row_len, row_ids, num_ids, row_grads, optimizer, learning_rate, eps,
+                                                   errors, call);
     case DType::kFloat64:
       return sparse_row_update_impl<double>(ex, static_cast<double*>(weight), optimizer_state, rows, row_len, row_ids,
-                                            num_ids, row_grads, optimizer, learning_rate, eps);
+                                            num_ids, row_grads, optimizer, learning_rate, eps, errors, call);
   }
   return invalid("unsupported dtype");
 }

@@ -19,8 +19,12 @@
 // On a GPU:
 //   nvcc -std=c++17 -O2 -arch=sm_90 -DTTDIST_ON_DEVICE -o /tmp/tt_ondevice tests/gpu/emulate_kernels.cu
 //   /tmp/tt_ondevice [seed] [random cases per dtype]
+#include <ucontext.h>
+
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <unordered_map>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -60,6 +64,137 @@ int g_checks = 0;
 #if !defined(TTDIST_ON_DEVICE)
 constexpr size_t kCanary = 64;
 
+// The threads of one block-program phase as coroutines. A lane runs until it finishes the phase
+// or calls a warp shuffle; a shuffle completes when all 32 lanes of the warp have called it (the
+// same call, the same lane mask), each then getting its partner's value, as __shfl_xor_sync with a
+// full mask does. A lane that leaves the phase while others of its warp wait at a shuffle (a
+// shuffle over a partial warp: undefined on a GPU) is reported. Lanes are resumed in the
+// executor's order, so code between shuffles runs interleaved across warps in many orders.
+// exclusive_add checks that no two threads update one address without atomics in one phase.
+class LaneScheduler {
+ public:
+  static constexpr size_t kStack = 256 * 1024;
+
+  explicit LaneScheduler(int nt) : nt_(nt), lanes_(nt), stacks_(static_cast<size_t>(nt) * kStack) {}
+
+  // Runs body(tid) for every tid in `order`; false (and EXPECT failures) on a shuffle error.
+  template <class Body>
+  bool run(const std::vector<int64_t>& order, const Body& body) {
+    body_ = [&body](int tid) { body(tid); };
+    writers_.clear();
+    for (int tid = 0; tid < nt_; ++tid) {
+      Lane& l = lanes_[tid];
+      l = Lane{};
+      getcontext(&l.context);
+      l.context.uc_stack.ss_sp = stacks_.data() + static_cast<size_t>(tid) * kStack;
+      l.context.uc_stack.ss_size = kStack;
+      l.context.uc_link = &scheduler_;
+      makecontext(&l.context, reinterpret_cast<void (*)()>(&LaneScheduler::entry), 1, tid);
+    }
+    active_ = this;
+    bool ok = true;
+    for (;;) {
+      bool ran = false;
+      for (int64_t tid : order) {
+        Lane& l = lanes_[tid];
+        if (l.state != kRunnable) continue;
+        current_ = static_cast<int>(tid);
+        swapcontext(&scheduler_, &l.context);
+        ran = true;
+        if (l.state == kRunnable) l.state = kDone;  // returned through uc_link: the phase is over
+        release_warp(static_cast<int>(tid) / kWarp);
+      }
+      if (ran) continue;
+      for (int tid = 0; tid < nt_; ++tid)
+        if (lanes_[tid].state == kWaiting) {
+          EXPECT(false, "a warp shuffle over a partial warp: lane %d of warp %d waits at a shuffle that other lanes "
+                        "of the warp never reach", tid % kWarp, tid / kWarp);
+          ok = false;
+          break;
+        }
+      break;
+    }
+    active_ = nullptr;
+    return ok && !failed_;
+  }
+
+  static double shfl_xor(double value, int lane_mask) {
+    LaneScheduler* s = active_;
+    if (s == nullptr) {
+      EXPECT(false, "a warp shuffle outside a block program");
+      return value;
+    }
+    Lane& l = s->lanes_[s->current_];
+    l.state = kWaiting;
+    l.deposit = value;
+    l.mask = lane_mask;
+    ++l.shuffles;
+    swapcontext(&l.context, &s->scheduler_);
+    return l.result;
+  }
+
+  static void exclusive_access(const void* address) {
+    LaneScheduler* s = active_;
+    if (s == nullptr) return;
+    const auto it = s->writers_.emplace(address, s->current_).first;
+    if (it->second != s->current_ && !s->failed_) {
+      EXPECT(false, "threads %d and %d update one address without atomics in one phase (a lost update)", it->second,
+             s->current_);
+      s->failed_ = true;
+    }
+  }
+
+ private:
+  enum State { kRunnable, kWaiting, kDone };
+  struct Lane {
+    ucontext_t context{};
+    State state = kRunnable;
+    double deposit = 0, result = 0;
+    int mask = 0;
+    long shuffles = 0;
+  };
+
+  static void entry(int tid) {
+    active_->body_(tid);
+    active_->lanes_[tid].state = kDone;
+  }
+
+  // When every lane of warp w waits at the same shuffle, deliver the partners' values.
+  void release_warp(int w) {
+    const int first = w * kWarp, last = std::min(first + kWarp, nt_);
+    if (last - first < kWarp) {  // a block whose size is no multiple of 32: the last warp is partial
+      for (int t = first; t < last; ++t)
+        if (lanes_[t].state == kWaiting) {
+          EXPECT(false, "a warp shuffle in a block of %d threads (not a multiple of 32)", nt_);
+          failed_ = true;
+          lanes_[t].result = lanes_[t].deposit;
+          lanes_[t].state = kRunnable;
+        }
+      return;
+    }
+    for (int t = first; t < last; ++t)
+      if (lanes_[t].state != kWaiting || lanes_[t].shuffles != lanes_[first].shuffles ||
+          lanes_[t].mask != lanes_[first].mask)
+        return;
+    for (int t = first; t < last; ++t) {
+      const int partner = first + ((t - first) ^ lanes_[t].mask);
+      lanes_[t].result = partner < last ? lanes_[partner].deposit : lanes_[t].deposit;
+    }
+    for (int t = first; t < last; ++t) lanes_[t].state = kRunnable;
+  }
+
+  int nt_;
+  std::vector<Lane> lanes_;
+  std::vector<unsigned char> stacks_;
+  ucontext_t scheduler_{};
+  std::function<void(int)> body_;
+  std::unordered_map<const void*, int> writers_;
+  int current_ = 0;
+  bool failed_ = false;
+  static LaneScheduler* active_;
+};
+LaneScheduler* LaneScheduler::active_ = nullptr;
+
 struct CpuExec {
   std::mt19937_64* rng;
   int order = 2;         // thread order per phase: 0 ascending, 1 descending, 2 shuffled
@@ -86,7 +221,6 @@ struct CpuExec {
     return true;
   }
   void upload(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
-  void download(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
   void finish() {}
   void zero(void* p, size_t n) { std::memset(p, 0, n); }
 
@@ -104,13 +238,19 @@ struct CpuExec {
   }
 
   template <class Prog>
-  void run_program(const Prog& prog, int64_t items, size_t smem_bytes, int64_t global_scratch_elems) {
+  void run_program(const Prog& prog, int64_t max_items, const unsigned long long* count, size_t smem_bytes,
+                   int64_t global_scratch_elems) {
     using scratch_t = typename Prog::scratch_t;
     using Shared = typename Prog::Shared;
     const int nt = Prog::kThreads == kChunkThreads ? chunk_threads : Prog::kThreads;
+    const int64_t items = count != nullptr ? std::min<int64_t>(max_items, static_cast<int64_t>(*count)) : max_items;
+    if (count != nullptr)
+      EXPECT(static_cast<int64_t>(*count) <= max_items, "program items %llu over the host bound %lld", *count,
+             (long long)max_items);
     if (smem_bytes > 0) EXPECT(smem_bytes <= optin, "dynamic smem %zu over the opt-in limit %zu", smem_bytes, optin);
     const int64_t elems = global_scratch_elems > 0 ? global_scratch_elems : static_cast<int64_t>(smem_bytes / sizeof(scratch_t));
     const int64_t g = std::max<int64_t>(1, std::min<int64_t>(grid, items));
+    LaneScheduler lanes(nt);
     for (int64_t b = 0; b < g; ++b) {
       std::unique_ptr<unsigned char[]> sh_mem(new unsigned char[sizeof(Shared)]);
       std::memset(sh_mem.get(), 0xCD, sizeof(Shared));
@@ -122,13 +262,16 @@ struct CpuExec {
       for (int64_t item = b; item < items; item += g) {
         for (int ph = 0;; ++ph) {
           int more = -1;
-          for (int64_t tid : permutation(nt)) {
-            const bool m = prog.phase(ph, item, sh, reinterpret_cast<scratch_t*>(scratch.get()), static_cast<int>(tid), nt);
+          bool agree = true;
+          const bool ok = lanes.run(permutation(nt), [&](int tid) {
+            const bool m = prog.phase(ph, item, sh, reinterpret_cast<scratch_t*>(scratch.get()), tid, nt);
             if (more == -1) more = m;
-            else if (more != static_cast<int>(m)) {
-              EXPECT(false, "phase %d of item %lld: threads disagree on whether more phases follow", ph, (long long)item);
-              return;
-            }
+            else if (more != static_cast<int>(m)) agree = false;
+          });
+          if (!ok) return;
+          if (!agree) {
+            EXPECT(false, "phase %d of item %lld: threads disagree on whether more phases follow", ph, (long long)item);
+            return;
           }
           if (ph > 200) {
             EXPECT(false, "runaway phases");
@@ -213,13 +356,13 @@ struct DeviceExec {
   std::unique_ptr<GpuExec> gpu{new GpuExec(*allocator, nullptr)};
   void* alloc(size_t bytes) { return gpu->alloc(bytes); }
   void upload(void* dst, const void* src, size_t n) { gpu->upload(dst, src, n); }
-  void download(void* dst, const void* src, size_t n) { gpu->download(dst, src, n); }
   void zero(void* p, size_t n) { gpu->zero(p, n); }
   template <class Op>
   void for_each(int64_t n, const Op& op) { gpu->for_each(n, op); }
   template <class Prog>
-  void run_program(const Prog& prog, int64_t items, size_t smem_bytes, int64_t global_scratch_elems) {
-    gpu->run_program(prog, items, smem_bytes, global_scratch_elems);
+  void run_program(const Prog& prog, int64_t max_items, const unsigned long long* count, size_t smem_bytes,
+                   int64_t global_scratch_elems) {
+    gpu->run_program(prog, max_items, count, smem_bytes, global_scratch_elems);
   }
   void sort_pairs(const uint64_t* kin, uint64_t* kout, const int64_t* vin, int64_t* vout, int64_t n, int bits) {
     gpu->sort_pairs(kin, kout, vin, vout, n, bits);
@@ -494,6 +637,7 @@ struct Device {  // typed copies of a case's tensors
   std::vector<Buf<T>> cores;
   Buf<int64_t> indices, offsets;
   Buf<typename AccOf<T>::type> psw;
+  Buf<ErrorRecord> errors = Buf<ErrorRecord>(1);
   LookupProblem lp;
   LookupInputs in;
   explicit Device(const Case& c) {
@@ -522,7 +666,10 @@ struct Device {  // typed copies of a case's tensors
     in.indices = indices.data();
     in.offsets = offsets.data();
     in.per_sample_weights = psw.empty() ? nullptr : psw.data();
+    in.errors = errors.data();
+    in.call = 7;
   }
+  bool clean() const { return errors[0].code == kErrNone; }
 };
 
 template <typename T>
@@ -550,7 +697,7 @@ RunOptions random_options(std::mt19937_64& rng) {
   o.drv.smem_budget = rand_int(rng, 0, 1) ? 48 * 1024 : static_cast<size_t>(rand_int(rng, 256, 4096));
   o.order = static_cast<int>(rand_int(rng, 0, 2));
   o.grid = static_cast<int>(rand_int(rng, 1, 4));
-  const int nts[] = {kChunkThreads, kChunkThreads, 32, 7, 64};
+  const int nts[] = {kChunkThreads, kChunkThreads, 32, 96, 64};  // whole warps (the kernels shuffle)
   o.chunk_threads = nts[rand_int(rng, 0, 4)];
   o.sms = static_cast<int>(rand_int(rng, 1, 8));
   return o;
@@ -590,6 +737,7 @@ void check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, con
   const double err = rel_err(got, ref);
   EXPECT(err <= tol_of<T>(), "%s %s forward: relative error %.3g (R=%d)", what, name_of<T>(), err, o.drv.chunk_rows);
   EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
+  EXPECT(dev.clean(), "%s: an error was recorded for valid input: %s", what, describe_error(dev.errors[0]).c_str());
 }
 
 template <typename T>
@@ -623,6 +771,7 @@ void check_backward(std::mt19937_64& rng, const Case& c, const RunOptions& o, co
   const double err = rel_err(got, want);
   EXPECT(err <= tol_of<T>(), "%s %s backward: relative error %.3g (R=%d)", what, name_of<T>(), err, o.drv.chunk_rows);
   EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
+  EXPECT(dev.clean(), "%s: an error was recorded for valid input: %s", what, describe_error(dev.errors[0]).c_str());
 }
 
 template <typename T>
@@ -694,6 +843,7 @@ void check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int o
   EXPECT(err_s <= (std::is_same<T, double>::value ? 1e-11 : 1e-4), "%s %s fused opt %d: state error %.3g", what,
          name_of<T>(), opt, err_s);
   EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
+  EXPECT(dev.clean(), "%s: an error was recorded for valid input: %s", what, describe_error(dev.errors[0]).c_str());
   (void)beyond;
 }
 
@@ -724,10 +874,12 @@ void check_sparse_update(std::mt19937_64& rng, int opt) {
   const double lr = 0.1, eps = 1e-6;
   RunOptions o = random_options(rng);
   auto ex = make_exec(rng, o);
+  Buf<ErrorRecord> errors(1);
   const Status st = sparse_row_update_impl<T>(ex, w.data(), s.empty() ? nullptr : s.data(), rows, len, ids.data(), n,
-                                              g.data(), opt, lr, eps);
+                                              g.data(), opt, lr, eps, errors.data(), 1);
   ex.finish();
   EXPECT(st.ok(), "sparse_row_update: %s", st.message.c_str());
+  EXPECT(errors[0].code == kErrNone, "sparse_row_update: an error was recorded for valid ids");
   for (int64_t x = 0; x < n; ++x)
     ref_update(w_d.data() + ids[x] * len, opt == 1 ? s_d.data() + ids[x] * len : opt == 2 ? s_d.data() + ids[x] : nullptr,
                g_d.data() + x * len, len, opt, lr, eps);
@@ -736,20 +888,37 @@ void check_sparse_update(std::mt19937_64& rng, int opt) {
   EXPECT(rel_err(got, w_d) <= tol_of<T>(), "%s sparse_row_update opt %d: weight error %.3g", name_of<T>(), opt,
          rel_err(got, w_d));
   EXPECT(rel_err(got_s, s_d) <= 1e-5, "%s sparse_row_update opt %d: state error", name_of<T>(), opt);
-  // Errors: an id out of range, a duplicate.
+  // Errors: an id out of range is recorded and skipped (the other rows are updated); a repeated
+  // id is recorded.
   Buf<int64_t> bad = ids;
   bad[n - 1] = rows + 3;
+  const Buf<T> before = w;
   auto ex2 = make_exec(rng, o);
   Status e = sparse_row_update_impl<T>(ex2, w.data(), s.empty() ? nullptr : s.data(), rows, len, bad.data(), n, g.data(),
-                                       opt, lr, eps);
-  EXPECT(e.code == Status::kIndexError, "sparse_row_update: out-of-range id not reported (%s)", e.message.c_str());
+                                       opt, lr, eps, errors.data(), 2);
+  ex2.finish();
+  EXPECT(e.ok() && errors[0].code == kErrRowId && errors[0].position == n - 1 && errors[0].value == rows + 3 &&
+             errors[0].limit == rows && errors[0].call == 2,
+         "sparse_row_update: out-of-range id not recorded: %s", describe_error(errors[0]).c_str());
+  int64_t changed_rows = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t x = 0; x < len; ++x)
+      if (as_double(w[r * len + x]) != as_double(before[r * len + x])) {
+        ++changed_rows;
+        break;
+      }
+  EXPECT(changed_rows <= n - 1, "sparse_row_update: %lld rows changed for %lld valid ids", (long long)changed_rows,
+         (long long)(n - 1));
   if (n >= 2) {
     Buf<int64_t> dup = ids;
     dup[1] = dup[0];
+    errors[0] = ErrorRecord{};
     auto ex3 = make_exec(rng, o);
     e = sparse_row_update_impl<T>(ex3, w.data(), s.empty() ? nullptr : s.data(), rows, len, dup.data(), n, g.data(), opt,
-                                  lr, eps);
-    EXPECT(e.code == Status::kInvalidArgument, "sparse_row_update: duplicate id not reported");
+                                  lr, eps, errors.data(), 3);
+    ex3.finish();
+    EXPECT(e.ok() && errors[0].code == kErrDuplicateRowId && errors[0].value == dup[0],
+           "sparse_row_update: duplicate id not recorded: %s", describe_error(errors[0]).c_str());
   }
 }
 
@@ -800,36 +969,88 @@ void fbtt_case(std::mt19937_64& rng) {
               fwd.smem_bytes, bwd.rows, bwd.smem_bytes, sizeof(ChunkShared));
 }
 
+// The case without the positions in `drop` (what an op computes when those indices are bad).
+Case drop_positions(const Case& c, const std::set<int64_t>& drop) {
+  Case out = c;
+  out.indices.clear();
+  out.psw.clear();
+  out.offsets.assign(1, 0);
+  for (size_t fb = 0; fb + 1 < c.offsets.size(); ++fb) {
+    for (int64_t j = c.offsets[fb]; j < c.offsets[fb + 1]; ++j)
+      if (!drop.count(j)) {
+        out.indices.push_back(c.indices[j]);
+        if (!c.psw.empty()) out.psw.push_back(c.psw[j]);
+      }
+    out.offsets.push_back(static_cast<int64_t>(out.indices.size()));
+  }
+  return out;
+}
+
+// Bad input never stops a call or makes it read out of bounds: bad indices are excluded from the
+// result and the first one is recorded (position, value, feature, table, range, count); malformed
+// offsets are recorded; an earlier error stays until the caller clears it.
 void error_cases(std::mt19937_64& rng) {
   TableSpec s;
   s.p = {3, 4};
   s.q = {2, 2};
   s.r = {1, 3, 1};
   Case c = make_case<float>(rng, {s}, 2, 5, 3, false, 0.2);
+  c.modes = {0, 0};  // sum: a dropped position changes no bag length
   c.indices.push_back(0);  // make sure there is at least one index past position 0
   c.offsets.back() += 1;
-  // Out of range: 12 rows; position 1 (and a later one) bad -> reports position 1.
-  Case bad = c;
-  bad.indices[1] = 12;
-  bad.indices.back() = -1;
-  {
+  const int64_t last = static_cast<int64_t>(c.indices.size()) - 1;
+  for (int64_t valid_rows : {int64_t(12), int64_t(10)}) {
+    // Out of range: position 1 first (and the last one; with 10 valid rows also rows 10 and 11).
+    Case bad = c;
+    bad.indices[0] = 0;
+    bad.indices[1] = valid_rows == 12 ? 12 : 11;
+    bad.indices[last] = -1;
+    std::set<int64_t> drop;
+    for (int64_t j = 0; j <= last; ++j)
+      if (bad.indices[j] < 0 || bad.indices[j] >= valid_rows) drop.insert(j);
+    const Case kept = drop_positions(bad, drop);
     Device<float> dev(bad);
+    if (valid_rows != 12) dev.lp.table_num_rows = {valid_rows};
     Problem pb;
     EXPECT(build_problem(dev.lp, &pb).ok(), "build_problem");
     auto ex = make_exec(rng, RunOptions{});
     Buf<float> out(bad.B * pb.total_dim);
     const Status st = forward_impl<float>(ex, pb, dev.in, out.data());
     ex.finish();
-    EXPECT(st.code == Status::kIndexError && st.message.find("index 12 at position 1 ") != std::string::npos &&
-               st.message.find("2 indices") != std::string::npos,
-           "bad index: %s", st.message.c_str());
-    Buf<float> go(out.size(), 1.f), g0(3 * 1 * 2 * 3, 0.f), g1(4 * 3 * 2 * 1, 0.f);
+    const ErrorRecord& e = dev.errors[0];
+    const int64_t f1 = 1 < c.offsets[c.B] ? 0 : 1;
+    EXPECT(st.ok() && e.code == kErrIndex && e.position == 1 && e.value == bad.indices[1] &&
+               e.count == static_cast<int64_t>(drop.size()) &&
+               e.feature == f1 && e.table == 0 && e.limit == valid_rows && e.call == 7,
+           "bad index not recorded: %s / %s", st.message.c_str(), describe_error(e).c_str());
+    EXPECT(describe_error(e).find("index " + std::to_string(bad.indices[1]) + " at position 1 ") != std::string::npos,
+           "message: %s", describe_error(e).c_str());
+    std::vector<double> got;
+    for (float v : out) got.push_back(v);
+    EXPECT(rel_err(got, ref_forward(kept)) <= 1e-5, "forward with bad indices: the good ones differ (error %.3g)",
+           rel_err(got, ref_forward(kept)));
+    EXPECT(ex.canaries_intact(), "bad indices: buffer overrun");
+    // Backward: the same exclusion; the earlier record stays (call 7), the new call's error is not kept.
+    dev.in.call = 8;
+    std::vector<double> go_d(out.size());
+    Buf<float> go(out.size());
+    for (size_t i = 0; i < go.size(); ++i) go[i] = static_cast<float>(go_d[i] = rand_double(rng, -1, 1));
+    Buf<float> g0(3 * 1 * 2 * 3), g1(4 * 3 * 2 * 1);
     auto ex2 = make_exec(rng, RunOptions{});
     std::vector<void*> grads = {g0.data(), g1.data()};
     const Status sb = backward_impl<float>(ex2, pb, dev.in, go.data(), grads);
-    EXPECT(sb.code == Status::kIndexError, "bad index (backward): %s", sb.message.c_str());
+    ex2.finish();
+    EXPECT(sb.ok() && dev.errors[0].call == 7, "backward: the first error was not kept (call %lld)",
+           (long long)dev.errors[0].call);
+    const auto ref = ref_backward(kept, go_d);
+    std::vector<double> g, want;
+    for (float v : g0) g.push_back(v);
+    for (float v : g1) g.push_back(v);
+    for (const auto& r : ref) want.insert(want.end(), r.begin(), r.end());
+    EXPECT(rel_err(g, want) <= 1e-5, "backward with bad indices: error %.3g", rel_err(g, want));
+    EXPECT(ex2.canaries_intact(), "bad indices (backward): buffer overrun");
   }
-  // Offsets that decrease / do not end at N.
+  // Offsets that decrease / do not end at N / do not start at 0.
   for (int variant = 0; variant < 3; ++variant) {
     Case b2 = c;
     if (variant == 0) b2.offsets[1] = b2.offsets[2] + 1;
@@ -842,8 +1063,9 @@ void error_cases(std::mt19937_64& rng) {
     Buf<float> out(b2.B * pb.total_dim);
     const Status st = forward_impl<float>(ex, pb, dev.in, out.data());
     ex.finish();
-    EXPECT(st.code == Status::kInvalidArgument && st.message.find("offsets") != std::string::npos,
-           "bad offsets variant %d not reported: %s", variant, st.message.c_str());
+    EXPECT(st.ok() && dev.errors[0].code == kErrOffsets && dev.errors[0].limit == static_cast<int64_t>(c.indices.size()),
+           "bad offsets variant %d not recorded: %s", variant, describe_error(dev.errors[0]).c_str());
+    EXPECT(ex.canaries_intact(), "bad offsets variant %d: buffer overrun", variant);
   }
   // Host validation.
   Device<float> dev(c);
@@ -860,6 +1082,11 @@ void error_cases(std::mt19937_64& rng) {
   lp = dev.lp;
   lp.table_num_cores = {1};
   EXPECT(build_problem(lp, &pb).code == Status::kInvalidArgument, "core count mismatch accepted");
+  for (const auto& rows : std::vector<std::vector<int64_t>>{{0}, {13}, {5, 5}}) {
+    lp = dev.lp;
+    lp.table_num_rows = rows;
+    EXPECT(build_problem(lp, &pb).code == Status::kInvalidArgument, "table_num_rows %lld accepted", (long long)rows[0]);
+  }
 }
 
 void edge_cases(std::mt19937_64& rng) {
@@ -881,6 +1108,12 @@ void edge_cases(std::mt19937_64& rng) {
   check_forward<float>(rng, c, RunOptions{}, "shared tables");
   check_backward<float>(rng, c, RunOptions{}, "shared tables");
   check_fused<float>(rng, c, RunOptions{}, 1, "shared tables");
+  // Hot rows: a few rows in most bags, so their gradients are summed in pieces (kHotPositions).
+  const Case hot = make_case<float>(rng, {s, s2}, 2, 250, 4, true, 0.9);
+  check_forward<float>(rng, hot, RunOptions{}, "hot rows");
+  check_backward<float>(rng, hot, RunOptions{}, "hot rows");
+  check_fused<float>(rng, hot, RunOptions{}, 2, "hot rows");
+  check_backward<double>(rng, make_case<double>(rng, {s2}, 1, 300, 3, false, 0.95), RunOptions{}, "hot rows fp64");
   // Many bags, a persistent grid of one block, every R.
   Case big = make_case<float>(rng, {s2}, 1, 700, 3, true, 0.1);
   for (int R : {1, 4, 32}) {
@@ -908,6 +1141,8 @@ int main(int argc, char** argv) {
   std::printf("tt_ondevice: %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount);
 #else
   const char* mode = "tt_emulate";
+  host_hooks().shfl_xor = &LaneScheduler::shfl_xor;
+  host_hooks().exclusive_access = &LaneScheduler::exclusive_access;
 #endif
   std::printf("%s: seed %llu, %d random cases per dtype\n", mode, (unsigned long long)seed, count);
   error_cases(rng);

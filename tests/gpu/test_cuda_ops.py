@@ -1,13 +1,11 @@
-"""The CUDA kernels (csrc/cuda) against the CPU kernels and the plain-PyTorch references.
+"""The CUDA kernels (csrc/cuda) against the plain-PyTorch references (and the CPU op).
 
 Needs a CUDA device and a ttdist._C built with CUDA torch; skipped otherwise. Errors are measured
 relative to the largest magnitude of the expected tensor: ``max|a - e| <= tol * max|e|``.
 Tolerances: fp32 1e-5 (vs the CPU op and vs the fp64 reference); fp64 1e-12; bf16 (fp32
 accumulation, outputs rounded to bf16) 8e-3 = two bf16 ulps vs the CPU bf16 op and 1.5e-2 vs the
-fp64 reference evaluated on the same bf16 cores.
-
-``TTDIST_GPU_TEST_DEVICE=cpu`` runs this file against the CPU op instead (a self-check of the
-harness and references on a machine without a GPU).
+fp64 reference evaluated on the same bf16 cores. Bad-argument parity with the CPU op:
+tests/modules/test_op_errors.py (parametrised over devices).
 """
 from __future__ import annotations
 
@@ -17,15 +15,16 @@ import os
 import pytest
 import torch
 
-DEVICE = os.environ.get("TTDIST_GPU_TEST_DEVICE", "cuda")
-if DEVICE == "cuda" and not torch.cuda.is_available():
+if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
 
 import ttdist  # noqa: E402
 from ttdist import OptimType  # noqa: E402
-from ttdist.ops import LookupSpec, sparse_row_update_reference, tt_forward_reference  # noqa: E402
+from ttdist.ops import (LookupSpec, check_errors, sparse_row_update_reference, sync_checks,  # noqa: E402
+                        tt_forward_reference)
 
-pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
+DEVICE = "cuda"
+pytestmark = [pytest.mark.gpu]
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 8e-3}
 REF_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1.5e-2}
@@ -34,7 +33,7 @@ OPTIMIZERS = [OptimType.EXACT_SGD, OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWW
 
 @pytest.fixture(scope="module", autouse=True)
 def _cuda_kernels_built():
-    if DEVICE == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("ttdist::tt_forward", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("ttdist::tt_forward", "CUDA"):
         if os.environ.get("TTDIST_NO_CUDA") == "1":
             pytest.skip("ttdist._C was built with TTDIST_NO_CUDA=1")
         pytest.fail("ttdist._C has no CUDA kernels although CUDA is available: rebuild with a CUDA torch "
@@ -337,19 +336,8 @@ def test_sparse_row_update_matches_cpu_and_reference(opt, dtype):
         assert_rel(s, ref_s, 1e-5, "state vs reference")
 
 
-def test_sparse_row_update_rejects_bad_ids():
-    w = torch.zeros(10, 4, device=DEVICE)
-    s = torch.zeros(10, device=DEVICE)
-    g = torch.ones(2, 4, device=DEVICE)
-    with pytest.raises((RuntimeError, IndexError)):
-        torch.ops.ttdist.sparse_row_update_(w, s, torch.tensor([3, 10], device=DEVICE), g, 2, 0.1, 1e-6)
-    with pytest.raises((RuntimeError, IndexError, ValueError)):
-        torch.ops.ttdist.sparse_row_update_(w, s, torch.tensor([3, 3], device=DEVICE), g, 2, 0.1, 1e-6)
-    assert w.abs().max() == 0  # nothing was written
-
-
 # ---------------------------------------------------------------------------------------------
-# Errors raise before any kernel reads through a bad index; the device stays usable.
+# Bad input: checked on the device, excluded from the result, raised later (never read through).
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [-1, "rows", 2**40])
 def test_out_of_range_index_raises(bad):
@@ -357,34 +345,113 @@ def test_out_of_range_index_raises(bad):
     rows = math.prod(SHAPES[3][1][0])
     pb.indices = pb.indices.clone()
     pb.indices[-1] = rows if bad == "rows" else bad  # the last position reads table 1
-    with pytest.raises((RuntimeError, IndexError), match="out of range"):
+    with sync_checks(), pytest.raises(IndexError, match="out of range"):
         torch.ops.ttdist.tt_forward(*pb.args(DEVICE))
     go = torch.ones(pb.batch, 28)  # D = 12 + 16
     cores, *rest = pb.args(DEVICE)
-    with pytest.raises((RuntimeError, IndexError), match="out of range"):
+    with sync_checks(), pytest.raises(IndexError, match="out of range"):
         torch.ops.ttdist.tt_backward(go.to(DEVICE), cores, *rest)
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()  # an illegal access would surface here
+    torch.cuda.synchronize()  # an illegal access would surface here
     pb.indices[-1] = 0
     assert_rel(pb.forward(DEVICE), pb.reference(), REF_TOL[torch.float32])
 
 
-def test_grad_output_of_wrong_shape_raises():
-    pb = Problem(SHAPES[3], [0, 1], [0, 0], batch=9, dtype=torch.float32, seed=8)
-    cores, *rest = pb.args(DEVICE)
-    with pytest.raises(RuntimeError, match=r"grad_output must be \(9, 28\)"):
-        torch.ops.ttdist.tt_backward(torch.ones(9, 16, device=DEVICE), cores, *rest)
+def test_error_surfaces_at_the_next_call_or_check_errors_and_bad_entries_are_left_out():
+    pb = Problem(SHAPES[2], [0], [0], batch=6, dtype=torch.float32, seed=12)
+    bad = pb.indices.clone()
+    bad[1] = 10**6
+    cores, tnc, ftm, modes, idx, off, w = pb.args(DEVICE)
+    out = torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, bad.to(DEVICE), off, w)  # does not wait, does not raise
+    keep = torch.ones_like(bad, dtype=torch.bool)
+    keep[1] = False
+    bag = torch.arange(pb.batch).repeat_interleave(pb.offsets[1:] - pb.offsets[:-1])
+    kept_offsets = torch.zeros_like(pb.offsets)
+    kept_offsets[1:] = torch.bincount(bag[keep], minlength=pb.batch).cumsum(0)
+    expected = tt_forward_reference([c.double() for c in pb.cores], pb.spec, pb.indices[keep], kept_offsets)
+    assert_rel(out, expected, REF_TOL[torch.float32], "the good entries")
+    with pytest.raises(IndexError, match=r"index 1000000 at position 1 .*found on the device in ttdist op call"):
+        check_errors(DEVICE)
+    check_errors(DEVICE)  # reported once
+    torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, bad.to(DEVICE), off, w)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="index 1000000"):  # the next call raises it
+        torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx, off, w)
+    assert_rel(pb.forward(DEVICE), pb.reference(), REF_TOL[torch.float32])
 
 
 def test_bad_offsets_raise():
     pb = Problem(SHAPES[2], [0], [0], batch=6, dtype=torch.float32, seed=9)
     for mutate in (lambda o: o.__setitem__(-1, o[-1] - 1), lambda o: o.__setitem__(2, o[3] + 1),
-                   lambda o: o.__setitem__(0, 1)):
+                   lambda o: o.__setitem__(0, 1), lambda o: o.__setitem__(3, 10**9)):
         off = pb.offsets.clone()
         mutate(off)
         cores, tnc, ftm, modes, idx, _, w = pb.args(DEVICE)
-        with pytest.raises(RuntimeError, match="offsets"):
+        with sync_checks(), pytest.raises(ValueError, match="offsets"):
             torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx, off.to(DEVICE), w)
+    torch.cuda.synchronize()
+
+
+def test_no_host_sync_in_module_forward_backward():
+    """A TorchRec pipeline overlaps only if the lookup never makes the host wait for the GPU."""
+    for sparse in (False, True):
+        tt = ttdist.TTEmbeddingBag(10_000, 16, [8, 8], sparse=sparse, optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
+                                   device=DEVICE)
+        indices, offsets = make_bags([10_000], 64, 5, torch.Generator().manual_seed(3))
+        indices, offsets = indices.to(DEVICE), offsets[:-1].to(DEVICE)
+        tt(indices, offsets).sum().backward()  # first call: allocations, pinned staging
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # torch's own sync points raise
+        try:
+            torch.cuda._sleep(2_000_000_000)  # about a second of GPU work ahead of the lookup
+            tt(indices, offsets).sum().backward()
+            # Had anything waited for the stream (a raw cudaStreamSynchronize included), the GPU
+            # would be idle by now.
+            assert not torch.cuda.current_stream().query(), "the lookup made the host wait for the GPU"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        check_errors(DEVICE)
+
+
+def test_hot_row_in_a_third_of_65k_bags():
+    """A Zipf-head id in 30 % of the bags: its gradient is summed by many warps in pieces."""
+    g = torch.Generator().manual_seed(13)
+    pb = Problem([((40, 50), (4, 4), (8,))], [0], [0], batch=65_536, dtype=torch.float32, max_len=3, seed=13, hot=0.0)
+    pb.indices[torch.rand(pb.indices.numel(), generator=g) < 0.3] = 777
+    go = torch.randn(pb.batch, 16, generator=g)
+    for k, (gd, gc) in enumerate(zip(pb.backward(DEVICE, go), pb.backward("cpu", go))):
+        assert_rel(gd, gc, 1e-4, f"core {k} vs CPU op")
+    cores, *rest = pb.args(DEVICE)
+    assert torch.equal(torch.ops.ttdist.tt_forward(cores, *rest), torch.ops.ttdist.tt_forward(cores, *rest))
+
+
+def test_core_with_more_than_2_31_elements():
+    """p * r q r > 2^31 (8.6 GB in fp32): 64-bit slice offsets; the first and last slices are read."""
+    p0, q0, r1 = 65_600, 16, 2048  # 2.15e9 elements
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    core0 = torch.empty(p0, 1, q0, r1, device=DEVICE)
+    core0[0].normal_()
+    core0[-1].normal_()
+    core1 = torch.randn(2, r1, 2, 1, device=DEVICE) / r1**0.5
+    rows = torch.tensor([2 * (p0 - 1) + 1, 0, 2 * (p0 - 1)], device=DEVICE)
+    out = torch.ops.ttdist.tt_forward([core0, core1], [2], [0], [0], rows, torch.arange(4, device=DEVICE), None)
+    expected = tt_forward_reference([core0[[0, p0 - 1]].double(), core1.double()], LookupSpec((2,), (0,), (0,)),
+                                    torch.tensor([3, 0, 2], device=DEVICE), torch.arange(4, device=DEVICE))
+    assert_rel(out, expected, 1e-5)
+    del core0
+    torch.cuda.empty_cache()
+
+
+def test_deterministic_mode_raises_for_the_atomic_backward():
+    pb = Problem(SHAPES[2], [0], [0], batch=4, dtype=torch.float32, seed=14)
+    cores, *rest = pb.args(DEVICE)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.ops.ttdist.tt_forward(cores, *rest)  # forward is deterministic
+        with pytest.raises(RuntimeError, match="tt_backward.*floating-point atomics"):
+            torch.ops.ttdist.tt_backward(torch.ones(4, 8, device=DEVICE), cores, *rest)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,5 +485,5 @@ def test_module_created_on_device():
     tt = ttdist.TTEmbeddingBag(500, 8, [3], device=DEVICE)
     out = tt(torch.tensor([1, 2, 499], device=DEVICE), torch.tensor([0, 2], device=DEVICE))
     assert out.shape == (2, 8) and out.device.type == DEVICE
-    with pytest.raises((IndexError, RuntimeError)):
+    with sync_checks(), pytest.raises(IndexError, match=r"index 500 .* out of range \[0, 500\)"):
         tt(torch.tensor([500], device=DEVICE), torch.tensor([0], device=DEVICE))

@@ -2,7 +2,11 @@
 
 Accepts nn.EmbeddingBag's bag layouts per feature block: ``offsets`` of F * B entries (bag
 starts) or, with ``include_last_offset``, F * B + 1 entries; returns the F * B + 1 form.
-Errors name the table, the offending value and the valid range.
+Types, shapes and devices are checked here for every device; index and offset *values* are
+checked here for CPU tensors (errors name the table, the offending value and the valid range)
+and on the device for CUDA tensors, by the ops themselves, so that a lookup never makes the host
+wait for the GPU (see ``ttdist.ops``: such errors surface at the next op call or at
+``ttdist.ops.check_errors``, naming the table by its index).
 """
 from __future__ import annotations
 
@@ -43,15 +47,24 @@ def normalize_lookup_inputs(
         raise ValueError(f"per_sample_weights are on {per_sample_weights.device} but indices on {indices.device}")
     indices, offsets = indices.long(), offsets.long()
     num_features, n = len(feature_names), indices.numel()
+    check_values = not indices.is_cuda  # CUDA: the ops check values on the device (no host sync)
     if include_last_offset:
         if offsets.numel() < 1 or (offsets.numel() - 1) % num_features:
             raise ValueError(f"with include_last_offset=True, offsets must have F * B + 1 entries (F = {num_features}), got {offsets.numel()}")
-        if offsets.numel() and int(offsets[-1]) != n:
+        if check_values and offsets.numel() and int(offsets[-1]) != n:
             raise ValueError(f"the last offset ({int(offsets[-1])}) must equal the number of indices ({n})")
     else:
         if offsets.numel() % num_features:
             raise ValueError(f"offsets must have F * B entries (F = {num_features}), got {offsets.numel()}")
         offsets = torch.cat([offsets, offsets.new_full((1,), n)])
+    if per_sample_weights is not None:
+        if not isinstance(per_sample_weights, Tensor) or not per_sample_weights.is_floating_point():
+            raise TypeError("per_sample_weights must be a floating-point tensor")
+        if per_sample_weights.shape != indices.shape:
+            raise ValueError(f"per_sample_weights has shape {tuple(per_sample_weights.shape)}, indices {tuple(indices.shape)}: they must match")
+        per_sample_weights = per_sample_weights.to(dtype).contiguous()
+    if not check_values:
+        return indices.contiguous(), offsets.contiguous(), per_sample_weights
     if int(offsets[0]) != 0:
         raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
     steps = offsets[1:] - offsets[:-1]
@@ -69,10 +82,4 @@ def normalize_lookup_inputs(
             pos = int(torch.nonzero(bad_mask)[0])
             raise IndexError(f"table '{name}': index {int(seg[pos])} at position {int(offsets[f * batch]) + pos} "
                              f"is out of range [0, {rows})")
-    if per_sample_weights is not None:
-        if not isinstance(per_sample_weights, Tensor) or not per_sample_weights.is_floating_point():
-            raise TypeError("per_sample_weights must be a floating-point tensor")
-        if per_sample_weights.shape != indices.shape:
-            raise ValueError(f"per_sample_weights has shape {tuple(per_sample_weights.shape)}, indices {tuple(indices.shape)}: they must match")
-        per_sample_weights = per_sample_weights.to(dtype).contiguous()
     return indices.contiguous(), offsets.contiguous(), per_sample_weights

@@ -146,7 +146,8 @@ class TableBatchedTTEmbeddingBag(nn.Module):
 
     def _spec(self, pooling_modes: Optional[Sequence[int]] = None) -> LookupSpec:
         modes = pooling_modes or [POOLING_CODES[self.modes[t]] for t in self.feature_table_map]
-        return LookupSpec(tuple(self.table_num_cores), tuple(self.feature_table_map), tuple(modes))
+        return LookupSpec(tuple(self.table_num_cores), tuple(self.feature_table_map), tuple(modes),
+                          tuple(s.num_embeddings for s in self.shapes))
 
     def _fused(self) -> Optional[FusedUpdate]:
         if not self.sparse:
