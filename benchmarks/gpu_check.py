@@ -249,7 +249,7 @@ def main() -> int:
         run.wait("fbtt_build")
         bench_json = RESULTS / f"tt_kernel_cuda_{tag}.json"
         run.start(Step("bench", [py, "benchmarks/tt_kernel_bench.py", "--device", "cuda", "--shapes", "fbtt",
-                                 "--batches", "512,65536", "--dtypes", "float32,bfloat16", "--repeat", "10",
+                                 "--batches", "512,65536", "--dtypes", "float32,bfloat16", "--repeat", "10", "--profile",
                                  "--out", str(bench_json)] + ([] if run.ok("fbtt_build") else ["--fbtt", "none"]), 200))
         run.wait("bench")
         if bench_json.exists():

@@ -146,6 +146,24 @@ def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, dt
     return result
 
 
+def profile_kernels(shape: dict, bags: int, pooling: int) -> None:
+    """Prints the CUDA kernels of one forward + backward of TTEmbeddingBag (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows, dim = math.prod(shape["p"]), math.prod(shape["q"])
+    tt = ttdist.TTEmbeddingBag(rows, dim, shape["ranks"], tt_p_shapes=shape["p"], tt_q_shapes=shape["q"], device="cuda")
+    indices = torch.randint(0, rows, (bags * pooling,), device="cuda")
+    offsets = torch.arange(0, bags * pooling, pooling, device="cuda")
+    for _ in range(2):
+        tt(indices, offsets).sum().backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        tt(indices, offsets).sum().backward()
+        torch.cuda.synchronize()
+    print(f"profile, {bags} bags x {pooling}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
+
+
 def fp32_peak_tflops(device_name: str, override: Optional[float]) -> Optional[float]:
     if override:
         return override
@@ -167,6 +185,8 @@ def main() -> None:
                     help="FBTT-Embedding source checkout (CUDA only; skipped when absent)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's plain fp32 peak")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/...)")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: also print the kernels of one ttdist fwd+bwd per batch size (torch.profiler)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,6 +223,8 @@ def main() -> None:
                 for k, v in r["ratios"].items():
                     line += f" | {k} = {v:.2f}x"
                 print(line, flush=True)
+                if args.profile and args.device == "cuda" and dtype_name == "float32":
+                    profile_kernels(SHAPES[name], bags, 20)
     out = {
         "device": args.device, "device_name": device_name, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "fp32_peak_tflops": peak, "fbtt": fbtt_status,
