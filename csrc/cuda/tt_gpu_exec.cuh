@@ -101,13 +101,19 @@ class PinnedStaging {
       break;
     }
     if (buffer == nullptr) {
-      Buffer b;
-      b.device = device;
-      b.bytes = 4096;
-      while (b.bytes < bytes) b.bytes *= 2;
-      if ((e = cudaHostAlloc(&b.host, b.bytes, cudaHostAllocDefault)) != cudaSuccess) return e;
-      if ((e = cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming)) != cudaSuccess) return e;
-      buffers_.push_back(b);
+      // A few at once on a device's first copy: forward and backward calls overlap, and a
+      // pinned allocation may wait for the device, so it should not happen in steady state.
+      size_t size = kMinBytes;
+      while (size < bytes) size *= 2;
+      const bool first = std::none_of(buffers_.begin(), buffers_.end(), [&](const Buffer& b) { return b.device == device; });
+      for (int n = 0; n < (first ? kFirstBuffers : 1); ++n) {
+        Buffer b;
+        b.device = device;
+        b.bytes = size;
+        if ((e = cudaHostAlloc(&b.host, b.bytes, cudaHostAllocDefault)) != cudaSuccess) return e;
+        if ((e = cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming)) != cudaSuccess) return e;
+        buffers_.push_back(b);
+      }
       buffer = &buffers_.back();
     }
     std::memcpy(buffer->host, src, bytes);
@@ -116,6 +122,8 @@ class PinnedStaging {
     return cudaEventRecord(buffer->done, stream);
   }
 
+  static constexpr size_t kMinBytes = 64 * 1024;
+  static constexpr int kFirstBuffers = 4;
   std::mutex mutex_;
   std::deque<Buffer> buffers_;  // stable addresses
 };
@@ -138,6 +146,7 @@ class GpuExec {
     check(limits.error, "cudaDeviceGetAttribute");
     device_ = device;
     sm_count_ = limits.sm_count;
+    smem_per_block_optin_ = limits.smem_per_block_optin;
     smem_optin_ = limits.smem_optin;
   }
 
@@ -220,7 +229,9 @@ class GpuExec {
  private:
   struct DeviceLimits {
     int sm_count = 1;
-    size_t smem_optin = 0;  // dynamic shared memory a chunk block may take (opt-in minus static)
+    int smem_per_block_optin = 0;  // static + dynamic shared memory one block may take
+    size_t smem_optin = 0;  // dynamic shared memory plans may give a chunk block (with a margin for
+                            // static memory beyond sizeof(ChunkShared): alignment, other variables)
     cudaError_t error = cudaSuccess;
   };
 
@@ -237,32 +248,44 @@ class GpuExec {
     if (limits.error == cudaSuccess)
       limits.error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     limits.sm_count = std::max(sms, 1);
-    limits.smem_optin =
-        optin > static_cast<int>(sizeof(ChunkShared)) ? static_cast<size_t>(optin) - sizeof(ChunkShared) : 0;
+    limits.smem_per_block_optin = optin;
+    const int reserved = static_cast<int>(sizeof(ChunkShared)) + 1024;
+    limits.smem_optin = optin > reserved ? static_cast<size_t>(optin - reserved) : 0;
     if (limits.error == cudaSuccess) cache.emplace_back(device, limits);
     return limits;
   }
 
+  // Raises the kernel's dynamic shared-memory limit to what its static memory leaves of the
+  // per-block opt-in maximum (a larger value is rejected as invalid).
   void allow_max_dynamic_smem(const void* kernel) {
     static std::mutex mutex;
     static std::set<std::pair<const void*, int>> raised;
     std::lock_guard<std::mutex> lock(mutex);
     if (raised.count({kernel, device_})) return;
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem_optin_));
-    check(e, "cudaFuncSetAttribute");
-    if (e == cudaSuccess) raised.insert({kernel, device_});
+    cudaFuncAttributes attributes{};
+    check(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+    if (!ok()) return;
+    const int dynamic = smem_per_block_optin_ - static_cast<int>(attributes.sharedSizeBytes);
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, std::max(dynamic, 0)),
+          "cudaFuncSetAttribute");
+    if (ok()) raised.insert({kernel, device_});
   }
 
   bool ok() const { return status_.ok(); }
+  // Records the first failure of a runtime call made here, and clears it from the runtime's
+  // last-error slot: it is reported through this call's Status, and left there it would fail
+  // the next, unrelated launch check (torch's included).
   void check(cudaError_t e, const char* what) {
-    if (e != cudaSuccess && status_.ok()) status_ = Status::Error(Status::kCudaError, cuda_message(e, what));
+    if (e == cudaSuccess) return;
+    (void)cudaGetLastError();
+    if (status_.ok()) status_ = Status::Error(Status::kCudaError, cuda_message(e, what));
   }
 
   Allocator& alloc_;
   cudaStream_t stream_;
   int device_ = 0;
   int sm_count_ = 1;
+  int smem_per_block_optin_ = 0;
   size_t smem_optin_ = 0;
   Status status_;
 };
