@@ -478,6 +478,13 @@ def generate_readme() -> tuple[str, list[str]]:
         bench = load(f"tt_kernel_cuda_{check.stem[len('gpu_check_'):]}.json")
         if bench:
             parts += [section_kernel_cuda(f"tt_kernel_cuda_{check.stem[len('gpu_check_'):]}.json", bench), ""]
+        profile = RESULTS / f"tt_kernel_cuda_{check.stem[len('gpu_check_'):]}_profile.txt"
+        if profile.exists():
+            parts += [f"Where the time goes: `{profile.name}` holds torch.profiler's kernel table of one fp32 "
+                      "fwd+bwd at each batch size. The backward's chunk program (CoreGradProgram: slice gradients "
+                      "summed into the cores with one atomic add per element of every trie node's outer product) "
+                      "dominates; that is the next kernel to rework (group by slice before adding).", ""]
+            used_png.add(profile.name)
         before = load(f"tt_kernel_cuda_{check.stem[len('gpu_check_'):]}_sync_ops.json")
         if bench and before:
             parts += [section_kernel_before_after(f"tt_kernel_cuda_{check.stem[len('gpu_check_'):]}_sync_ops.json",
