@@ -127,8 +127,16 @@ class TableBatchedTTEmbeddingBag(nn.Module):
     def num_tables(self) -> int:
         return len(self.shapes)
 
+    def lookup_cores(self) -> list[Tensor]:
+        """Every table's cores ``(p_k, r_{k-1}, q_k, r_k)``, table after table (what the ops take).
+
+        The storage behind them is ``tt_cores`` here; a subclass may lay it out differently
+        (``ttdist.compat.fbtt`` stacks the tables of each core position)."""
+        return list(self.tt_cores)
+
     @property
     def optimizer_states(self) -> list[Tensor]:
+        """One fused-optimizer state per core of ``lookup_cores()`` (a view when stored stacked)."""
         return [getattr(self, f"optimizer_state_{k}") for k in range(len(self.tt_cores))]
 
     @property
@@ -138,7 +146,7 @@ class TableBatchedTTEmbeddingBag(nn.Module):
     def table_cores(self, t: int) -> list[Tensor]:
         """The cores of table t, ``(p_k, r_{k-1}, q_k, r_k)``."""
         begin = sum(self.table_num_cores[:t])
-        return list(self.tt_cores[begin : begin + self.table_num_cores[t]])
+        return self.lookup_cores()[begin : begin + self.table_num_cores[t]]
 
     def set_learning_rate(self, lr: float) -> None:
         """Sets the fused optimizer's learning rate (used by the next backward)."""
@@ -163,12 +171,12 @@ class TableBatchedTTEmbeddingBag(nn.Module):
         rows = [self.shapes[t].num_embeddings for t in self.feature_table_map]
         indices, offsets, per_sample_weights = normalize_lookup_inputs(
             indices, offsets, per_sample_weights, names, rows, self.include_last_offset, self.dtype,
-            self.tt_cores[0].device)
+            self.lookup_cores()[0].device)
         if self.caches and self.training:
             self._count_cache_rows(indices, offsets)
         if any(c.populated for c in self.caches.values()):
             return self._forward_with_cache(indices, offsets, per_sample_weights)
-        return tt_lookup(list(self.tt_cores), self._spec(), indices, offsets, per_sample_weights,
+        return tt_lookup(self.lookup_cores(), self._spec(), indices, offsets, per_sample_weights,
                          self._fused(), self._anchor)
 
     def _feature_segments(self, offsets: Tensor) -> list[tuple[int, int]]:
@@ -197,7 +205,7 @@ class TableBatchedTTEmbeddingBag(nn.Module):
             offsets[1:] - offsets[:-1], output_size=indices.numel())
         kept = torch.zeros(F * batch + 1, dtype=torch.int64, device=offsets.device)
         kept[1:] = torch.bincount(bag_of[~hit], minlength=F * batch).cumsum(0)
-        out = tt_lookup(list(self.tt_cores), self._spec([POOLING_SUM] * F), indices[~hit], kept, scale[~hit],
+        out = tt_lookup(self.lookup_cores(), self._spec([POOLING_SUM] * F), indices[~hit], kept, scale[~hit],
                         self._fused(), self._anchor)
         fused = (self.optimizer, self.learning_rate, self.eps) if self.sparse else None
         blocks = []
