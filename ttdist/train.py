@@ -202,8 +202,11 @@ def restart_count() -> int:
 
 
 def restarted(progress: "Progress", env: DistEnv) -> bool:
-    """Whether any rank is in a torchrun restart (a collective, so that every rank agrees)."""
-    flag = torch.tensor([progress.attempt], dtype=torch.int64)
+    """Whether any rank is in a torchrun restart (a collective, so that every rank agrees).
+
+    Like every collective of the app, on a tensor of the job's device: NCCL rejects CPU tensors.
+    """
+    flag = torch.tensor([progress.attempt], dtype=torch.int64, device=env.device)
     if env.world_size > 1:
         with progress.phase("start-up (do the ranks resume a restarted job?)"):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -325,18 +328,14 @@ def train_step(model, optimizer: KeyedOptimizer, loss_fn, batch, step: int, cfg:
     """
     n = step + 1
     progress = progress or Progress.disabled()
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank = dist.get_rank()
     optimizer.zero_grad()
     with progress.phase(f"step {n} forward"):
         bad_input = first_nonfinite_dense(batch.dense_features)
         loss = loss_fn(model(batch.dense_features, batch.sparse_features).squeeze(-1), batch.labels)
         if faults is not None:
             loss = faults.poison_loss(loss, n)
-        flags = torch.zeros(world, 2, dtype=torch.int64)  # [rank] = (input bad, loss bad), summed
-        flags[rank, 0], flags[rank, 1] = bad_input is not None, not bool(torch.isfinite(loss))
-        if world > 1:
-            dist.all_reduce(flags)
-    bad_inputs, bad_losses = (torch.nonzero(flags[:, j]).flatten().tolist() for j in (0, 1))
+        bad_inputs, bad_losses = agree_step_health(bad_input is not None, loss)
     if bad_inputs:
         local = None
         if bad_input is not None:
@@ -366,6 +365,19 @@ def train_step(model, optimizer: KeyedOptimizer, loss_fn, batch, step: int, cfg:
     if loss.is_cuda:  # the TT ops check index values on the GPU; the host has just waited anyway
         check_errors(loss.device)
     return value
+
+
+def agree_step_health(bad_input: bool, loss: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The ranks with a non-finite dense input and those with a non-finite loss, the same on every
+    rank: one all-reduce of a (world, 2) flag tensor on the loss's device (NCCL rejects CPU tensors)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    flags = torch.zeros(world, 2, dtype=torch.int64, device=loss.device)  # [rank] = (input bad, loss bad)
+    flags[rank, 0] = int(bad_input)
+    flags[rank, 1] = (~torch.isfinite(loss.detach())).to(torch.int64)
+    if world > 1:
+        dist.all_reduce(flags)
+    flags = flags.cpu()
+    return torch.nonzero(flags[:, 0]).flatten().tolist(), torch.nonzero(flags[:, 1]).flatten().tolist()
 
 
 def _gather(obj) -> list:
@@ -700,7 +712,8 @@ class RunStats:
 
     def summary(self, env: DistEnv) -> dict:
         peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                              torch.cuda.max_memory_allocated() if env.device.type == "cuda" else 0], dtype=torch.int64)
+                              torch.cuda.max_memory_allocated() if env.device.type == "cuda" else 0], dtype=torch.int64,
+                             device=env.device)
         if env.world_size > 1:
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         out = {"samples_per_s": self.samples_per_s, "train_time_s": self.train_time, "peak_rss_bytes": int(peaks[0]),
