@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import os
 import re
@@ -33,6 +34,12 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+# Before any process group exists (issue 16): torch.distributed.nn's functions take
+# `group=group.WORLD` as a default argument, evaluated at its first import. Imported later (torch's
+# ShardedTensor ops import it lazily, e.g. at the first checkpoint), the defaults hold the job's
+# process group past destroy_process_group; its gloo threads then die with the interpreter:
+# "terminate called without an active exception", SIGABRT, after a finished run.
+import torch.distributed.nn  # noqa: F401
 import yaml
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import Topology
@@ -56,6 +63,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(cfg)
+    summary = train(cfg, env)
+    # Issue 16: the process group must die inside destroy_process_group, with nothing in flight,
+    # not with the interpreter (its gloo threads then abort: "terminate called without an active
+    # exception"). What holds it (DMP's ShardingEnv, DDP, the sharded modules) lived in train()'s
+    # frame, partly in reference cycles: collect them first.
+    gc.collect()
+    dist.destroy_process_group()
+    return summary
+
+
+def train(cfg: Config, env: DistEnv) -> dict:
+    """The whole run on an initialised process group: model, plan, DMP, loop, checkpoints, eval."""
     validate(cfg, env.world_size)
     faults = Faults.from_env(env.rank)
     CollectiveTrace.install()
@@ -125,7 +144,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
-    dist.destroy_process_group()
     return summary
 
 

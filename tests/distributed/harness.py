@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401 - before init_process_group: see the note in ttdist/train.py
 import torch.multiprocessing as mp
 
 
@@ -32,6 +34,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     dist.destroy_process_group()
+    # Whatever still holds the process group (the rank function's objects may), its gloo threads
+    # must not meet the interpreter's shutdown (pytorch/pytorch#190489: SIGABRT). The result is saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
