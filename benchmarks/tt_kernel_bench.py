@@ -101,6 +101,7 @@ def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, dt
             "ttdist_op": measure(lambda: tt_lookup(op_cores, tt._spec(), indices, full_offsets), device, repeat),
             "ttdist_fused_sgd": measure(lambda: fused(indices, offsets), device, repeat)}
     del op_cores
+
     def reference_forward() -> Callable[[], torch.Tensor]:
         cores = [c.detach().clone().requires_grad_(True) for c in tt.tt_cores]
         return lambda: tt_forward_reference(cores, tt._spec(), indices, full_offsets)

@@ -46,6 +46,7 @@ from ttdist.modules.optim import OptimType as TTOptimType
 from ttdist.modules.optim import optimizer_state_like
 from ttdist.modules.tt_embedding_bag import TableBatchedTTEmbeddingBag as _TTTableBatched
 from ttdist.modules.tt_init import init_tt_cores
+from ttdist.ops import tt_full_reference
 
 __all__ = ["OptimType", "TableBatchedTTEmbeddingBag", "TTEmbeddingBag", "tt_matrix_to_full"]
 
@@ -96,18 +97,13 @@ def tt_matrix_to_full(tt_p_shapes: list[int], tt_q_shapes: list[int], tt_ranks: 
     """
     d = len(tt_p_shapes)
     ranks = list(tt_ranks) if len(tt_ranks) == d + 1 else [1, *tt_ranks, 1]
-    full = None
+    cores = []
     for k, core in enumerate(tt_cores):
         natural = [ranks[k], tt_p_shapes[k], tt_q_shapes[k], ranks[k + 1]]  # (r, p, q, r')
         if tt_permute is not None:
             core = core.reshape([natural[i] for i in tt_permute]).permute(*tt_permute)
-        core = core.reshape(natural)
-        if full is None:
-            full = core.reshape(tt_p_shapes[0], tt_q_shapes[0], ranks[1])  # r_0 = 1: (P, Q, r)
-            continue
-        step = torch.einsum("abr,rcds->acbds", full, core)  # (P, p, Q, q, r')
-        full = step.reshape(full.shape[0] * tt_p_shapes[k], full.shape[1] * tt_q_shapes[k], ranks[k + 1])
-    return full.reshape(math.prod(tt_p_shapes), math.prod(tt_q_shapes)).float()
+        cores.append(core.reshape(natural).permute(1, 0, 2, 3))  # ttdist's (p, r, q, r')
+    return tt_full_reference(cores).float()
 
 
 class TableBatchedTTEmbeddingBag(_TTTableBatched):
@@ -133,8 +129,7 @@ class TableBatchedTTEmbeddingBag(_TTTableBatched):
     ) -> None:
         if num_tables != 1 and use_cache:
             raise ValueError("cannot use cache when num_tables != 1 (as in FBTT-Embedding)")
-        self.fbtt_optimizer = OptimType(optimizer.value if isinstance(optimizer, enum.Enum) else optimizer)
-        self.enforce_embedding_dim = enforce_embedding_dim  # ttdist always keeps prod(q) == embedding_dim
+        # enforce_embedding_dim: accepted; ttdist always keeps prod(q) == embedding_dim.
         super().__init__(num_tables, int(num_embeddings), int(embedding_dim), [int(r) for r in tt_ranks],
                          [int(p) for p in tt_p_shapes] if tt_p_shapes is not None else None,
                          [int(q) for q in tt_q_shapes] if tt_q_shapes is not None else None,
@@ -160,9 +155,8 @@ class TableBatchedTTEmbeddingBag(_TTTableBatched):
                          requires_grad=not self.sparse)
             for k in range(shape.d))
         self.table_num_cores = [shape.d] * T
-        self.optimizer_state = _BufferList("optimizer_state", [
-            optimizer_state_like(core, self.optimizer) if self.optimizer.code == 1
-            else torch.zeros(0, dtype=torch.float32, device=device) for core in self.tt_cores])
+        self.optimizer_state = _BufferList("optimizer_state", [optimizer_state_like(core, self.optimizer)
+                                                               for core in self.tt_cores])
         self._anchor = nn.Parameter(torch.zeros(0, device=device, dtype=dtype)) if self.sparse else None
 
     def lookup_cores(self) -> list[Tensor]:
