@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -59,12 +59,17 @@ class FusedUpdate:
 
     ``optimizer``: 0 SGD, 1 Adagrad, 2 row-wise Adagrad; ``states``: one tensor per core, shaped
     like the core (Adagrad), ``(p_k,)`` (row-wise Adagrad) or empty (SGD).
+
+    ``grad_hook``: for cores that other lookups or other ranks also train (a sharded table's
+    replicated cores). Backward then computes the core gradients and passes ``(cores, grads)``
+    to the hook instead of updating: the caller reduces them and applies ``apply_update``.
     """
 
     optimizer: int
     learning_rate: float
     eps: float
     states: tuple[Tensor, ...]
+    grad_hook: Optional[Callable[[Sequence[Tensor], Sequence[Tensor]], None]] = None
 
 
 def _table_dims(cores: Sequence[Tensor], table_num_cores: Sequence[int]) -> list[int]:
@@ -154,12 +159,32 @@ class _TTLookup(torch.autograd.Function):
             )
             return (None,) * 6 + tuple(grads)
         indices, offsets, per_sample_weights = ctx.inputs
+        if fused.grad_hook is not None:
+            grads = torch.ops.ttdist.tt_backward(
+                grad_output, list(ctx.cores), spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
+                indices, offsets, per_sample_weights, spec.num_rows,
+            )
+            fused.grad_hook(ctx.cores, grads)
+            return (None,) * (6 + len(ctx.cores))
         torch.ops.ttdist.tt_backward_fused_(
             grad_output, list(ctx.cores), list(fused.states), spec.table_num_cores, spec.feature_table_map,
             spec.pooling_modes, indices, offsets, per_sample_weights, fused.optimizer, fused.learning_rate, fused.eps,
             spec.num_rows,
         )
         return (None,) * (6 + len(ctx.cores))
+
+
+@torch.no_grad()
+def apply_update(core: Tensor, state: Tensor, grad: Tensor, optimizer: int, learning_rate: float, eps: float) -> None:
+    """One fused-optimizer step on a whole core from its gradient (both ``(p_k, r_{k-1}, q_k, r_k)``).
+
+    Slices whose gradient is zero are left unchanged by every fused optimizer (SGD, Adagrad and
+    row-wise Adagrad add nothing to their state and move nothing), so updating every slice gives
+    exactly the sparse update of the touched slices, without searching for them.
+    """
+    rows = core.shape[0]
+    torch.ops.ttdist.sparse_row_update_(core.data.view(rows, -1), state, torch.arange(rows, device=core.device),
+                                       grad.reshape(rows, -1).to(core.dtype), optimizer, learning_rate, eps)
 
 
 def tt_lookup(

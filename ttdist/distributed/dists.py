@@ -18,25 +18,14 @@ With W = 1 no collective is issued. Byte counts of every collective: ``ttdist.di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
 from torchrec.distributed.embedding_sharding import bucketize_kjt_before_all2all
-from torchrec.distributed.types import Awaitable
+from torchrec.distributed.types import Awaitable, CommOp, NoWait, QuantizedCommCodecs
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-
-class Ready(Awaitable):
-    """An awaitable whose value is computed on wait() (or already known)."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        super().__init__()
-        self._fn = fn
-
-    def _wait_impl(self):
-        return self._fn()
 
 
 @dataclass
@@ -51,91 +40,104 @@ class Unit:
     row_block: int = 0  # row_wise: rows per bucket
 
 
-def _wait_all(stage: Awaitable) -> Awaitable:
-    """KJTAllToAll returns an awaitable of an awaitable (splits first, then tensors)."""
-    return Ready(lambda: stage.wait().wait())
+def pooled_codecs(registry: Optional[dict[str, QuantizedCommCodecs]]) -> Optional[QuantizedCommCodecs]:
+    """TorchRec's quantized-communication codecs of the pooled all-to-all (fp16/bf16), if any."""
+    return registry.get(CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL.name) if registry else None
 
 
-class TwCwDist:
-    """table_wise / column_wise group (see module docstring)."""
+def _no_comm(kjt: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
+    return NoWait(NoWait(kjt))
 
-    def __init__(self, units: list[Unit], dims: list[int], pg, world_size: int, rank: int) -> None:
-        self.units = sorted(units, key=lambda u: u.rank)  # stable: config order within a rank
+
+class TwCwDist(nn.Module):
+    """table_wise / column_wise group (see module docstring).
+
+    ``_dist`` is TorchRec's ``KJTAllToAll``: ``TrainPipelineSparseDist`` finds it there and fuses
+    its splits all-to-all with the other modules'.
+    """
+
+    def __init__(self, units: list[Unit], dims: list[int], pg, world_size: int, rank: int,
+                 codecs: Optional[QuantizedCommCodecs] = None) -> None:
+        super().__init__()
+        order = sorted(range(len(units)), key=lambda i: units[i].rank)  # stable: config order within a rank
+        self.units = [units[i] for i in order]
+        self.dims = [dims[i] for i in order]
         self.local_units = [u for u in self.units if u.rank == rank]
         self.world_size = world_size
         self.perm = [u.feature for u in self.units]
         splits = [sum(1 for u in self.units if u.rank == r) for r in range(world_size)]
-        self.dim_per_rank = [sum(dims[i] for i, u in enumerate(self.units) if u.rank == r) for r in range(world_size)]
-        self._dims = dims
-        self._in = KJTAllToAll(pg, splits) if world_size > 1 else None
-        self._out = PooledEmbeddingsAllToAll(pg, self.dim_per_rank) if world_size > 1 else None
+        dim_per_rank = [sum(d for d, u in zip(self.dims, self.units) if u.rank == r) for r in range(world_size)]
+        if world_size > 1:
+            self._dist = KJTAllToAll(pg, splits)
+            self._out = PooledEmbeddingsAllToAll(pg, dim_per_rank, codecs=codecs)
 
-    def unit_dims(self) -> list[int]:
-        return [self._dims[i] for i in range(len(self.units))]
-
-    def input_dist(self, features: KeyedJaggedTensor) -> Awaitable:
+    def forward(self, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
         kjt = features.permute(self.perm)
-        return _wait_all(self._in(kjt)) if self._in is not None else Ready(lambda: kjt)
+        return self._dist(kjt) if self.world_size > 1 else _no_comm(kjt)
 
-    def output_dist(self, local: Tensor, batch: int) -> Awaitable:
-        if self._out is None:
-            return Ready(lambda: local)
+    def output_dist(self, local: Tensor, batch: int) -> Awaitable[Tensor]:
+        if self.world_size == 1:
+            return NoWait(local)
         return self._out(local, batch_size_per_rank=[batch] * self.world_size)
 
-    def split_output(self, out: Tensor) -> list[tuple[Unit, Tensor]]:
-        return list(zip(self.units, out.split(self.unit_dims(), dim=1)))
 
-
-class RwDist:
+class RwDist(nn.Module):
     """row_wise group: bucketed input all-to-all, partial-sum output all-to-all + local sum."""
 
-    def __init__(self, units: list[Unit], dims: list[int], pg, world_size: int) -> None:
-        self.units = units
+    def __init__(self, units: list[Unit], dims: list[int], pg, world_size: int,
+                 codecs: Optional[QuantizedCommCodecs] = None) -> None:
+        super().__init__()
+        self.units, self.dims = units, dims
         self.local_units = units
         self.world_size = world_size
         self.perm = [u.feature for u in units]
-        self._dims = dims
-        self._blocks = torch.tensor([u.row_block for u in units], dtype=torch.int64)
-        self._in = KJTAllToAll(pg, [len(units)] * world_size) if world_size > 1 else None
-        self._out = PooledEmbeddingsAllToAll(pg, [sum(dims)] * world_size) if world_size > 1 else None
+        self.register_buffer("_blocks", torch.tensor([u.row_block for u in units], dtype=torch.int64),
+                             persistent=False)
+        if world_size > 1:
+            self._dist = KJTAllToAll(pg, [len(units)] * world_size)
+            self._out = PooledEmbeddingsAllToAll(pg, [sum(dims)] * world_size, codecs=codecs)
 
-    def input_dist(self, features: KeyedJaggedTensor, weights: Optional[Tensor]) -> Awaitable:
+    def forward(self, features: KeyedJaggedTensor, weights: Optional[Tensor]
+                ) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
         """``weights``: per-index weights to attach (mean bags become weighted sums) or None."""
         kjt = features.permute(self.perm)
         if weights is not None:
             kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), weights=weights, lengths=kjt.lengths(),
                                     stride=kjt.stride())
-        if self._in is None:
-            return Ready(lambda: kjt)
+        if self.world_size == 1:
+            return _no_comm(kjt)
         bucketed, _ = bucketize_kjt_before_all2all(kjt, num_buckets=self.world_size,
                                                    block_sizes=self._blocks.to(kjt.values().device))
-        return _wait_all(self._in(bucketed))
+        return self._dist(bucketed)
 
-    def output_dist(self, local: Tensor, batch: int) -> Awaitable:
-        if self._out is None:
-            return Ready(lambda: local)
-        pending = self._out(local, batch_size_per_rank=[batch] * self.world_size)
-        return Ready(lambda: pending.wait().view(batch, self.world_size, -1).sum(dim=1))
-
-    def split_output(self, out: Tensor) -> list[tuple[Unit, Tensor]]:
-        return list(zip(self.units, out.split(self._dims, dim=1)))
+    def output_dist(self, local: Tensor, batch: int) -> Awaitable[Tensor]:
+        if self.world_size == 1:
+            return NoWait(local)
+        return _SumOverRanks(self._out(local, batch_size_per_rank=[batch] * self.world_size), batch, self.world_size)
 
 
-class DpDist:
+class _SumOverRanks(Awaitable[Tensor]):
+    """The row-wise partial sums of every rank [B, W * D] -> their sum [B, D]."""
+
+    def __init__(self, pending: Awaitable[Tensor], batch: int, world_size: int) -> None:
+        super().__init__()
+        self._pending, self._batch, self._world_size = pending, batch, world_size
+
+    def _wait_impl(self) -> Tensor:
+        return self._pending.wait().view(self._batch, self._world_size, -1).sum(dim=1)
+
+
+class DpDist(nn.Module):
     """data_parallel group: local lookups of the local batch."""
 
     def __init__(self, units: list[Unit], dims: list[int]) -> None:
-        self.units = units
+        super().__init__()
+        self.units, self.dims = units, dims
         self.local_units = units
         self.perm = [u.feature for u in units]
-        self._dims = dims
 
-    def input_dist(self, features: KeyedJaggedTensor) -> Awaitable:
-        kjt = features.permute(self.perm)
-        return Ready(lambda: kjt)
+    def forward(self, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
+        return _no_comm(features.permute(self.perm))
 
-    def output_dist(self, local: Tensor, batch: int) -> Awaitable:
-        return Ready(lambda: local)
-
-    def split_output(self, out: Tensor) -> list[tuple[Unit, Tensor]]:
-        return list(zip(self.units, out.split(self._dims, dim=1)))
+    def output_dist(self, local: Tensor, batch: int) -> Awaitable[Tensor]:
+        return NoWait(local)

@@ -2,20 +2,33 @@
 
 The sharded twin of ``ttdist.TTEmbeddingBagCollection``, built from it (its configs and
 cores) by ``TTEmbeddingBagCollectionSharder.shard``. It implements TorchRec's ``ShardedModule``
-pipeline: ``input_dist`` (KJT all-to-all, per sharding-type group, ``ttdist.distributed.dists``)
--> ``compute`` (one ``ttdist::tt_forward`` call per group over this rank's shards) ->
-``output_dist`` (pooled all-to-all: the butterfly shuffle) -> KeyedTensor in config order.
+pipeline, with TorchRec's types, so ``DistributedModelParallel`` and ``TrainPipelineSparseDist``
+drive it as they drive a sharded ``EmbeddingBagCollection``:
 
-Training is fused, as in TorchRec (``fused_params``): one autograd node covers all local
-lookups; its backward computes core gradients with ``ttdist::tt_backward``, all-reduces the
-gradients of cores replicated across ranks (row-/column-wise: G_2..G_d; data-parallel: all),
-and applies the optimizer in place with ``ttdist::sparse_row_update_``. The pooled all-to-all
-divides gradients by W in backward (TorchRec's gradient division), so with a per-rank mean loss
-the cores see the gradient of the global mean loss — the same as one process on the global batch.
+* ``input_dist`` -> ``KJTListSplitsAwaitable``: one KJT all-to-all per sharding-type group
+  (``ttdist.distributed.dists``, each group's ``KJTAllToAll`` in ``_input_dists[g]._dist``, where
+  the pipeline fuses the splits all-to-alls of all modules);
+* ``compute`` (``KJTList`` -> one tensor per group): each group's local shards are TT tables
+  (a shard of a TT table is itself a TT table) looked up by ``ttdist.ops.tt_lookup``, the op and
+  fused backward of the single-device module;
+* ``output_dist``: pooled all-to-all (the butterfly shuffle; TorchRec's qcomm codecs apply) ->
+  KeyedTensor in config order.
 
-``state_dict()`` uses the unsharded module's keys (``tt_tables.tt_cores.<i>``,
-``tt_tables.optimizer_state_<i>``): split cores are ``ShardedTensor`` s, replicated ones plain
-tensors, so ``torch.distributed.checkpoint`` saves them and reloads them on any world size.
+Training is fused, as in TorchRec: the optimizer comes from the sharder's ``fused_params`` or
+from ``apply_optimizer_in_backward`` (``ttdist.distributed.fused_params``) and runs inside
+backward. A core that only this rank trains (every core of a table-wise table, a row-/column-wise
+shard's slice of G_1) is updated by the fused kernel. A core that several ranks hold (G_2..G_d of
+row-/column-wise tables, every core of a data-parallel one) is *replicated*: its gradient is
+handed to a hook, and after the last lookup's backward one all-reduce of all replicated
+gradients (data-parallel ones averaged) precedes their update, so the replicas stay equal. The
+pooled all-to-all divides gradients by W (TorchRec's gradient division), so with a per-rank mean
+loss the cores see the gradient of the global mean loss — as one process on the global batch.
+
+State: the model's ``state_dict()`` holds the weights only, per table and stable across plans and
+world sizes: ``embedding_bags.<table>.tt_cores.<k>`` (a ``ShardedTensor`` where the core is split,
+the full core where every rank holds it), the same keys on every rank, so
+``torch.distributed.checkpoint`` saves and reshards it. The optimizer state lives in
+``fused_optimizer`` (``dmp.fused_optimizer``), keyed by the same names.
 """
 from __future__ import annotations
 
@@ -28,41 +41,49 @@ from torch import Tensor, nn
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-from torchrec.distributed.types import (Awaitable, EmbeddingModuleShardingPlan, LazyAwaitable, ModuleSharder,
-                                        ShardedModule, ShardingEnv, ShardingType)
+from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
+from torchrec.distributed.types import (Awaitable, EmbeddingModuleShardingPlan, LazyAwaitable,
+                                        ModuleSharder, ShardedModule, ShardingEnv, ShardingType)
 from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
-from ttdist.distributed.dists import DpDist, Ready, RwDist, TwCwDist, Unit
+from ttdist.distributed.dists import DpDist, RwDist, TwCwDist, Unit, pooled_codecs
+from ttdist.distributed.fused_params import TTFusedParams, resolve_fused_params
 from ttdist.distributed.shard_layout import TTShard, replicated_cores, row_block, table_shards
-from ttdist.modules.collection import TTEmbeddingBagCollection, TTEmbeddingBagConfig, select_features
+from ttdist.modules.collection import (TTEmbeddingBagCollection, TTEmbeddingBagConfig, pooling_name,
+                                       select_features, table_state_key)
 from ttdist.modules.optim import OptimType, optimizer_state_like
 from ttdist.modules.tt_init import init_tt_cores, table_generator
-from ttdist.ops import POOLING_CODES, POOLING_SUM, LookupSpec, bag_scales
+from ttdist.ops import POOLING_CODES, POOLING_SUM, FusedUpdate, LookupSpec, apply_update, bag_scales, tt_lookup
 
 # EmbeddingComputeKernel is a closed enum that the planner validates; CUSTOMIZED_KERNEL is the
 # value TorchRec reserves for kernels it does not implement (claiming FUSED would make the
 # planner model ttdist's kernel as fbgemm's TBE).
 TT_COMPUTE_KERNEL = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
-DEFAULT_FUSED_PARAMS = {"optimizer": OptimType.EXACT_SGD, "learning_rate": 0.01, "eps": 1e-10}
+TABLE_WISE, ROW_WISE = ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value
+COLUMN_WISE, DATA_PARALLEL = ShardingType.COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value
+SPLIT_FIRST_CORE = (ROW_WISE, COLUMN_WISE)  # sharding types that split G_1 across ranks
 
 
 class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
     """Shards ``TTEmbeddingBagCollection`` tables table-, row-, column-wise or data-parallel.
 
-    ``fused_params`` follow TorchRec: ``{"optimizer": EmbOptimType.EXACT_SGD | EXACT_ADAGRAD |
-    EXACT_ROWWISE_ADAGRAD, "learning_rate": float, "eps": float}``.
+    The fused optimizer: ``fused_params`` as TorchRec's (``{"optimizer": EmbOptimType.EXACT_SGD |
+    EXACT_ADAGRAD | EXACT_ROWWISE_ADAGRAD, "learning_rate": float, "eps": float}``) or what
+    ``apply_optimizer_in_backward`` attached to the collection's parameters (see
+    ``ttdist.distributed.fused_params``). ``qcomm_codecs_registry``: TorchRec's, for the pooled
+    all-to-all.
     """
 
     def __init__(self, fused_params: Optional[dict[str, Any]] = None, qcomm_codecs_registry=None) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
-        self._fused_params = {**DEFAULT_FUSED_PARAMS, **(fused_params or {})}
-        OptimType.parse(self._fused_params["optimizer"])
+        self._fused_params = dict(fused_params) if fused_params is not None else None
+        self._optimizer = resolve_fused_params([], self._fused_params).optimizer
 
     @property
-    def fused_params(self) -> dict[str, Any]:
+    def fused_params(self) -> Optional[dict[str, Any]]:
         return self._fused_params
 
     @property
@@ -72,15 +93,15 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
     def shardable_parameters(self, module: TTEmbeddingBagCollection) -> dict[str, nn.Parameter]:
         """A 2-D meta proxy ``[num_embeddings, dim]`` per table (the planner needs 2-D
         parameters); the real byte counts come from ``ttdist.distributed.planner``'s estimator."""
+        self._optimizer = resolve_fused_params(module.table_parameters(), self._fused_params).optimizer
         return {c.name: nn.Parameter(torch.empty(c.num_embeddings, c.embedding_dim, device="meta"), requires_grad=False)
                 for c in module.embedding_bag_configs()}
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
         """All four, except column_wise under row-wise Adagrad (its per-slice state would be split)."""
-        types = [ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value,
-                 ShardingType.DATA_PARALLEL.value]
-        if OptimType.parse(self._fused_params["optimizer"]) == OptimType.EXACT_ROWWISE_ADAGRAD:
-            types.remove(ShardingType.COLUMN_WISE.value)
+        types = [TABLE_WISE, ROW_WISE, COLUMN_WISE, DATA_PARALLEL]
+        if self._optimizer == OptimType.EXACT_ROWWISE_ADAGRAD:
+            types.remove(COLUMN_WISE)
         return types
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
@@ -89,11 +110,14 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
     def shard(self, module: TTEmbeddingBagCollection, params: EmbeddingModuleShardingPlan, env: ShardingEnv,
               device: Optional[torch.device] = None, module_fqn: Optional[str] = None
               ) -> "ShardedTTEmbeddingBagCollection":
-        return ShardedTTEmbeddingBagCollection(module, params, env, device or torch.device("cpu"), self._fused_params)
+        fused = resolve_fused_params(module.table_parameters(), self._fused_params)
+        return ShardedTTEmbeddingBagCollection(module, params, env, device or torch.device("cpu"), fused,
+                                               self.qcomm_codecs_registry)
 
 
 class TTShardingContext(Multistreamable):
-    """Per-batch state between the pipeline steps."""
+    """Per-batch state between the pipeline steps (the local batch size; no tensors, so there
+    is nothing to record on another stream)."""
 
     def __init__(self) -> None:
         self.batch_size = 0
@@ -102,62 +126,122 @@ class TTShardingContext(Multistreamable):
         pass
 
 
-class _LazyKeyedTensor(LazyAwaitable[KeyedTensor]):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self._fn = fn
-
-    def _wait_impl(self) -> KeyedTensor:
-        return self._fn()
+def core_key(t: int, k: int, shard: int = 0) -> str:
+    """The internal name of this rank's copy of core k of table t (G_1: of shard ``shard``)."""
+    return f"t{t}_c0_s{shard}" if k == 0 else f"t{t}_c{k}"
 
 
-class _FusedShardedLookup(torch.autograd.Function):
-    """All local lookups of one step; backward = grads, replica all-reduce, in-place update."""
+class _ReplicaSync(torch.autograd.Function):
+    """Every lookup of a step takes this node's output as its anchor, so this node's backward
+    runs once all their backwards have handed over the replicated cores' gradients: it
+    all-reduces and applies them. Every rank has it, so every rank joins the all-reduce."""
 
     @staticmethod
-    def forward(ctx, module: "ShardedTTEmbeddingBagCollection", inputs: list, anchor: Tensor, *params: Tensor):
-        ctx.module, ctx.inputs = module, inputs
-        return tuple(module._lookup(group, kjt) for group, kjt in zip(module._groups, inputs))
+    def forward(ctx, module: "ShardedTTEmbeddingBagCollection", anchor: Tensor) -> Tensor:
+        ctx.module = module
+        return anchor.new_zeros(0)
 
     @staticmethod
-    def backward(ctx, *grad_outputs: Tensor):
-        module: ShardedTTEmbeddingBagCollection = ctx.module
-        grads: dict[str, Tensor] = {}
-        for group, kjt, grad in zip(module._groups, ctx.inputs, grad_outputs):
-            module._accumulate_grads(group, kjt, grad, grads)
-        module._all_reduce_replicated(grads)
-        module._apply_optimizer(grads)
-        return (None, None, None) + (None,) * len(module._cores)
+    def backward(ctx, grad: Tensor):
+        ctx.module._update_replicas()
+        return None, None
 
 
-class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTShardingContext],
+class _GroupLookup:
+    """This rank's lookups of one sharding-type group: the units (feature, shard) it computes,
+    as one table-batched TT lookup per kind of core ownership (owned: fused update in the kernel;
+    replicated: gradients to the module's hook). Output: [B_in, sum of the local units' dims]."""
+
+    def __init__(self, module: "ShardedTTEmbeddingBagCollection", units: list[Unit], dims: list[int],
+                 row_wise: bool) -> None:
+        self._module = module
+        self.dims = dims
+        calls: dict[bool, dict] = {}
+        for pos, u in enumerate(units):
+            shard = u.shard_index if u.rank >= 0 else (module._rank if row_wise else 0)
+            first = core_key(u.table, 0, shard)
+            if first not in module._cores:
+                continue  # a row-wise shard past the end of G_1: no index can reach it
+            call = calls.setdefault(module._sharding_type[u.table] != TABLE_WISE,
+                                    {"tables": {}, "positions": [], "ftm": [], "modes": []})
+            if (u.table, shard) not in call["tables"]:
+                call["tables"][(u.table, shard)] = [first] + [core_key(u.table, k) for k in
+                                                             range(1, module._shapes[u.table].d)]
+            call["positions"].append(pos)
+            call["ftm"].append(list(call["tables"]).index((u.table, shard)))
+            call["modes"].append(POOLING_SUM if row_wise else POOLING_CODES[pooling_name(module._configs[u.table])])
+        self._calls = []
+        for replicated, c in sorted(calls.items()):
+            tables = list(c["tables"])
+            rows = tuple(module._shards[t][s].local_shape(module._shapes[t]).num_embeddings for t, s in tables)
+            spec = LookupSpec(tuple(module._shapes[t].d for t, _ in tables), tuple(c["ftm"]), tuple(c["modes"]), rows)
+            keys = [k for ks in c["tables"].values() for k in ks]
+            self._calls.append((replicated, keys, spec, c["positions"]))
+        self._offsets = [sum(dims[:i]) for i in range(len(dims) + 1)]
+
+    def __call__(self, kjt: KeyedJaggedTensor, anchor: Tensor, lr: float) -> Tensor:
+        batch = kjt.stride()
+        if len(self._calls) == 1 and self._calls[0][3] == list(range(len(self.dims))):
+            return self._lookup(self._calls[0], kjt, anchor, lr)
+        blocks: list[Optional[Tensor]] = [None] * len(self.dims)
+        for call in self._calls:
+            pooled = self._lookup(call, kjt.permute(call[3]), anchor, lr)
+            for pos, block in zip(call[3], pooled.split([self.dims[p] for p in call[3]], dim=1)):
+                blocks[pos] = block
+        zeros = anchor.sum().expand(batch, 0)  # keeps the output in the graph (see _ReplicaSync)
+        return torch.cat([zeros] + [b if b is not None else zeros.new_zeros(batch, d)
+                                    for b, d in zip(blocks, self.dims)], dim=1)
+
+    def _lookup(self, call, kjt: KeyedJaggedTensor, anchor: Tensor, lr: float) -> Tensor:
+        replicated, keys, spec, _ = call
+        m = self._module
+        fused = FusedUpdate(m._fused.optimizer.code, lr, m._fused.eps, tuple(m._states[k] for k in keys),
+                            grad_hook=m._take_grads if replicated else None)
+        return tt_lookup([m._cores[k] for k in keys], spec, kjt.values(), kjt.offsets(), kjt.weights_or_none(),
+                         fused, anchor)
+
+
+class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], KeyedTensor, TTShardingContext],
                                       FusedOptimizerModule):
     """Sharded TT collection (see the module docstring)."""
 
     def __init__(self, module: TTEmbeddingBagCollection, plan: EmbeddingModuleShardingPlan, env: ShardingEnv,
-                 device: torch.device, fused_params: dict[str, Any]) -> None:
-        super().__init__(qcomm_codecs_registry=None)
+                 device: torch.device, fused: TTFusedParams, qcomm_codecs_registry=None) -> None:
+        super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
         self._pg, self._world, self._rank = env.process_group, env.world_size, env.rank
         self._device = device
         self._configs: list[TTEmbeddingBagConfig] = list(module.embedding_bag_configs())
+        cached = [c.name for c in self._configs if c.use_cache]
+        if cached:
+            raise ValueError(f"tables {cached} set use_cache=True, which sharded TT tables do not support (the row "
+                             "cache is a single-device feature); set use_cache=False for sharded training")
         self._shapes = [c.tt_shape() for c in self._configs]
         self._is_weighted = module.is_weighted()
         self._dtype = module.tt_tables.dtype
         self.feature_names = list(module.feature_names)
-        self._optimizer = OptimType.parse(fused_params["optimizer"])
-        self._eps = float(fused_params.get("eps", 1e-10))
-        self._core_offsets = [sum(s.d for s in self._shapes[:t]) for t in range(len(self._shapes))]
+        self._feature_tables = [t for t, c in enumerate(self._configs) for _ in c.feature_names]
+        self._fused = fused
         self._shards = self._create_shards(plan)
         self._cores = nn.ParameterDict()
+        self._states: dict[str, Tensor] = {}
         self._create_local_cores(module)
-        self._groups = self._create_groups()
-        self._replicas = [(t, k) for t, c in enumerate(self._configs)
+        self._replicas = [core_key(t, k) for t, c in enumerate(self._configs)
                           for k in replicated_cores(self._sharding_type[t], self._shapes[t].d)]
-        self._grad_pg = dist.new_group(backend=dist.get_backend(self._pg)) if self._world > 1 else None
-        self._anchor = torch.zeros(0, requires_grad=True, device=device)
-        self._fused_optimizer = TTFusedOptimizer(self, float(fused_params.get("learning_rate", 0.01)))
+        self._replica_keys = set(self._replicas)
+        self._replica_scale = {core_key(t, k): 1.0 / self._world if self._sharding_type[t] == DATA_PARALLEL else 1.0
+                               for t in range(len(self._configs)) for k in range(self._shapes[t].d)}
+        self._pending: dict[str, Tensor] = {}
+        self._key_of = {id(p): k for k, p in self._cores.items()}
+        codecs = pooled_codecs(qcomm_codecs_registry)
+        self._input_dists = nn.ModuleList(self._create_dists(codecs))
+        self._lookups = [_GroupLookup(self, d.local_units, [u.columns[1] - u.columns[0] for u in d.local_units],
+                                      isinstance(d, RwDist)) for d in self._input_dists]
+        self._grad_pg = dist.new_group(backend=dist.get_backend(self._pg)) if self._world > 1 and self._replicas else None
+        self._anchor = torch.zeros(0, requires_grad=True, device=device, dtype=self._dtype)
+        self._fused_optimizer = TTFusedOptimizer(self)
         self._register_state_dict_hook(ShardedTTEmbeddingBagCollection._public_state_dict)
         self._register_load_state_dict_pre_hook(self._load_public_state_dict, with_module=False)
+        self.register_load_state_dict_post_hook(ShardedTTEmbeddingBagCollection._public_missing_keys)
 
     # ---------------------------------------------------------------------------------- set-up
     def _create_shards(self, plan: EmbeddingModuleShardingPlan) -> list[list[TTShard]]:
@@ -172,242 +256,156 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTS
         for cfg, shape in zip(self._configs, self._shapes):
             ps = plan[cfg.name]
             spec_ranks = ([s.placement.rank() for s in ps.sharding_spec.shards]
-                          if ps.sharding_spec is not None and ps.sharding_type == "column_wise" else None)
+                          if ps.sharding_spec is not None and ps.sharding_type == COLUMN_WISE else None)
             shards.append(table_shards(cfg.name, shape, ps.sharding_type, ps.ranks or [], self._world, spec_ranks))
-            if ps.sharding_type == "column_wise" and self._optimizer == OptimType.EXACT_ROWWISE_ADAGRAD:
+            if ps.sharding_type == COLUMN_WISE and self._fused.optimizer == OptimType.EXACT_ROWWISE_ADAGRAD:
                 raise ValueError(f"table '{cfg.name}': row-wise Adagrad keeps one state per row of G_1, which a "
                                  "column_wise split divides; use exact_adagrad or exact_sgd, or another sharding type")
         return shards
 
+    def _local_first_core_shards(self, t: int) -> list[TTShard]:
+        """The shards of table t whose slice of G_1 this rank holds."""
+        kind = self._sharding_type[t]
+        if kind == DATA_PARALLEL:
+            return self._shards[t][:1]
+        return [s for s in self._shards[t] if s.rank == self._rank and s.p1[1] > s.p1[0]]
+
+    def _holds_other_cores(self, t: int) -> bool:
+        """G_2..G_d: on the owner of a table-wise table, on every rank otherwise (replicated)."""
+        return self._sharding_type[t] != TABLE_WISE or self._shards[t][0].rank == self._rank
+
     def _create_local_cores(self, module: TTEmbeddingBagCollection) -> None:
         """This rank's slices, copied from the unsharded cores (or drawn per table when on meta)."""
         for t, (cfg, shape) in enumerate(zip(self._configs, self._shapes)):
-            local = [s for s in self._shards[t] if s.rank == self._rank]
-            if not local:
+            first = self._local_first_core_shards(t)
+            if not first and not self._holds_other_cores(t):
                 continue
             full = [c.detach() for c in module.tt_tables.table_cores(t)]
             if full[0].device.type == "meta":
-                full = init_tt_cores(shape, cfg.weight_dist, table_generator(module.seed, cfg.name))
-            for s in local:
-                if s.p1[1] > s.p1[0]:  # a row-wise shard past the last slice of G_1 holds no rows
-                    self._add_core(f"t{t}_c0_s{s.index}", full[0][s.p1[0]:s.p1[1], :, s.q1[0]:s.q1[1]])
-            for k in range(1, shape.d):
-                self._add_core(f"t{t}_c{k}", full[k])
+                full = init_tt_cores(shape, cfg.weight_dist, table_generator(module.seed, cfg.name), self._dtype)
+            for s in first:
+                self._add_core(core_key(t, 0, s.index), full[0][s.p1[0]:s.p1[1], :, s.q1[0]:s.q1[1]])
+            if self._holds_other_cores(t):
+                for k in range(1, shape.d):
+                    self._add_core(core_key(t, k), full[k])
 
     def _add_core(self, key: str, value: Tensor) -> None:
         param = nn.Parameter(value.detach().clone().contiguous().to(self._device), requires_grad=False)
         param._in_backward_optimizers = [None]  # TorchRec: keeps it out of the dense optimizer
         self._cores[key] = param
-        self.register_buffer(f"_state_{key}", optimizer_state_like(param, self._optimizer))
+        self._states[key] = optimizer_state_like(param, self._fused.optimizer)
 
-    def _create_groups(self) -> list:
+    def _create_dists(self, codecs) -> list[nn.Module]:
         """One dist per sharding-type group present, in a fixed order (TW+CW, RW, DP)."""
-        units: dict[str, list[tuple[Unit, int]]] = {"twcw": [], "rw": [], "dp": []}
-        f = 0
-        for t, (cfg, shape) in enumerate(zip(self._configs, self._shapes)):
-            kind = self._sharding_type[t]
-            for _ in cfg.feature_names:
-                for s in self._shards[t] if kind in ("table_wise", "column_wise") else self._shards[t][:1]:
-                    cols = s.columns(shape)
-                    unit = Unit(f, t, s.index, s.rank if kind in ("table_wise", "column_wise") else -1, cols,
-                                row_block(shape, self._world) if kind == "row_wise" else 0)
-                    units[{"table_wise": "twcw", "column_wise": "twcw", "row_wise": "rw"}.get(kind, "dp")].append(
-                        (unit, cols[1] - cols[0]))
-                f += 1
-        groups = []
+        units: dict[str, list[Unit]] = {"twcw": [], "rw": [], "dp": []}
+        for f, t in enumerate(self._feature_tables):
+            kind, shape = self._sharding_type[t], self._shapes[t]
+            owned = kind in (TABLE_WISE, COLUMN_WISE)
+            for s in self._shards[t] if owned else self._shards[t][:1]:
+                unit = Unit(f, t, s.index, s.rank if owned else -1, s.columns(shape),
+                            row_block(shape, self._world) if kind == ROW_WISE else 0)
+                units["twcw" if owned else "rw" if kind == ROW_WISE else "dp"].append(unit)
+        dims = {g: [u.columns[1] - u.columns[0] for u in us] for g, us in units.items()}
+        dists: list[nn.Module] = []
         if units["twcw"]:
-            ordered = sorted(units["twcw"], key=lambda x: x[0].rank)
-            groups.append(TwCwDist([u for u, _ in ordered], [d for _, d in ordered], self._pg, self._world, self._rank))
+            dists.append(TwCwDist(units["twcw"], dims["twcw"], self._pg, self._world, self._rank, codecs))
         if units["rw"]:
-            groups.append(RwDist([u for u, _ in units["rw"]], [d for _, d in units["rw"]], self._pg, self._world))
+            dists.append(RwDist(units["rw"], dims["rw"], self._pg, self._world, codecs))
         if units["dp"]:
-            groups.append(DpDist([u for u, _ in units["dp"]], [d for _, d in units["dp"]]))
-        return groups
+            dists.append(DpDist(units["dp"], dims["dp"]))
+        return dists
 
     # ------------------------------------------------------------------------------- pipeline
     def create_context(self) -> TTShardingContext:
         return TTShardingContext()
 
-    def input_dist(self, ctx: TTShardingContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[list]]:
+    def input_dist(self, ctx: TTShardingContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         features = self._check_input(features)
         ctx.batch_size = features.stride()
-        pending = [self._group_input(group, features) for group in self._groups]
-        return Ready(lambda: Ready(lambda: [p.wait() for p in pending]))
+        return KJTListSplitsAwaitable([self._group_input(d, features) for d in self._input_dists], ctx)
 
-    def _group_input(self, group, features: KeyedJaggedTensor) -> Awaitable:
+    def _group_input(self, group: nn.Module, features: KeyedJaggedTensor) -> Awaitable:
         if not isinstance(group, RwDist):
-            return group.input_dist(features)
-        modes = [POOLING_CODES[self._pooling(u.table)] for u in group.units]
-        needs_weights = self._is_weighted or any(m != POOLING_SUM for m in modes)
+            return group(features)
+        modes = [POOLING_CODES[pooling_name(self._configs[u.table])] for u in group.units]
         weights = None
-        if needs_weights:  # row-wise partial sums cannot divide by the bag length: weight instead
+        if self._is_weighted or any(m != POOLING_SUM for m in modes):
+            # row-wise partial sums cannot divide by the bag length: weight instead
             kjt = features.permute(group.perm)
             weights = bag_scales(kjt.offsets(), modes, kjt.values().numel(),
                                  kjt.weights() if self._is_weighted else None, torch.float32)
-        return group.input_dist(features, weights)
+        return group(features, weights)
 
     def _check_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """This collection's features of ``features``; bad input raises on EVERY rank, before any all-to-all.
-
-        Each rank puts a code in its own slot of a [W] int64 vector (0 ok, 1 a feature is missing
-        from its KJT, 2 + f an index of feature f out of range) and one all-reduce (SUM) shares
-        them, so a rank whose own input is fine raises too, naming the bad rank, instead of
-        blocking in the next collective.
-        """
-        own_error: Optional[Exception] = None
-        code = 0
+        """This collection's features of ``features``; raises naming the table, feature and rank for a
+        missing feature or (CPU input) an index out of range, before any collective. The other
+        ranks learn of it from their next collective, which fails (``ttdist.train`` reports the
+        peer's error). CUDA input is checked by the ops on the device, without a host sync."""
         try:
             features = select_features(features, self.feature_names)
         except KeyError as e:
-            code, own_error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
-        if own_error is None:
-            for f, jt in enumerate(features.split([1] * len(self.feature_names))):
-                values = jt.values()
-                rows = self._configs[self._feature_table(f)].num_embeddings
-                if values.numel() and (int(values.min()) < 0 or int(values.max()) >= rows):
-                    v = int(values[(values < 0) | (values >= rows)][0])
-                    code = 2 + f
-                    own_error = IndexError(f"table '{self._configs[self._feature_table(f)].name}', feature "
-                                           f"'{self.feature_names[f]}': index {v} is out of range [0, {rows}) "
-                                           f"on rank {self._rank}")
-                    break
-        codes = [code]
-        if self._world > 1:
-            flags = torch.zeros(self._world, dtype=torch.int64, device=self._device)
-            flags[self._rank] = code
-            dist.all_reduce(flags, group=self._pg)
-            codes = [int(c) for c in flags]
-        if own_error is not None:
-            raise own_error
-        bad = [r for r, c in enumerate(codes) if c]
-        if bad:
-            r, c = bad[0], codes[bad[0]]
-            if c == 1:
-                raise KeyError(f"a feature of this TT collection {self.feature_names} is missing from the "
-                               f"KeyedJaggedTensor on rank {r} (see that rank's error)")
-            f = c - 2
-            cfg = self._configs[self._feature_table(f)]
-            raise IndexError(f"table '{cfg.name}', feature '{self.feature_names[f]}': an index is out of range "
-                             f"[0, {cfg.num_embeddings}) on rank {r} (see that rank's error)")
+            raise KeyError(f"{e.args[0]} (rank {self._rank})") from None
+        values = features.values()
+        if values.is_cuda or not values.numel():
+            return features
+        rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables], dtype=values.dtype)
+        limits = rows.repeat_interleave(torch.tensor(features.length_per_key()), output_size=values.numel())
+        bad = (values < 0) | (values >= limits)
+        if bool(bad.any()):
+            pos = int(torch.nonzero(bad)[0])
+            f = int(torch.searchsorted(torch.tensor(features.offset_per_key()), pos, right=True)) - 1
+            cfg = self._configs[self._feature_tables[f]]
+            raise IndexError(f"table '{cfg.name}', feature '{self.feature_names[f]}': index {int(values[pos])} is "
+                             f"out of range [0, {cfg.num_embeddings}) on rank {self._rank}")
         return features
 
-    def _feature_table(self, f: int) -> int:
-        return [t for t, c in enumerate(self._configs) for _ in c.feature_names][f]
+    def compute(self, ctx: TTShardingContext, dist_input: KJTList) -> list[Tensor]:
+        anchor = _ReplicaSync.apply(self, self._anchor)
+        lr = self._fused_optimizer.param_groups[0]["lr"]
+        return [lookup(kjt, anchor, lr) for lookup, kjt in zip(self._lookups, dist_input)]
 
-    def _pooling(self, t: int) -> str:
-        from ttdist.modules.collection import pooling_name
+    def output_dist(self, ctx: TTShardingContext, output: list[Tensor]) -> LazyAwaitable[KeyedTensor]:
+        pending = [d.output_dist(out, ctx.batch_size) for d, out in zip(self._input_dists, output)]
+        return _AssembledOutput(self, pending)
 
-        return pooling_name(self._configs[t])
-
-    def compute(self, ctx: TTShardingContext, dist_input: list) -> list:
-        # The anchor keeps every rank's outputs in the graph, so every rank runs the backward
-        # all-to-alls and the replica all-reduce even when it owns no shard.
-        return list(_FusedShardedLookup.apply(self, dist_input, self._anchor, *self._cores.values()))
-
-    def output_dist(self, ctx: TTShardingContext, output: list) -> LazyAwaitable[KeyedTensor]:
-        pending = [group.output_dist(out, ctx.batch_size) for group, out in zip(self._groups, output)]
-
-        def assemble() -> KeyedTensor:
-            pieces: dict[int, list[tuple[int, Tensor]]] = {}
-            for group, p in zip(self._groups, pending):
-                for unit, block in group.split_output(p.wait()):
-                    pieces.setdefault(unit.feature, []).append((unit.columns[0], block))
-            values = [torch.cat([b for _, b in sorted(pieces[f], key=lambda x: x[0])], dim=1)
-                      for f in range(len(self.feature_names))]
-            return KeyedTensor.from_tensor_list(self.feature_names, values)
-
-        return _LazyKeyedTensor(assemble)
-
-    def compute_and_output_dist(self, ctx: TTShardingContext, input: list) -> LazyAwaitable[KeyedTensor]:
+    def compute_and_output_dist(self, ctx: TTShardingContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
         return self.output_dist(ctx, self.compute(ctx, input))
 
-    # ----------------------------------------------------------------------- local lookups
-    def _local_tables(self, group):
-        """(core keys per local table, LookupSpec, positions of the looked-up units, column
-        offset of every local unit) for this rank's units of ``group``. A unit whose shard holds
-        no rows (row-wise past the end of G_1) is not looked up: no index can reach it."""
-        keys: list[list[str]] = []
-        index: dict[tuple[int, int], int] = {}
-        table_of_unit, positions, modes = [], [], []
-        rw = isinstance(group, RwDist)
-        for pos, u in enumerate(group.local_units):
-            shard = u.shard_index if u.rank >= 0 else (self._rank if rw else 0)
-            if f"t{u.table}_c0_s{shard}" not in self._cores:
-                continue
-            if (u.table, shard) not in index:
-                index[(u.table, shard)] = len(keys)
-                keys.append([f"t{u.table}_c0_s{shard}"] + [f"t{u.table}_c{k}" for k in range(1, self._shapes[u.table].d)])
-            table_of_unit.append(index[(u.table, shard)])
-            positions.append(pos)
-            modes.append(POOLING_SUM if rw else POOLING_CODES[self._pooling(u.table)])
-        dims = [u.columns[1] - u.columns[0] for u in group.local_units]
-        offsets = [sum(dims[:i]) for i in range(len(dims) + 1)]
-        return keys, LookupSpec(tuple(len(k) for k in keys), tuple(table_of_unit), tuple(modes)), positions, offsets
+    def _assemble(self, pooled: list[Tensor]) -> KeyedTensor:
+        pieces: dict[int, list[tuple[int, Tensor]]] = {}
+        for group, out in zip(self._input_dists, pooled):
+            for unit, block in zip(group.units, out.split(group.dims, dim=1)):
+                pieces.setdefault(unit.feature, []).append((unit.columns[0], block))
+        values = [torch.cat([b for _, b in sorted(pieces[f], key=lambda x: x[0])], dim=1)
+                  for f in range(len(self.feature_names))]
+        return KeyedTensor.from_tensor_list(self.feature_names, values)
 
-    @staticmethod
-    def _looked_up(kjt: KeyedJaggedTensor, positions: list[int], num_units: int) -> KeyedJaggedTensor:
-        return kjt if len(positions) == num_units else kjt.permute(positions)
-
-    def _lookup(self, group, kjt: KeyedJaggedTensor) -> Tensor:
-        keys, spec, positions, offsets = self._local_tables(group)
-        out = torch.zeros(kjt.stride(), offsets[-1], device=self._device)
-        if not positions:
-            return out
-        sub = self._looked_up(kjt, positions, len(group.local_units))
-        pooled = torch.ops.ttdist.tt_forward([self._cores[k] for ks in keys for k in ks], spec.table_num_cores,
-                                             spec.feature_table_map, spec.pooling_modes, sub.values(), sub.offsets(),
-                                             sub.weights_or_none())
-        if len(positions) == len(group.local_units):
-            return pooled
-        col = 0
-        for pos in positions:  # zero columns stay for the units without rows here
-            width = offsets[pos + 1] - offsets[pos]
-            out[:, offsets[pos]:offsets[pos + 1]] = pooled[:, col:col + width]
-            col += width
-        return out
-
-    def _accumulate_grads(self, group, kjt: KeyedJaggedTensor, grad: Tensor, grads: dict[str, Tensor]) -> None:
-        keys, spec, positions, offsets = self._local_tables(group)
-        if not positions:
-            return
-        sub = self._looked_up(kjt, positions, len(group.local_units))
-        grad = torch.cat([grad[:, offsets[p]:offsets[p + 1]] for p in positions], dim=1).contiguous()
-        flat = [k for ks in keys for k in ks]
-        core_grads = torch.ops.ttdist.tt_backward(grad, [self._cores[k] for k in flat], spec.table_num_cores,
-                                                  spec.feature_table_map, spec.pooling_modes, sub.values(),
-                                                  sub.offsets(), sub.weights_or_none())
-        for key, g in zip(flat, core_grads):
-            grads[key] = grads[key] + g if key in grads else g
-
-    def _all_reduce_replicated(self, grads: dict[str, Tensor]) -> None:
-        """Sums (data-parallel: averages) the gradients of replicated cores over all ranks."""
-        if self._world == 1 or not self._replicas:
-            return
-        parts = []
-        for t, k in self._replicas:
-            key = f"t{t}_c{k}" if k else f"t{t}_c0_s0"
-            shape = self._shapes[t].core_shapes[k]
-            g = grads.get(key)
-            g = torch.zeros(math.prod(shape), device=self._device) if g is None else g.reshape(-1)
-            parts.append(g / self._world if self._sharding_type[t] == "data_parallel" else g)
-        flat = torch.cat(parts)
-        dist.all_reduce(flat, group=self._grad_pg)
-        for (t, k), chunk in zip(self._replicas, flat.split([math.prod(self._shapes[t].core_shapes[k]) for t, k in self._replicas])):
-            key = f"t{t}_c{k}" if k else f"t{t}_c0_s0"
-            if key in self._cores:
-                grads[key] = chunk.view(self._cores[key].shape)
+    # ---------------------------------------------------------------------- replicated cores
+    def _take_grads(self, cores: list[Tensor], grads: list[Tensor]) -> None:
+        """Gradient hook of the lookups with replicated cores: a replicated core's gradient waits
+        for the all-reduce; an owned slice of G_1 (row-/column-wise) is updated at once."""
+        lr = self._fused_optimizer.param_groups[0]["lr"]
+        for core, grad in zip(cores, grads):
+            key = self._key_of[id(core)]
+            if key in self._replica_keys:
+                self._pending[key] = self._pending[key] + grad if key in self._pending else grad
+            else:
+                apply_update(core, self._states[key], grad, self._fused.optimizer.code, lr, self._fused.eps)
 
     @torch.no_grad()
-    def _apply_optimizer(self, grads: dict[str, Tensor]) -> None:
+    def _update_replicas(self) -> None:
+        """Sums the replicated cores' gradients over the ranks (data-parallel: averages) and applies them."""
+        if not self._replicas:
+            return
+        grads = [(self._pending.get(key, torch.zeros_like(self._cores[key])) * self._replica_scale[key]).reshape(-1)
+                 for key in self._replicas]
+        self._pending.clear()
+        flat = torch.cat(grads)
+        if self._grad_pg is not None:
+            dist.all_reduce(flat, group=self._grad_pg)
         lr = self._fused_optimizer.param_groups[0]["lr"]
-        for key, g in grads.items():
-            core = self._cores[key]
-            rows = core.shape[0]
-            g2 = g.reshape(rows, -1)
-            touched = torch.nonzero(g2.ne(0).any(dim=1)).flatten()
-            if touched.numel():
-                torch.ops.ttdist.sparse_row_update_(core.data.view(rows, -1), getattr(self, f"_state_{key}"), touched,
-                                                   g2[touched], self._optimizer.code, lr, self._eps)
+        for key, grad in zip(self._replicas, flat.split([g.numel() for g in grads])):
+            apply_update(self._cores[key], self._states[key], grad, self._fused.optimizer.code, lr, self._fused.eps)
 
     # ------------------------------------------------------------------------------ metadata
     @property
@@ -428,20 +426,28 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTS
         return {c.name: st for c, st in zip(self._configs, self._sharding_type)}
 
     # ---------------------------------------------------------------------------- state_dict
-    def _public(self, t: int, k: int, state: bool):
-        """The unsharded key's value: a ShardedTensor for a split core, else the local full core."""
-        get = (lambda key: getattr(self, f"_state_{key}")) if state else (lambda key: self._cores[key].detach())
+    def public_tensors(self, state: bool = False) -> dict[str, Tensor]:
+        """``{embedding_bags.<table>.tt_cores.<k>: value}`` of the cores (or, with ``state``, of their
+        optimizer state): a ShardedTensor where G_1 is split across ranks, the local core where
+        every rank holds it, and for a table-wise table a ShardedTensor with one shard on its owner."""
+        out = {}
+        for t, (cfg, shape) in enumerate(zip(self._configs, self._shapes)):
+            for k in range(shape.d):
+                value = self._public(t, k, state)
+                if value is not None:
+                    out[table_state_key(cfg.name, k)] = value
+        return out
+
+    def _public(self, t: int, k: int, state: bool) -> Optional[Tensor]:
+        get = (lambda key: self._states[key]) if state else (lambda key: self._cores[key].detach())
         kind, shape = self._sharding_type[t], self._shapes[t]
-        split = kind == "table_wise" or (k == 0 and kind in ("row_wise", "column_wise"))
-        if not split:
-            key = f"t{t}_c{k}" if k else f"t{t}_c0_s0"
-            return get(key) if key in self._cores else None
-        if state and self._optimizer.code == 0:  # SGD keeps no state: the unsharded module's empty buffer
-            return torch.zeros(0, device=self._device)
+        if state and self._fused.optimizer.code == 0:
+            return None  # SGD keeps no state
+        if kind == DATA_PARALLEL or (k > 0 and kind != TABLE_WISE):
+            return get(core_key(t, k))
         core = list(shape.core_shapes[k])
         # Row-wise Adagrad keeps one state per slice G_k[i]: the leading dimension only.
-        ndim = 1 if state and self._optimizer == OptimType.EXACT_ROWWISE_ADAGRAD else 4
-        full = core[:ndim]
+        ndim = 1 if state and self._fused.optimizer == OptimType.EXACT_ROWWISE_ADAGRAD else 4
         metas, locals_ = [], []
         for s in self._shards[t]:
             offsets = ([s.p1[0], 0, s.q1[0], 0] if k == 0 else [0, 0, 0, 0])[:ndim]
@@ -451,41 +457,79 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[list, list, KeyedTensor, TTS
             meta = ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=f"rank:{s.rank}/{self._device}")
             metas.append(meta)
             if s.rank == self._rank:
-                locals_.append(Shard(tensor=get(f"t{t}_c0_s{s.index}" if k == 0 else f"t{t}_c{k}"), metadata=meta))
-        dtype = optimizer_state_like(torch.zeros(0, dtype=self._dtype), self._optimizer).dtype if state else self._dtype
+                locals_.append(Shard(tensor=get(core_key(t, k, s.index)), metadata=meta))
+        dtype = optimizer_state_like(torch.zeros(0, dtype=self._dtype), self._fused.optimizer).dtype if state \
+            else self._dtype
         props = TensorProperties(dtype=dtype, layout=torch.strided, requires_grad=False,
                                  memory_format=torch.contiguous_format, pin_memory=False)
-        md = ShardedTensorMetadata(shards_metadata=metas, size=torch.Size(full), tensor_properties=props)
+        md = ShardedTensorMetadata(shards_metadata=metas, size=torch.Size(core[:ndim]), tensor_properties=props)
         return ShardedTensor._init_from_local_shards_and_global_metadata(locals_, md, process_group=self._pg)
 
     @staticmethod
     def _public_state_dict(module: "ShardedTTEmbeddingBagCollection", destination, prefix, local_metadata):
-        for key in [k for k in destination if k.startswith(prefix + "_cores.") or k.startswith(prefix + "_state_")]:
+        for key in [k for k in destination if k.startswith(prefix + "_cores.")]:
             del destination[key]
-        for t, shape in enumerate(module._shapes):
-            for k in range(shape.d):
-                i = module._core_offsets[t] + k
-                for name, state in ((f"tt_tables.tt_cores.{i}", False), (f"tt_tables.optimizer_state_{i}", True)):
-                    value = module._public(t, k, state)
-                    if value is not None:
-                        destination[prefix + name] = value
+        for name, value in module.public_tensors().items():
+            destination[prefix + name] = value
         return destination
 
     def _load_public_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                 error_msgs) -> None:
-        """Accepts ShardedTensors (matched by shard offsets) or full tensors (sliced here)."""
-        for t, shape in enumerate(self._shapes):
+        """Accepts ShardedTensors (matched by shard offsets) or full tensors (sliced here); an
+        unsharded module's optimizer state (``...optimizer_state.<k>``) goes to the fused optimizer."""
+        for t, (cfg, shape) in enumerate(zip(self._configs, self._shapes)):
             for k in range(shape.d):
-                i = self._core_offsets[t] + k
-                for name, internal in ((f"tt_tables.tt_cores.{i}", "_cores."), (f"tt_tables.optimizer_state_{i}", "_state_")):
-                    value = state_dict.pop(prefix + name, None)
+                for state in (False, True):
+                    value = state_dict.pop(prefix + table_state_key(cfg.name, k, state), None)
                     if value is None:
                         continue
-                    for s in (self._shards[t] if k == 0 else self._shards[t][:1]):
-                        key = f"t{t}_c0_s{s.index}" if k == 0 else f"t{t}_c{k}"
-                        if key not in self._cores or (k == 0 and s.rank != self._rank):
+                    self._check_loaded_shape(cfg.name, t, k, state, value)
+                    for s in self._local_first_core_shards(t) if k == 0 else [None]:
+                        key = core_key(t, k, s.index if s is not None else 0)
+                        if key not in self._cores:
                             continue
-                        state_dict[prefix + internal + key] = _slice_for(value, s if k == 0 else None)
+                        part = _slice_for(value, s if k == 0 and self._sharding_type[t] != DATA_PARALLEL else None)
+                        if state:
+                            self._states[key].copy_(part)
+                        else:
+                            state_dict[prefix + "_cores." + key] = part
+
+    def _check_loaded_shape(self, table: str, t: int, k: int, state: bool, value: Tensor) -> None:
+        core = tuple(self._shapes[t].core_shapes[k])
+        expected = tuple(optimizer_state_like(torch.empty(core, device="meta"), self._fused.optimizer).shape) \
+            if state else core
+        if tuple(value.shape) != expected:
+            what = f"the {self._fused.optimizer.value} state of core {k}" if state else f"core {k}"
+            raise ValueError(f"table '{table}': {what} in the state_dict has shape {tuple(value.shape)} but this "
+                             f"model's has {expected} (the checkpoint's table differs in tt_ranks, tt_p_shapes, "
+                             "tt_q_shapes, num_embeddings or optimizer)")
+
+    @staticmethod
+    def _public_missing_keys(module: "ShardedTTEmbeddingBagCollection", incompatible) -> None:
+        """Missing internal core keys are reported by their public (per-table) names."""
+        names = {}
+        for t, (cfg, shape) in enumerate(zip(module._configs, module._shapes)):
+            for k in range(shape.d):
+                for s in range(max(len(module._shards[t]), 1)):
+                    names[core_key(t, k, s)] = table_state_key(cfg.name, k)
+        renamed = []
+        for key in incompatible.missing_keys:
+            head, _, tail = key.rpartition("_cores.")
+            public = head + names[tail] if tail in names else key
+            if public not in renamed:
+                renamed.append(public)
+        incompatible.missing_keys[:] = renamed
+
+
+class _AssembledOutput(LazyAwaitable[KeyedTensor]):
+    """The KeyedTensor of the groups' pooled outputs, assembled when first used (TorchRec's lazy output)."""
+
+    def __init__(self, module: ShardedTTEmbeddingBagCollection, pending: list[Awaitable[Tensor]]) -> None:
+        super().__init__()
+        self._module, self._pending = module, pending
+
+    def _wait_impl(self) -> KeyedTensor:
+        return self._module._assemble([p.wait() for p in self._pending])
 
 
 def _slice_for(value, shard: Optional[TTShard]) -> Tensor:
@@ -506,15 +550,19 @@ def _slice_for(value, shard: Optional[TTShard]) -> Tensor:
 class TTFusedOptimizer(FusedOptimizer):
     """The optimizer fused into the sharded TT backward, as TorchRec exposes fbgemm's.
 
-    ``step()`` and ``zero_grad()`` do nothing (the update runs in backward); ``param_groups[0]["lr"]``
-    is read at every backward, so a learning-rate schedule applies. Its ``state`` is empty: the
-    Adagrad accumulators live in the module's state_dict (``tt_tables.optimizer_state_<i>``),
-    sharded like the cores, so they are checkpointed and resharded with the model.
+    Keyed like the model's state_dict (``embedding_bags.<table>.tt_cores.<k>``); its ``state`` holds
+    each core's Adagrad accumulator (``"sum"``, shaped like the core, or per slice for row-wise
+    Adagrad; none for SGD), sharded like the core, so ``state_dict()`` / ``load_state_dict()``
+    go through ``torch.distributed.checkpoint`` and reshard. ``step()`` and ``zero_grad()`` do
+    nothing (the update runs in backward); ``param_groups[0]["lr"]`` is read at every step, so a
+    learning-rate schedule (e.g. TorchRec's ``WarmupOptimizer``) applies.
     """
 
-    def __init__(self, module: ShardedTTEmbeddingBagCollection, learning_rate: float) -> None:
-        params = dict(module._cores.items())
-        super().__init__(params, {}, [{"params": list(params.values()), "lr": learning_rate}])
+    def __init__(self, module: ShardedTTEmbeddingBagCollection) -> None:
+        params = module.public_tensors()
+        states = module.public_tensors(state=True)
+        state = {params[name]: {"sum": states[name]} for name in states}
+        super().__init__(params, state, [{"params": list(params.values()), "lr": module._fused.learning_rate}])
 
     def step(self, closure: Any = None) -> None:
         pass

@@ -52,6 +52,12 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
 
 
 AnyTableConfig = Union[TTEmbeddingBagConfig, EmbeddingBagConfig]
+
+
+def table_state_key(table: str, k: int, optimizer_state: bool = False) -> str:
+    """The state_dict key of core k of a TT table (or of its fused-optimizer state), relative to
+    the collection: ``embedding_bags.<table>.tt_cores.<k>`` (``...optimizer_state.<k>``)."""
+    return f"embedding_bags.{table}.{'optimizer_state' if optimizer_state else 'tt_cores'}.{k}"
 POOLING_NAMES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
 
@@ -112,9 +118,44 @@ class TTEmbeddingBagCollection(nn.Module):
         self.feature_names = [f for c in self._configs for f in c.feature_names]
         feature_table_map = [t for t, c in enumerate(self._configs) for _ in c.feature_names]
         self.tt_tables = build_tt_tables(self._configs, fused_params, device, seed, feature_table_map)
+        self._register_state_dict_hook(TTEmbeddingBagCollection._per_table_state_dict)
+        self._register_load_state_dict_pre_hook(self._load_per_table_state_dict, with_module=False)
 
     def embedding_bag_configs(self) -> list[TTEmbeddingBagConfig]:
         return self._configs
+
+    def table_parameters(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """(table name, its cores) per table, in config order."""
+        return [(c.name, list(self.tt_tables.table_cores(t))) for t, c in enumerate(self._configs)]
+
+    def _state_keys(self) -> list[tuple[str, str]]:
+        """(internal key, per-table key) of every core and optimizer state, relative to this module."""
+        keys, i = [], 0
+        for c, d in zip(self._configs, self.tt_tables.table_num_cores):
+            for k in range(d):
+                keys += [(f"tt_tables.tt_cores.{i}", table_state_key(c.name, k)),
+                         (f"tt_tables.optimizer_state_{i}", table_state_key(c.name, k, optimizer_state=True))]
+                i += 1
+        return keys
+
+    @staticmethod
+    def _per_table_state_dict(module: "TTEmbeddingBagCollection", destination, prefix, local_metadata):
+        """Cores (and fused-optimizer state) under their table's name, so that a checkpoint does not
+        depend on the order of the tables; an unfused module has no optimizer state."""
+        for internal, public in module._state_keys():
+            value = destination.pop(prefix + internal, None)
+            if value is not None and (module.fused_params is not None or "tt_cores" in internal):
+                destination[prefix + public] = value
+        return destination
+
+    def _load_per_table_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                   unexpected_keys, error_msgs) -> None:
+        for internal, public in self._state_keys():
+            if prefix + public in state_dict:
+                state_dict[prefix + internal] = state_dict.pop(prefix + public)
+            elif "optimizer_state" in internal and (prefix + internal) not in state_dict:
+                # a checkpoint of an unfused module (or of a sharded one): the state starts afresh
+                state_dict[prefix + internal] = getattr(self.tt_tables, internal.split(".")[-1])
 
     def is_weighted(self) -> bool:
         return self._is_weighted
