@@ -210,8 +210,14 @@ def install_default_planner_support() -> None:
     registration (-> ``TTKernelPerfEstimatorConfig``) and ``EmbeddingEnumerator``'s default storage
     estimator (-> ``DefaultPlannerStorageEstimator``). Dense tables keep TorchRec's numbers.
     """
-    probe = EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR,
-                                                 topology=Topology(world_size=1, compute_device="cpu"))
+    topology_log = logging.getLogger("torchrec.distributed.planner.types")  # "constructed directly": a probe
+    level = topology_log.level
+    topology_log.setLevel(logging.ERROR)
+    try:
+        probe = EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR,
+                                                     topology=Topology(world_size=1, compute_device="cpu"))
+    finally:
+        topology_log.setLevel(level)
     registered = type(probe.config)
     if registered is EmbeddingPerfEstimatorConfig:
         EmbeddingPerfEstimatorFactory.register(DEFAULT_PERF_ESTIMATOR)(TTKernelPerfEstimatorConfig)
