@@ -1,7 +1,16 @@
-"""Sharded twins of ttdist's modules for TorchRec's DistributedModelParallel (imports torchrec)."""
+"""Sharded twins of ttdist's modules for TorchRec's DistributedModelParallel (imports torchrec).
+
+Importing this package lets DMP's default planner (no ``plan=``) plan TT tables:
+``install_default_planner_support`` (ttdist/distributed/planner.py, docs/planner.md).
+"""
 from ttdist.distributed.embeddingbag import (TT_COMPUTE_KERNEL, ShardedTTEmbeddingBagCollection,
                                              TTEmbeddingBagCollectionSharder, TTFusedOptimizer)
-from ttdist.distributed.planner import TTPerfEstimator, TTStorageEstimator, make_planner, tt_constraints
+from ttdist.distributed.planner import (DefaultPlannerStorageEstimator, TTKernelPerfEstimatorConfig, TTPerfEstimator,
+                                        TTStorageEstimator, install_default_planner_support, make_planner,
+                                        tt_constraints)
 
-__all__ = ["TT_COMPUTE_KERNEL", "ShardedTTEmbeddingBagCollection", "TTEmbeddingBagCollectionSharder",
-           "TTFusedOptimizer", "TTPerfEstimator", "TTStorageEstimator", "make_planner", "tt_constraints"]
+install_default_planner_support()
+
+__all__ = ["TT_COMPUTE_KERNEL", "DefaultPlannerStorageEstimator", "ShardedTTEmbeddingBagCollection",
+           "TTEmbeddingBagCollectionSharder", "TTFusedOptimizer", "TTKernelPerfEstimatorConfig", "TTPerfEstimator",
+           "TTStorageEstimator", "install_default_planner_support", "make_planner", "tt_constraints"]

@@ -11,15 +11,23 @@ Storage of one TT shard (bytes, e = element size):
     e * shard_params * (1 + s) + cache_size * D * e + 16 * hashtbl_size (cached tables)
 with s = 1 for Adagrad (element-wise state), 0 for SGD, and row-wise Adagrad adding 4 bytes per
 core slice. Transient input/output buffers are not counted.
+
+DMP's default planner (``DistributedModelParallel(..., plan=None)``) builds its own estimators;
+``install_default_planner_support()`` (run once by ``import ttdist.distributed``) makes it plan TT
+tables too — see "DMP without plan=" in docs/planner.md for what that covers and what not.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
 import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import enumerators as _enumerators
+from torchrec.distributed.planner.constants import DDR_MEM_BW, DEFAULT_PERF_ESTIMATOR, HBM_MEM_BW
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorConfig, EmbeddingPerfEstimatorFactory, device_bw
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.planner.types import ParameterConstraints, Perf, ShardEstimator, ShardingOption, Storage
 from torchrec.distributed.planner.utils import sharder_name
@@ -32,6 +40,7 @@ from ttdist.modules.tt_shapes import TTShape
 
 TT_MODULE_KEY = sharder_name(TTEmbeddingBagCollection)
 INFEASIBLE = 2**62
+logger = logging.getLogger(__name__)
 
 
 def _config(option: ShardingOption) -> TTEmbeddingBagConfig:
@@ -67,22 +76,26 @@ class TTStorageEstimator(ShardEstimator):
         rest = [o for o in sharding_options if o.module_type_key != TT_MODULE_KEY]
         if rest:
             self._default.estimate(rest, sharder_data_map)
-        on_gpu = self._topology.compute_device in ("cuda", "mtia")
         for option in (o for o in sharding_options if o.module_type_key == TT_MODULE_KEY):
-            config = _config(option)
-            shape = config.tt_shape()
-            try:
-                shards = _option_shards(option, shape, self._topology.world_size)
-            except ValueError:  # e.g. more column shards than q_1: never choose this option
-                shards = None
-            for j, planner_shard in enumerate(option.shards):
-                if shards is None:
-                    nbytes = INFEASIBLE
-                else:
-                    local = shards[j].local_shape(shape)
-                    nbytes = tt_shard_bytes(config, local.num_parameters, self._optimizer, sum(local.p),
-                                            option.tensor.element_size())
-                planner_shard.storage = Storage(hbm=nbytes if on_gpu else 0, ddr=0 if on_gpu else nbytes)
+            _estimate_tt_storage(option, self._topology, self._optimizer)
+
+
+def _estimate_tt_storage(option: ShardingOption, topology: Topology, optimizer: OptimType) -> None:
+    """Sets every shard's storage of a TT option to the real bytes of its TT shard."""
+    config = _config(option)
+    shape = config.tt_shape()
+    on_gpu = topology.compute_device in ("cuda", "mtia")
+    try:
+        shards = _option_shards(option, shape, topology.world_size)
+    except ValueError:  # e.g. more column shards than q_1: never choose this option
+        shards = None
+    for j, planner_shard in enumerate(option.shards):
+        if shards is None:
+            nbytes = INFEASIBLE
+        else:
+            local = shards[j].local_shape(shape)
+            nbytes = tt_shard_bytes(config, local.num_parameters, optimizer, sum(local.p), option.tensor.element_size())
+        planner_shard.storage = Storage(hbm=nbytes if on_gpu else 0, ddr=0 if on_gpu else nbytes)
 
 
 class TTPerfEstimator(ShardEstimator):
@@ -138,3 +151,84 @@ def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict
                                      estimator=estimators)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, enumerator=enumerator,
                                     constraints=constraints)
+
+
+# ----------------------------------------------------------------------------------------------
+# DMP's default planner: DistributedModelParallel(module, sharders=[...]) without plan=
+#
+# DMP builds EmbeddingShardingPlanner(topology) (torchrec/distributed/model_parallel.py), whose
+# EmbeddingEnumerator, given no estimators, creates (enumerators.py)
+#   [EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR, ...), EmbeddingStorageEstimator(...)].
+# * Perf: the factory's registry is TorchRec's documented hook. TTKernelPerfEstimatorConfig is
+#   TorchRec's default config plus a bandwidth for the TT kernel (TorchRec's @device_bw
+#   annotation, keyed by (device, kernel)); every other kernel resolves exactly as before.
+# * Storage: TorchRec 1.8 has no hook. The estimator never calls ModuleSharder.storage_usage();
+#   calculate_shard_storages takes numel * element_size of the planned 2-D tensor, splits it in
+#   proportion to the shard sizes and adds TBE input/output buffers — which cannot express a TT
+#   shard (a slice of G_1 plus the replicated G_2..G_d). The last resort, scoped: the enumerator's
+#   storage estimator class becomes DefaultPlannerStorageEstimator, a subclass that hands every
+#   non-TT option to TorchRec's own estimate() unchanged and gives TT options their real bytes.
+# ----------------------------------------------------------------------------------------------
+
+# The TT kernel rebuilds each row from d cores (O(D * r^2) FLOPs where TorchRec's fused kernel
+# reads D * 4 bytes), so it streams rows about an order of magnitude slower. The factory's config
+# sees only the 2-D proxy, not the TT ranks: one fraction for every TT table. make_planner's
+# TTPerfEstimator models each table's FLOPs instead.
+TT_KERNEL_BW_FRACTION = 1 / 8
+
+
+@device_bw(bandwidth=DDR_MEM_BW * TT_KERNEL_BW_FRACTION, device="cpu", compute_kernel=TT_COMPUTE_KERNEL)
+@device_bw(bandwidth=HBM_MEM_BW * TT_KERNEL_BW_FRACTION, device="cuda", compute_kernel=TT_COMPUTE_KERNEL)
+@device_bw(bandwidth=HBM_MEM_BW * TT_KERNEL_BW_FRACTION, device="mtia", compute_kernel=TT_COMPUTE_KERNEL)
+class TTKernelPerfEstimatorConfig(EmbeddingPerfEstimatorConfig):
+    """TorchRec's default perf config plus a device bandwidth for ttdist's TT kernel
+    (``customized_kernel``): ``TT_KERNEL_BW_FRACTION`` of TorchRec's default DDR (CPU) or HBM
+    (CUDA, MTIA) bandwidth. Registered as ``DEFAULT_PERF_ESTIMATOR``."""
+
+
+class DefaultPlannerStorageEstimator(EmbeddingStorageEstimator):
+    """TorchRec's ``EmbeddingStorageEstimator`` for every option but the TT sharder's; those get
+    the real bytes of their TT shards, with the optimizer of the TT sharder's ``fused_params``."""
+
+    def estimate(self, sharding_options: list[ShardingOption], sharder_data_map=None) -> None:
+        rest = [o for o in sharding_options if o.module_type_key != TT_MODULE_KEY]
+        if rest:
+            super().estimate(rest, sharder_data_map)
+        for option in (o for o in sharding_options if o.module_type_key == TT_MODULE_KEY):
+            _estimate_tt_storage(option, self._topology, _sharder_optimizer(sharder_data_map))
+
+
+def _sharder_optimizer(sharder_data_map) -> OptimType:
+    data = (sharder_data_map or {}).get(TT_MODULE_KEY)
+    return OptimType.parse(data.fused_params.get("optimizer", OptimType.EXACT_SGD) if data else OptimType.EXACT_SGD)
+
+
+def install_default_planner_support() -> None:
+    """Lets DMP's default planner plan TT tables (idempotent; ``import ttdist.distributed`` runs it).
+
+    Touches two things, each only where it is still TorchRec's own: the ``DEFAULT_PERF_ESTIMATOR``
+    registration (-> ``TTKernelPerfEstimatorConfig``) and ``EmbeddingEnumerator``'s default storage
+    estimator (-> ``DefaultPlannerStorageEstimator``). Dense tables keep TorchRec's numbers.
+    """
+    topology_log = logging.getLogger("torchrec.distributed.planner.types")  # "constructed directly": a probe
+    level = topology_log.level
+    topology_log.setLevel(logging.ERROR)
+    try:
+        probe = EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR,
+                                                     topology=Topology(world_size=1, compute_device="cpu"))
+    finally:
+        topology_log.setLevel(level)
+    registered = type(probe.config)
+    if registered is EmbeddingPerfEstimatorConfig:
+        EmbeddingPerfEstimatorFactory.register(DEFAULT_PERF_ESTIMATOR)(TTKernelPerfEstimatorConfig)
+    elif registered is not TTKernelPerfEstimatorConfig:
+        logger.warning("ttdist: DEFAULT_PERF_ESTIMATOR is %s, not TorchRec's: left alone, so a planner without "
+                       "estimators cannot estimate the TT kernel; use ttdist.distributed.make_planner",
+                       registered.__name__)
+    current = _enumerators.EmbeddingStorageEstimator
+    if current is EmbeddingStorageEstimator:
+        _enumerators.EmbeddingStorageEstimator = DefaultPlannerStorageEstimator
+    elif current is not DefaultPlannerStorageEstimator:
+        logger.warning("ttdist: EmbeddingEnumerator's storage estimator is %s, not TorchRec's: left alone, so a "
+                       "planner without estimators charges TT tables their 2-D proxy's bytes; use "
+                       "ttdist.distributed.make_planner", current.__name__)
