@@ -233,7 +233,8 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         self._pending: dict[str, Tensor] = {}
         self._key_of = {id(p): k for k, p in self._cores.items()}
         codecs = pooled_codecs(qcomm_codecs_registry)
-        self._input_dists = nn.ModuleList(self._create_dists(codecs))
+        # A plain list, as in TorchRec's sharded modules: the dists' buffers are not model state.
+        self._input_dists: list[nn.Module] = self._create_dists(codecs)
         self._lookups = [_GroupLookup(self, d.local_units, [u.columns[1] - u.columns[0] for u in d.local_units],
                                       isinstance(d, RwDist)) for d in self._input_dists]
         self._grad_pg = dist.new_group(backend=dist.get_backend(self._pg)) if self._world > 1 and self._replicas else None

@@ -33,6 +33,7 @@ from torchrec.distributed.planner.types import ParameterConstraints, Perf, Shard
 from torchrec.distributed.planner.utils import sharder_name
 
 from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL
+from ttdist.distributed.fused_params import resolve_fused_params
 from ttdist.distributed.shard_layout import table_shards
 from ttdist.modules.collection import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
@@ -188,19 +189,21 @@ class TTKernelPerfEstimatorConfig(EmbeddingPerfEstimatorConfig):
 
 class DefaultPlannerStorageEstimator(EmbeddingStorageEstimator):
     """TorchRec's ``EmbeddingStorageEstimator`` for every option but the TT sharder's; those get
-    the real bytes of their TT shards, with the optimizer of the TT sharder's ``fused_params``."""
+    the real bytes of their TT shards, with the collection's fused optimizer (``_option_optimizer``)."""
 
     def estimate(self, sharding_options: list[ShardingOption], sharder_data_map=None) -> None:
         rest = [o for o in sharding_options if o.module_type_key != TT_MODULE_KEY]
         if rest:
             super().estimate(rest, sharder_data_map)
         for option in (o for o in sharding_options if o.module_type_key == TT_MODULE_KEY):
-            _estimate_tt_storage(option, self._topology, _sharder_optimizer(sharder_data_map))
+            _estimate_tt_storage(option, self._topology, _option_optimizer(option, sharder_data_map))
 
 
-def _sharder_optimizer(sharder_data_map) -> OptimType:
+def _option_optimizer(option: ShardingOption, sharder_data_map) -> OptimType:
+    """The fused optimizer the option's collection will train with: the TT sharder's
+    ``fused_params`` or what ``apply_optimizer_in_backward`` attached to its parameters."""
     data = (sharder_data_map or {}).get(TT_MODULE_KEY)
-    return OptimType.parse(data.fused_params.get("optimizer", OptimType.EXACT_SGD) if data else OptimType.EXACT_SGD)
+    return resolve_fused_params(option.module[1].table_parameters(), (data.fused_params or None) if data else None).optimizer
 
 
 def install_default_planner_support() -> None:
