@@ -108,7 +108,6 @@ def train(cfg: Config, env: DistEnv) -> dict:
     train_batches = iter(make_dataset(cfg.data, "train", env.rank, env.world_size, start_batch=step))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     stats = RunStats()
-    names = ParameterNames(cfg)
     bar = tqdm(total=cfg.train.steps, initial=step, disable=env.rank != 0 or not cfg.train.progress_bar,
                desc=cfg.train.name, dynamic_ncols=True)
     while step < cfg.train.steps:
@@ -118,7 +117,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         batch = faults.poison_batch(next(train_batches).to(env.device), n, cfg)
         faults.poison_parameters(dmp, n)
         t0 = time.perf_counter()
-        loss = train_step(dmp, optimizer, loss_fn, batch, step, cfg, stats, progress, faults, names)
+        loss = train_step(dmp, optimizer, loss_fn, batch, step, cfg, stats, progress, faults)
         stats.add_step(time.perf_counter() - t0, cfg.data.batch_size)
         step = n
         bar.update(1)
@@ -336,8 +335,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def train_step(model, optimizer: KeyedOptimizer, loss_fn, batch, step: int, cfg: Config, stats: "RunStats",
-               progress: Optional["Progress"] = None, faults: Optional["Faults"] = None,
-               names: Optional["ParameterNames"] = None) -> Optional[float]:
+               progress: Optional["Progress"] = None, faults: Optional["Faults"] = None) -> Optional[float]:
     """One step: forward, agree across ranks that inputs and loss are finite, backward, step.
 
     Returns the loss, or None when a non-finite loss was skipped (``train.nonfinite=skip``).
@@ -369,7 +367,7 @@ def train_step(model, optimizer: KeyedOptimizer, loss_fn, batch, step: int, cfg:
             stats.skipped += 1
             return None
         with progress.phase(f"step {n} report of non-finite parameters"):
-            culprits = _gather(first_nonfinite_parameter(model, names))
+            culprits = _gather(first_nonfinite_parameter(model))
         where = [f"{c} on rank {r}" for r, c in enumerate(culprits) if c]
         raise NonFiniteError(
             f"step {n}: the loss is not finite on rank(s) {bad_losses}; "
@@ -416,35 +414,13 @@ def first_nonfinite_dense(dense: torch.Tensor) -> Optional[tuple[int, int, str]]
     return sample, feature, "NaN" if torch.isnan(dense[sample, feature]) else "Inf"
 
 
-class ParameterNames:
-    """Readable names of state_dict keys: TT cores are stored as ``tt_tables.tt_cores.<i>`` (i counts
-    the cores of all TT tables), so the table and core are spelled out."""
-
-    _CORE = re.compile(r"\.tt\.tt_tables\.(?:tt_cores\.|optimizer_state_)(\d+)$")
-
-    def __init__(self, cfg: Optional[Config] = None) -> None:
-        self.cores: list[tuple[str, int]] = []
-        for c in table_configs(cfg) if cfg is not None else []:
-            if isinstance(c, TTEmbeddingBagConfig):
-                self.cores += [(c.name, k) for k in range(len(c.tt_ranks) + 1)]
-
-    def __call__(self, key: str) -> str:
-        m = self._CORE.search(key)
-        if m and int(m.group(1)) < len(self.cores):
-            table, k = self.cores[int(m.group(1))]
-            what = "optimizer state of " if "optimizer_state_" in key else ""
-            return f"{key} ({what}TT table '{table}', core {k})"
-        return key
-
-
-def first_nonfinite_parameter(model: torch.nn.Module, names: Optional[ParameterNames] = None) -> Optional[str]:
-    """The first state_dict entry of this rank (parameters, then module state such as Adagrad
-    accumulators) holding a NaN or Inf, by readable name; None when all are finite."""
-    names = names or ParameterNames()
+def first_nonfinite_parameter(model: torch.nn.Module) -> Optional[str]:
+    """The first state_dict entry of this rank (weights and buffers; TT cores are named
+    ``...embedding_bags.<table>.tt_cores.<k>``) holding a NaN or Inf; None when all are finite."""
     for name, value in model.state_dict().items():
         tensors = [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
         if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor)):
-            return names(name)
+            return name
     return None
 
 
@@ -458,6 +434,11 @@ def run_eval(model, cfg: Config, env: DistEnv) -> dict:
 # ---------------------------------------------------------------------------------------------
 class CollectiveError(RuntimeError):
     """A collective timed out or lost its peer; the message names the operation and the ranks."""
+
+
+class PeerError(RuntimeError):
+    """Another rank raised (e.g. a bad index in its batch) and this rank's next collective failed
+    for it; the message is that rank's error."""
 
 
 _COMM_ERROR = re.compile(r"gloo|nccl|timed out|timeout|connection (?:reset|closed|refused)|broken pipe|"
@@ -542,12 +523,43 @@ class Progress:
                 pass
         try:
             yield
-        except (NonFiniteError, CollectiveError):
+        except (NonFiniteError, CollectiveError, PeerError):
             raise
         except Exception as e:
-            if self.world <= 1 or not _is_comm_error(e):
+            if self.world <= 1:
                 raise
+            if not _is_comm_error(e):
+                self._publish_error(where, e)
+                raise
+            peer = self._peer_error()
+            if peer is not None:
+                raise PeerError(peer) from e
             raise CollectiveError(self.describe(where, seq, time.monotonic() - start, e)) from e
+
+    def _error_key(self, rank: int) -> str:
+        return f"ttdist/error/attempt{self.attempt}/rank{rank}"
+
+    def _publish_error(self, where: str, error: BaseException) -> None:
+        """This rank's own error, for the peers whose collectives fail when it stops (no
+        collective is needed to tell them: bad input costs nothing on the steps that are fine)."""
+        if self.store is not None:
+            try:
+                self.store.set(self._error_key(self.rank), json.dumps([type(error).__name__, str(error), where]))
+            except Exception:  # noqa: BLE001 - the peers then report a lost connection instead
+                pass
+
+    def _peer_error(self) -> Optional[str]:
+        for r in range(self.world):
+            if r == self.rank or self.store is None:
+                continue
+            try:
+                if not self.store.check([self._error_key(r)]):
+                    continue
+                name, message, where = json.loads(self.store.get(self._error_key(r)))
+            except Exception:  # noqa: BLE001 - the store is gone too: report the collective
+                return None
+            return f"rank {r} stopped in '{where}' with {name}: {message}"
+        return None
 
     def describe(self, where: str, seq: int, waited: float, error: BaseException) -> str:
         text = " ".join(str(error).split())

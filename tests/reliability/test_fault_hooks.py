@@ -14,7 +14,7 @@ from tests.app.common import TINY
 from ttdist.config import load_config
 from ttdist.model import table_configs
 from ttdist.modules.collection import TTEmbeddingBagConfig
-from ttdist.train import (CollectiveError, DistEnv, Faults, ParameterNames, Progress, _due, _is_comm_error,
+from ttdist.train import (CollectiveError, DistEnv, Faults, Progress, _due, _is_comm_error,
                           first_nonfinite_dense)
 
 
@@ -73,18 +73,6 @@ def test_first_nonfinite_dense_reports_sample_feature_and_kind():
     assert first_nonfinite_dense(x) is None
     x[2, 7], x[3, 1] = float("inf"), float("nan")
     assert first_nonfinite_dense(x) == (2, 7, "Inf")
-
-
-def test_parameter_names_spell_out_the_tt_table_and_core(cfg):
-    names = ParameterNames(cfg)
-    tt = [c for c in table_configs(cfg) if isinstance(c, TTEmbeddingBagConfig)]
-    d = len(cfg.model.tt_ranks) + 1
-    key = "sparse_arch.embedding_bag_collection.tt.tt_tables.tt_cores"
-    assert names(f"{key}.{d + 1}") == f"{key}.{d + 1} (TT table '{tt[1].name}', core 1)"
-    state = "sparse_arch.embedding_bag_collection.tt.tt_tables.optimizer_state_0"
-    assert names(state) == f"{state} (optimizer state of TT table '{tt[0].name}', core 0)"
-    assert names("over_arch.model.weight") == "over_arch.model.weight"
-    assert names(f"{key}.9999") == f"{key}.9999"  # out of range: left as is
 
 
 @pytest.mark.parametrize("message,is_comm", [

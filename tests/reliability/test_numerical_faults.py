@@ -33,7 +33,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_first_nonfinite_parameter(tmp_
     messages = _both_ranks_raised(run.stderr, "NonFiniteError")
     assert messages[0] == messages[1]  # every rank reports the same culprit, found on rank 1
     assert re.fullmatch(r"step 2: the loss is not finite on rank\(s\) \[.*\]; first non-finite parameter: "
-                        r"\S+\.tt\.tt_tables\.tt_cores\.\d+ \(TT table 't_cat_\d+', core [1-9]\) on rank 1",
+                        r"\S+\.tt\.embedding_bags\.t_cat_\d+\.tt_cores\.[1-9] on rank 1",
                         messages[0]), messages[0]
     assert [r["step"] for r in train_records(tmp_path / "stop")] == [1]  # nothing logged for the bad step
 

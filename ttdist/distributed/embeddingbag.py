@@ -74,11 +74,15 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
     EXACT_ADAGRAD | EXACT_ROWWISE_ADAGRAD, "learning_rate": float, "eps": float}``) or what
     ``apply_optimizer_in_backward`` attached to the collection's parameters (see
     ``ttdist.distributed.fused_params``). ``qcomm_codecs_registry``: TorchRec's, for the pooled
-    all-to-all.
+    all-to-all. ``raise_on_every_rank``: bad input on one rank raises on every rank in the same
+    forward, at the cost of one all-reduce per forward (for debugging; off, the rank with the bad
+    input raises before any collective and the others' next collective fails).
     """
 
-    def __init__(self, fused_params: Optional[dict[str, Any]] = None, qcomm_codecs_registry=None) -> None:
+    def __init__(self, fused_params: Optional[dict[str, Any]] = None, qcomm_codecs_registry=None,
+                 raise_on_every_rank: bool = False) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self._raise_on_every_rank = raise_on_every_rank
         self._fused_params = dict(fused_params) if fused_params is not None else None
         self._optimizer = resolve_fused_params([], self._fused_params).optimizer
 
@@ -112,7 +116,7 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
               ) -> "ShardedTTEmbeddingBagCollection":
         fused = resolve_fused_params(module.table_parameters(), self._fused_params)
         return ShardedTTEmbeddingBagCollection(module, params, env, device or torch.device("cpu"), fused,
-                                               self.qcomm_codecs_registry)
+                                               self.qcomm_codecs_registry, self._raise_on_every_rank)
 
 
 class TTShardingContext(Multistreamable):
@@ -206,8 +210,10 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
     """Sharded TT collection (see the module docstring)."""
 
     def __init__(self, module: TTEmbeddingBagCollection, plan: EmbeddingModuleShardingPlan, env: ShardingEnv,
-                 device: torch.device, fused: TTFusedParams, qcomm_codecs_registry=None) -> None:
+                 device: torch.device, fused: TTFusedParams, qcomm_codecs_registry=None,
+                 raise_on_every_rank: bool = False) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self._raise_on_every_rank = raise_on_every_rank
         self._pg, self._world, self._rank = env.process_group, env.world_size, env.rank
         self._device = device
         self._configs: list[TTEmbeddingBagConfig] = list(module.embedding_bag_configs())
@@ -341,24 +347,44 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         """This collection's features of ``features``; raises naming the table, feature and rank for a
         missing feature or (CPU input) an index out of range, before any collective. The other
         ranks learn of it from their next collective, which fails (``ttdist.train`` reports the
-        peer's error). CUDA input is checked by the ops on the device, without a host sync."""
+        peer's error); with ``raise_on_every_rank`` one all-reduce of error codes makes them raise
+        at once. CUDA input is checked by the ops on the device, without a host sync."""
+        error: Optional[Exception] = None
+        code = 0  # 0 ok, 1 a feature is missing, 2 + f an index of feature f is out of range
         try:
             features = select_features(features, self.feature_names)
         except KeyError as e:
-            raise KeyError(f"{e.args[0]} (rank {self._rank})") from None
-        values = features.values()
-        if values.is_cuda or not values.numel():
-            return features
-        rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables], dtype=values.dtype)
-        limits = rows.repeat_interleave(torch.tensor(features.length_per_key()), output_size=values.numel())
-        bad = (values < 0) | (values >= limits)
-        if bool(bad.any()):
-            pos = int(torch.nonzero(bad)[0])
-            f = int(torch.searchsorted(torch.tensor(features.offset_per_key()), pos, right=True)) - 1
-            cfg = self._configs[self._feature_tables[f]]
-            raise IndexError(f"table '{cfg.name}', feature '{self.feature_names[f]}': index {int(values[pos])} is "
-                             f"out of range [0, {cfg.num_embeddings}) on rank {self._rank}")
+            code, error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
+        values = features.values() if error is None else None
+        if values is not None and not values.is_cuda and values.numel():
+            rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables], dtype=values.dtype)
+            limits = rows.repeat_interleave(torch.tensor(features.length_per_key()), output_size=values.numel())
+            bad = (values < 0) | (values >= limits)
+            if bool(bad.any()):
+                pos = int(torch.nonzero(bad)[0])
+                f = int(torch.searchsorted(torch.tensor(features.offset_per_key()), pos, right=True)) - 1
+                cfg = self._configs[self._feature_tables[f]]
+                code, error = 2 + f, IndexError(
+                    f"table '{cfg.name}', feature '{self.feature_names[f]}': index {int(values[pos])} is out of "
+                    f"range [0, {cfg.num_embeddings}) on rank {self._rank}")
+        if self._raise_on_every_rank and self._world > 1:
+            codes = torch.zeros(self._world, dtype=torch.int64, device=self._device)
+            codes[self._rank] = code
+            dist.all_reduce(codes, group=self._pg)
+            if error is None and bool(codes.any()):
+                r = int(torch.nonzero(codes)[0])
+                error = self._peer_input_error(r, int(codes[r]))
+        if error is not None:
+            raise error
         return features
+
+    def _peer_input_error(self, rank: int, code: int) -> Exception:
+        if code == 1:
+            return KeyError(f"a feature of this TT collection {self.feature_names} is missing from the "
+                            f"KeyedJaggedTensor on rank {rank} (see that rank's error)")
+        cfg = self._configs[self._feature_tables[code - 2]]
+        return IndexError(f"table '{cfg.name}', feature '{self.feature_names[code - 2]}': an index is out of range "
+                          f"[0, {cfg.num_embeddings}) on rank {rank} (see that rank's error)")
 
     def compute(self, ctx: TTShardingContext, dist_input: KJTList) -> list[Tensor]:
         anchor = _ReplicaSync.apply(self, self._anchor)

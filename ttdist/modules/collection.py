@@ -195,14 +195,27 @@ class MixedEmbeddingBagCollection(nn.Module):
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        # Each child selects its own features: a sharded TT child checks its input on every rank
-        # together (an error raises everywhere instead of leaving the other ranks in a collective).
+        """Every child's input distribution starts before any child waits on its own, so under DMP
+        the all-to-alls of the TT and the plain tables overlap (a child that is not sharded, or whose
+        forward TorchRec's train pipeline replaced, is simply called)."""
+        started = [(c, *_start_input_dist(c, features)) for c in (self.tt, self.dense) if c is not None]
+        # first waits: the split sizes arrive and every child's tensor all-to-all starts
+        dispatched = [(c, ctx, None if splits is None else splits.wait()) for c, ctx, splits in started]
+        outputs = [child(features) if tensors is None else child.compute_and_output_dist(ctx, tensors.wait())
+                   for child, ctx, tensors in dispatched]
         pooled: dict[str, Tensor] = {}
-        for child in (self.tt, self.dense):
-            if child is not None:
-                out = child(features)
-                pooled.update((out.wait() if hasattr(out, "wait") else out).to_dict())
+        for out in outputs:
+            pooled.update((out.wait() if hasattr(out, "wait") else out).to_dict())
         return KeyedTensor.from_tensor_list(self.feature_names, [pooled[f] for f in self.feature_names])
+
+
+def _start_input_dist(child: nn.Module, features: KeyedJaggedTensor) -> tuple[Any, Any]:
+    """(context, input-dist awaitable) of a TorchRec sharded module running its own forward, else (None, None)."""
+    own_forward = getattr(type(child), "forward", None)
+    if not hasattr(child, "input_dist") or getattr(child.forward, "__func__", None) is not own_forward:
+        return None, None
+    ctx = child.create_context()
+    return ctx, child.input_dist(ctx, features)
 
 
 def check_table_configs(tables: Sequence[AnyTableConfig]) -> None:
