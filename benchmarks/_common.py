@@ -260,9 +260,9 @@ TT_GROUP_NAMES = {"TwCwDist": "table_column_wise", "RwDist": "row_wise", "DpDist
 
 
 def _done(value):
-    from ttdist.distributed.dists import Ready
+    from torchrec.distributed.types import NoWait
 
-    return Ready(lambda: value)
+    return NoWait(value)
 
 
 def _lazy_done(value):
@@ -284,8 +284,33 @@ def _mark_keyed_tensor(kt, label: str):
     return KeyedTensor(keys=kt.keys(), length_per_key=kt.length_per_key(), values=values, key_dim=kt.key_dim())
 
 
+@contextmanager
+def _relabel(fn_name: str, rec: Recorder, label: str):
+    """While inside, ``torch.distributed.<fn_name>`` runs under ``label`` (its collective is filed there)."""
+    import torch.distributed as dist
+
+    current = getattr(dist, fn_name)
+
+    def relabelled(*args, **kwargs):
+        with rec.label(label):
+            return current(*args, **kwargs)
+
+    setattr(dist, fn_name, relabelled)
+    try:
+        yield
+    finally:
+        setattr(dist, fn_name, current)
+
+
 def _instrument_tt(module, rec: Recorder, name: str = "tt") -> None:
-    """ShardedTTEmbeddingBagCollection: labels per pipeline step and per sharding-type group."""
+    """ShardedTTEmbeddingBagCollection: labels per pipeline step and per sharding-type group
+    (``module._input_dists``: TwCwDist / RwDist / DpDist, each called for its input all-to-all
+    and, through ``output_dist``, for its pooled all-to-all).
+
+    Backward: the lookups' fused backward (owned cores updated in the kernel, the owned G_1
+    slices of row-/column-wise tables by the gradient hook) runs under ``lookup_bwd``; the
+    replicated cores' step (``_update_replicas``, after the last lookup's backward) under
+    ``fused_update``, its one all-reduce under ``replica_allreduce``."""
     orig_input_dist = module.input_dist
 
     def input_dist(ctx, features):
@@ -296,14 +321,15 @@ def _instrument_tt(module, rec: Recorder, name: str = "tt") -> None:
 
     module.input_dist = input_dist
 
-    for group in module._groups:
+    for group in module._input_dists:
         gname = TT_GROUP_NAMES[type(group).__name__]
-        orig_g_in, orig_g_out = group.input_dist, group.output_dist
+        orig_g_in, orig_g_out = group.forward, group.output_dist
 
         def g_in(*args, _orig=orig_g_in, _g=gname, **kwargs):
+            # KJTAllToAll: the splits all-to-all when called, the tensors' at the first wait
             with rec.label(f"{name}/input_dist@{_g}"):
-                value = _orig(*args, **kwargs).wait()
-            return _done(value)
+                value = _orig(*args, **kwargs).wait().wait()
+            return _done(_done(value))
 
         def g_out(local, batch, _orig=orig_g_out, _g=gname):
             local = mark(local, f"{name}/lookup_bwd")
@@ -311,7 +337,7 @@ def _instrument_tt(module, rec: Recorder, name: str = "tt") -> None:
                 value = _orig(local, batch).wait()
             return _done(mark(value, f"{name}/output_a2a_bwd@{_g}"))
 
-        group.input_dist, group.output_dist = g_in, g_out
+        group.forward, group.output_dist = g_in, g_out
 
     orig_compute = module.compute
 
@@ -331,15 +357,13 @@ def _instrument_tt(module, rec: Recorder, name: str = "tt") -> None:
 
     module.output_dist = output_dist
 
-    for method, label in (("_accumulate_grads", "lookup_bwd"), ("_all_reduce_replicated", "replica_allreduce"),
-                          ("_apply_optimizer", "fused_update")):
-        orig = getattr(module, method)
+    orig_update = module._update_replicas
 
-        def wrapped(*args, _orig=orig, _label=f"{name}/{label}", **kwargs):
-            with rec.label(_label):
-                return _orig(*args, **kwargs)
+    def update_replicas(*args, **kwargs):
+        with rec.label(f"{name}/fused_update"), _relabel("all_reduce", rec, f"{name}/replica_allreduce"):
+            return orig_update(*args, **kwargs)
 
-        setattr(module, method, wrapped)
+    module._update_replicas = update_replicas
 
 
 def _instrument_torchrec_ebc(module, rec: Recorder, name: str = "ebc") -> None:
@@ -455,7 +479,8 @@ def wrap_optimizer(optimizer, rec: Recorder) -> None:
 CATEGORIES = ["input_a2a", "lookup_fwd", "output_a2a_fwd", "emb_glue", "dense_fwd", "dense_bwd", "output_a2a_bwd",
               "lookup_bwd_update", "allreduce", "dense_optimizer", "other"]
 CATEGORY_TEXT = {
-    "input_a2a": "input (index) all-to-all: KJT permute/bucketise/range check + its all-to-alls + check all-reduce",
+    "input_a2a": "input (index) all-to-all: KJT permute/bucketise/range check + its all-to-alls (+ the error-code "
+                 "all-reduce only with the sharder's raise_on_every_rank)",
     "lookup_fwd": "embedding lookup forward (TT kernel / fbgemm TBE)",
     "output_a2a_fwd": "pooled-embedding all-to-all, forward (+ KeyedTensor assembly)",
     "emb_glue": "MixedEmbeddingBagCollection forward glue: selecting each child's features from the KJT, "
@@ -545,8 +570,9 @@ def _storage_key(t) -> tuple[int, int]:
 
 def embedding_memory(dmp) -> dict:
     """Bytes allocated on this rank by the sharded embedding modules: weights (TT cores / TBE
-    weights), optimizer state (TT ``_state_*`` buffers / TBE momentum), other buffers (index
-    metadata), each storage counted once (views of one flat TBE buffer share a storage)."""
+    weights), optimizer state (the TT fused optimizer's state, i.e. ``_states``, / TBE momentum),
+    other buffers (index metadata), each storage counted once (views of one flat TBE buffer share
+    a storage)."""
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
     from ttdist.distributed import ShardedTTEmbeddingBagCollection
@@ -559,8 +585,11 @@ def embedding_memory(dmp) -> dict:
         seen: dict[tuple[int, int], str] = {}
         tensors = [(n, p, "weights") for n, p in m.named_parameters()]
         for n, b in m.named_buffers():
-            is_state = "momentum" in n or "_state_" in n or "optimizer" in n
+            is_state = "momentum" in n or "optimizer" in n
             tensors.append((n, b, "optimizer_state" if is_state else "other_buffers"))
+        # TT: the optimizer state is no buffer; it is the fused optimizer's state (module._states)
+        for v in getattr(m, "_states", {}).values():
+            tensors.append(("tt_state", v, "optimizer_state"))
         for opt in _fused_optimizers(m):
             for state in opt.state.values():
                 for v in (state.values() if isinstance(state, dict) else [state]):

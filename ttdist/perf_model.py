@@ -509,7 +509,7 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
     has_tt, has_eb = bool(spec.tt_configs), bool(spec.eb_configs)
     tt_groups = {("row_wise" if ps.sharding_type == "row_wise" else "table_column_wise")
                  for ps in plan.tt.values() if ps.sharding_type != "data_parallel"}
-    default_calls = {"tt_index": 3 * len(tt_groups), "tt_pooled": len(tt_groups), "tt_check": int(has_tt),
+    default_calls = {"tt_index": 3 * len(tt_groups), "tt_pooled": len(tt_groups), "tt_check": int(byts.get("tt.input_check_all_reduce", 0) > 0),
                      "tt_replica": int(byts.get("tt.replicated_grad_all_reduce", 0) > 0),
                      "eb_index": 3 * int(has_eb), "eb_pooled": int(has_eb), "flag": int(w > 1),
                      "ddp": max(1, math.ceil(spec.dense_param_bytes / 25e6))}

@@ -71,8 +71,10 @@ def test_app_collectives_use_the_job_device():
 
 
 def _sharded_collection_step(rank: int, world_size: int) -> float:
-    """One forward + backward of the sharded TT collection (row-wise: its input check, the pooled
-    all-to-alls and the all-reduce of replicated cores) under the same guard."""
+    """One forward + backward of the sharded TT collection under the same guard (row-wise: the
+    KJT all-to-alls, the pooled all-to-alls forward and backward, the one all-reduce of the
+    replicated cores' gradients; and the input range check, which issues no collective but must
+    build its tensors on the input's device)."""
     from tests.distributed import workers
 
     tables = workers.make_tables()

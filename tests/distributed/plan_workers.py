@@ -81,10 +81,10 @@ def dlrm(with_dense: bool, fused: dict, seed: int = 7) -> DLRM:
                 over_arch_layer_sizes=[8, 1])
 
 
-def sharders(fused: dict) -> list:
+def sharders(fused: dict, raise_on_every_rank: bool = False) -> list:
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
-    return [TTEmbeddingBagCollectionSharder(fused_params=fused),
+    return [TTEmbeddingBagCollectionSharder(fused_params=fused, raise_on_every_rank=raise_on_every_rank),
             EmbeddingBagCollectionSharder(fused_params={"optimizer": _emb_opt(fused["optimizer"]),
                                                         "learning_rate": fused.get("learning_rate", 0.01)})]
 
@@ -101,9 +101,9 @@ def planner_plan(model, world_size: int, sharding: dict, fused: dict):
     return planner.collective_plan(model, sharders(fused), dist.GroupMember.WORLD)
 
 
-def dmp(model, plan, fused: dict) -> DistributedModelParallel:
+def dmp(model, plan, fused: dict, raise_on_every_rank: bool = False) -> DistributedModelParallel:
     return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"),
-                                    plan=plan, sharders=sharders(fused))
+                                    plan=plan, sharders=sharders(fused, raise_on_every_rank))
 
 
 def yaml_round_trip(plan, path: str, world_size: int, model):
@@ -159,7 +159,7 @@ class CollectiveCounter:
     def _group_of_keys(self, keys: list[str]) -> str:
         m = self.module
         world = m._world
-        for group in m._groups:
+        for group in m._input_dists:
             sent = [m.feature_names[u.feature] for u in group.units]
             if type(group).__name__ == "TwCwDist" and keys == sent:
                 return "table_column_wise"
@@ -170,10 +170,12 @@ class CollectiveCounter:
     def _group_of_dims(self, dims: list[int]) -> str:
         m = self.module
         found = []
-        for group in m._groups:
-            if type(group).__name__ == "TwCwDist" and dims == group.dim_per_rank:
-                found.append("table_column_wise")
-            if type(group).__name__ == "RwDist" and dims == [sum(group._dims)] * m._world:
+        for group in m._input_dists:
+            if type(group).__name__ == "TwCwDist":
+                dim_per_rank = [sum(d for d, u in zip(group.dims, group.units) if u.rank == r) for r in range(m._world)]
+                if dims == dim_per_rank:
+                    found.append("table_column_wise")
+            if type(group).__name__ == "RwDist" and dims == [sum(group.dims)] * m._world:
                 found.append("row_wise")
         assert len(found) == 1, (dims, found)
         return found[0]
@@ -194,7 +196,7 @@ class CollectiveCounter:
                 return ("pooled_forward", self._group_of_dims(list(loc["a2ai"].dim_sum_per_rank)))
             if code == "backward" and "a2ai" in loc:
                 return ("pooled_backward", self._group_of_dims(list(loc["a2ai"].dim_sum_per_rank)))
-            if code == "_all_reduce_replicated":
+            if code == "_update_replicas":
                 return ("replicated_grad_all_reduce",)
             if code == "_check_input":
                 return ("input_check_all_reduce",)
@@ -274,11 +276,14 @@ def _expect_error(fn) -> tuple[str, str, float]:
 
 
 def bad_input(rank: int, world_size: int, tmpdir: str) -> dict[str, Any]:
-    """Every bad-input case raises on EVERY rank, quickly, and the process group stays usable."""
+    """With ``raise_on_every_rank`` (the sharder's debugging option: one all-reduce of error codes
+    per forward), every bad-input case raises on EVERY rank, quickly, and the process group stays
+    usable. (Without it the rank with the bad input raises before any collective and the others
+    only learn of it from their next collective.)"""
     fused = {"optimizer": "exact_sgd", "learning_rate": 0.1}
     reference = dlrm(False, fused)
     plan = planner_plan(reference, world_size, MIXED, fused)
-    model = dmp(copy.deepcopy(reference), plan, fused)
+    model = dmp(copy.deepcopy(reference), plan, fused, raise_on_every_rank=True)
     module_path = "sparse_arch.embedding_bag_collection"
     owner = plan.plan[module_path]["t2"].ranks[0]  # t2 (feature f3) is table_wise on `owner`
     bad_rank = 1 - owner  # the rank whose input is bad; the table lives on the other rank
@@ -321,14 +326,28 @@ def bad_input(rank: int, world_size: int, tmpdir: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ replicas and checkpoints
-def _full_tt_state(model, prefix: str = "sparse_arch.embedding_bag_collection.tt_tables.") -> dict[str, torch.Tensor]:
+EBC = "sparse_arch.embedding_bag_collection."
+TT_PREFIX = EBC + "embedding_bags."  # per-table keys: embedding_bags.<table>.tt_cores.<k> / .optimizer_state.<k>
+
+
+def _tt_state(model) -> dict[str, Any]:
+    """A DMP's TT weights (its state_dict: ``embedding_bags.<table>.tt_cores.<k>``) and their fused
+    optimizer state (``dmp.fused_optimizer``'s "sum", keyed by the core), the latter under the
+    unsharded collection's names ``embedding_bags.<table>.optimizer_state.<k>``. ShardedTensor or
+    plain tensor, as the module holds them."""
+    out = {k: v for k, v in model.state_dict().items() if k.startswith(TT_PREFIX)}
+    for key, state in model.fused_optimizer.state_dict()["state"].items():
+        if key.startswith(TT_PREFIX) and "sum" in state:
+            out[key.replace(".tt_cores.", ".optimizer_state.")] = state["sum"]
+    return out
+
+
+def _full_tt_state(model) -> dict[str, torch.Tensor]:
     """Every TT core and optimizer state as a full tensor (gathered to rank 0; plain tensors as they are)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     out = {}
-    for key, value in model.state_dict().items():
-        if not key.startswith(prefix):
-            continue
+    for key, value in _tt_state(model).items():
         if isinstance(value, ShardedTensor):
             full = torch.zeros(value.size(), dtype=value.dtype) if dist.get_rank() == 0 else None
             value.gather(dst=0, out=full)
@@ -336,6 +355,12 @@ def _full_tt_state(model, prefix: str = "sparse_arch.embedding_bag_collection.tt
         else:
             out[key] = value.detach().clone()
     return out
+
+
+def _checkpoint_state(model) -> dict[str, Any]:
+    """What the tests save and load with DCP, as TorchRec's standard path does: the model's
+    state_dict and the fused optimizer's."""
+    return {"model": model.state_dict(), "fused": model.fused_optimizer.state_dict()}
 
 
 def train(model, steps: int, rank: int, lr: float = 0.1) -> None:
@@ -357,13 +382,12 @@ def replicas_and_checkpoint(rank: int, world_size: int, ckpt_dir: str, steps: in
     fused = {"optimizer": "exact_adagrad", "learning_rate": 0.1, "eps": 1e-8}
     reference = dlrm(False, fused)
     model = dmp(copy.deepcopy(reference), planner_plan(reference, world_size, SAVE_PLAN, fused), fused)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if not isinstance(v, ShardedTensor)}
+    initial = {k: v.detach().clone() for k, v in _tt_state(model).items() if not isinstance(v, ShardedTensor)}
     train(model, steps, rank)
     out: dict[str, Any] = {"sharding": model.module.sparse_arch.embedding_bag_collection.sharding_types()}
 
-    # replicas: every plain (non-sharded) TT tensor is a replica; compare all ranks' bits
-    replicas = {k: v.detach().clone() for k, v in model.state_dict().items()
-                if "tt_tables" in k and not isinstance(v, ShardedTensor)}
+    # replicas: every plain (non-sharded) TT core / optimizer state is a replica; compare all ranks' bits
+    replicas = {k: v.detach().clone() for k, v in _tt_state(model).items() if not isinstance(v, ShardedTensor)}
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, replicas)
     out["replica_keys"] = sorted(replicas)
@@ -375,7 +399,7 @@ def replicas_and_checkpoint(rank: int, world_size: int, ckpt_dir: str, steps: in
     dense, kjt, _ = batch(100, local(rank))
     out["output_before_save"] = model(dense, kjt).detach()
     saved = _full_tt_state(model)
-    dcp.save(model.state_dict(), checkpoint_id=ckpt_dir)
+    dcp.save(_checkpoint_state(model), checkpoint_id=ckpt_dir)
     out["saved"] = saved if rank == 0 else None
 
     # load at the same world size with another plan (and other initial cores)
@@ -383,9 +407,10 @@ def replicas_and_checkpoint(rank: int, world_size: int, ckpt_dir: str, steps: in
     resharded = dmp(copy.deepcopy(other), planner_plan(other, world_size, LOAD_PLAN, fused), fused)
     out["resharded_sharding"] = resharded.module.sparse_arch.embedding_bag_collection.sharding_types()
     before = _full_tt_state(resharded)
-    state = resharded.state_dict()
+    state = _checkpoint_state(resharded)
     dcp.load(state, checkpoint_id=ckpt_dir)
-    resharded.load_state_dict(state)
+    resharded.load_state_dict(state["model"])
+    resharded.fused_optimizer.load_state_dict(state["fused"])
     loaded = _full_tt_state(resharded)
     if rank == 0:
         out["differed_before_load"] = [k for k in saved if not torch.equal(before[k], saved[k])]
@@ -396,23 +421,30 @@ def replicas_and_checkpoint(rank: int, world_size: int, ckpt_dir: str, steps: in
 
 
 def load_checkpoint_single_rank(rank: int, world_size: int, ckpt_dir: str) -> dict[str, Any]:
-    """At 1 rank: the checkpoint loaded into the unsharded TT collection and into a 1-rank DMP."""
+    """At 1 rank: the checkpoint loaded into the unsharded TT collection (its own per-table keys,
+    optimizer state included) and into a 1-rank DMP."""
     import torch.distributed.checkpoint as dcp
 
     fused = {"optimizer": "exact_adagrad", "learning_rate": 0.1, "eps": 1e-8}
-    prefix = "sparse_arch.embedding_bag_collection."
     unsharded = ttdist.TTEmbeddingBagCollection(tt_configs(), seed=11, fused_params=fused)
-    state = {prefix + k: v for k, v in unsharded.state_dict().items() if "tt_cores" in k or "optimizer_state" in k}
+    own = {k: v for k, v in unsharded.state_dict().items() if ".tt_cores." in k or ".optimizer_state." in k}
+    # the checkpoint's layout (TorchRec's): weights under "model", the Adagrad sums under "fused"
+    state = {"model": {EBC + k: v for k, v in own.items() if ".tt_cores." in k},
+             "fused": {"state": {EBC + k.replace(".optimizer_state.", ".tt_cores."): {"sum": v}
+                                 for k, v in own.items() if ".optimizer_state." in k}}}
     dcp.load(state, checkpoint_id=ckpt_dir)
-    unsharded.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=False)
-    out = {"unsharded": {prefix + k: v.detach().clone() for k, v in unsharded.state_dict().items()
-                         if "tt_cores" in k or "optimizer_state" in k}}
+    flat = {**state["model"], **{k.replace(".tt_cores.", ".optimizer_state."): v["sum"]
+                                 for k, v in state["fused"]["state"].items()}}
+    unsharded.load_state_dict({k[len(EBC):]: v for k, v in flat.items()}, strict=False)
+    out = {"unsharded": {EBC + k: v.detach().clone() for k, v in unsharded.state_dict().items()
+                         if ".tt_cores." in k or ".optimizer_state." in k}}
     other = dlrm(False, fused, seed=11)
     model = dmp(copy.deepcopy(other), planner_plan(other, 1, {t["name"]: "table_wise" for t in TT_TABLES}, fused),
                 fused)
-    state = model.state_dict()
+    state = _checkpoint_state(model)
     dcp.load(state, checkpoint_id=ckpt_dir)
-    model.load_state_dict(state)
+    model.load_state_dict(state["model"])
+    model.fused_optimizer.load_state_dict(state["fused"])
     out["dmp"] = _full_tt_state(model)
     dense, kjt, _ = batch(100, range(0, 2 * B))
     out["output"] = model(dense, kjt).detach()

@@ -24,13 +24,16 @@ row_wise also when a row_wise table pools by MEAN: its bags are weighted by 1 / 
     of all W B samples and sums the W received blocks):
       forward:   table/column-wise  e_o W B sum_{u in U, rank(u) = r} D_u      row-wise  e_o W B sum_{f in F_rw} D_t(f)
       backward:  table/column-wise  e_o B sum_{u in U} D_u                    row-wise  e_o W B sum_{f in F_rw} D_t(f)
-(c) replicated-core gradient all-reduce (one flat all-reduce per backward, every rank sends
-    the whole vector, zeros for cores it does not hold):
-      e_o sum over replicated cores |G_k|: G_2..G_d of row_wise and column_wise tables, all
-      cores of data_parallel tables; nothing when no table has replicas.
+(c) replicated-core gradient all-reduce (one flat all-reduce per backward, on the module's
+    ``_grad_pg``, of the gradients of every core that every rank holds):
+      e_o sum over replicated cores |G_k|: G_2..G_d of row_wise and column_wise tables (every
+      rank holds them, whether or not it holds a shard of G_1), all cores of data_parallel
+      tables; nothing when no table has replicas.
 (d) DDP all-reduce of the dense parameters (every parameter DDP does not ignore):
       e_p sum |p|.
-(e) input check all-reduce (``ShardedTTEmbeddingBagCollection._check_input``): 8 W per forward.
+(e) input-check all-reduce: none by default (bad input raises on the rank that has it, before
+    any collective); 8 W per forward only with the sharder's ``raise_on_every_rank`` (one int64
+    error code per rank).
 The data-parallel group communicates nothing in (a) and (b).
 """
 from __future__ import annotations
@@ -67,7 +70,8 @@ def _layout_from_plan(configs: Sequence[TTEmbeddingBagConfig], plan: Mapping[str
 
 def _module_volume(configs: Sequence[TTEmbeddingBagConfig], kinds: Sequence[str], shards: Sequence[Sequence[Any]],
                    world: int, rank: int, batch: int, pooling: Mapping[str, float], is_weighted: bool,
-                   values_bytes: int, lengths_bytes: int, emb_bytes: int) -> dict[str, Any]:
+                   values_bytes: int, lengths_bytes: int, emb_bytes: int,
+                   raise_on_every_rank: bool = False) -> dict[str, Any]:
     zero_groups = {g: {"splits": 0, "lengths": 0, "values": 0, "weights": 0, "total": 0} for g in _GROUPS}
     out: dict[str, Any] = {
         "index_all_to_all": zero_groups,
@@ -78,7 +82,7 @@ def _module_volume(configs: Sequence[TTEmbeddingBagConfig], kinds: Sequence[str]
     }
     if world == 1:
         return out
-    out["input_check_all_reduce"] = 8 * world
+    out["input_check_all_reduce"] = 8 * world if raise_on_every_rank else 0
 
     def ids(f: str) -> float:
         return pooling[f] * batch
@@ -153,7 +157,7 @@ def comm_volume(source: Union[nn.Module, PlanInfo], batch_size_per_rank: int,
                 pooling_factors: Union[float, Mapping[str, float]] = 1.0, *, world_size: Optional[int] = None,
                 rank: Optional[int] = None, is_weighted: bool = False, values_dtype: torch.dtype = torch.int64,
                 lengths_dtype: torch.dtype = torch.int32, embedding_dtype: torch.dtype = torch.float32,
-                dense_bytes: Optional[int] = None) -> dict[str, Any]:
+                dense_bytes: Optional[int] = None, raise_on_every_rank: bool = False) -> dict[str, Any]:
     """Per-step bytes this rank hands to each collective (formulas: module docstring).
 
     Args:
@@ -165,6 +169,8 @@ def comm_volume(source: Union[nn.Module, PlanInfo], batch_size_per_rank: int,
         pooling_factors: L_f per feature name (or one value for all): mean ids per sample.
         values_dtype, lengths_dtype: the KJT's dtypes (ttdist's data pipeline: int64, int32).
         dense_bytes: (d) for plan info, or to override the DDP count.
+        raise_on_every_rank: (e) for plan info: whether the sharder was built with
+            ``raise_on_every_rank`` (a module source: read from the module).
 
     Returns ``{"index_all_to_all": {group: {splits, lengths, values, weights, total}},
     "pooled_all_to_all_forward": {group: bytes}, "pooled_all_to_all_backward": {group: bytes},
@@ -191,7 +197,8 @@ def comm_volume(source: Union[nn.Module, PlanInfo], batch_size_per_rank: int,
             raise ValueError("comm_volume of plan info needs world_size and rank")
         kinds, shards = _layout_from_plan(configs, plan, world_size)
         parts.append(_module_volume(configs, kinds, shards, world_size, rank, batch_size_per_rank,
-                                    pooling_for(configs), is_weighted, **sizes))
+                                    pooling_for(configs), is_weighted, raise_on_every_rank=raise_on_every_rank,
+                                    **sizes))
         dense = dense_bytes or 0
     else:
         modules = [m for m in source.modules() if isinstance(m, ShardedTTEmbeddingBagCollection)]
@@ -199,7 +206,8 @@ def comm_volume(source: Union[nn.Module, PlanInfo], batch_size_per_rank: int,
             raise ValueError("comm_volume: the module holds no ShardedTTEmbeddingBagCollection")
         for m in modules:
             parts.append(_module_volume(m._configs, m._sharding_type, m._shards, m._world, m._rank,
-                                        batch_size_per_rank, pooling_for(m._configs), m.is_weighted(), **sizes))
+                                        batch_size_per_rank, pooling_for(m._configs), m.is_weighted(),
+                                        raise_on_every_rank=m._raise_on_every_rank, **sizes))
         dense = dense_param_bytes(source) if dense_bytes is None else dense_bytes
     out = parts[0]
     for p in parts[1:]:

@@ -357,12 +357,15 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
             code, error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
         values = features.values() if error is None else None
         if values is not None and not values.is_cuda and values.numel():
-            rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables], dtype=values.dtype)
-            limits = rows.repeat_interleave(torch.tensor(features.length_per_key()), output_size=values.numel())
+            rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables], dtype=values.dtype,
+                                device=values.device)
+            limits = rows.repeat_interleave(torch.tensor(features.length_per_key(), device=values.device),
+                                            output_size=values.numel())
             bad = (values < 0) | (values >= limits)
             if bool(bad.any()):
                 pos = int(torch.nonzero(bad)[0])
-                f = int(torch.searchsorted(torch.tensor(features.offset_per_key()), pos, right=True)) - 1
+                f = int(torch.searchsorted(torch.tensor(features.offset_per_key(), device=values.device), pos,
+                                           right=True)) - 1
                 cfg = self._configs[self._feature_tables[f]]
                 code, error = 2 + f, IndexError(
                     f"table '{cfg.name}', feature '{self.feature_names[f]}': index {int(values[pos])} is out of "
