@@ -14,7 +14,7 @@ first core only, so that every shard is itself a valid TT table:
 
 The planner plans a 2-D proxy ``[num_embeddings, dim]``; it chooses the sharding type and the
 ranks, and this module derives the TT-aligned split (the proxy's own row/column offsets are
-not TT-aligned in general). Storage estimates use the same split (``shard_num_parameters``).
+not TT-aligned in general). Storage estimates use the same split (``TTShard.local_shape``).
 """
 from __future__ import annotations
 
@@ -97,9 +97,3 @@ def replicated_cores(sharding_type: str, d: int) -> list[int]:
     """Cores (0-based) whose full copy sits on several ranks, so their gradients are all-reduced."""
     return {"table_wise": [], "row_wise": list(range(1, d)), "column_wise": list(range(1, d)),
             "data_parallel": list(range(d))}[sharding_type]
-
-
-def shard_num_parameters(shape: TTShape, shard: TTShard) -> int:
-    """Parameters one shard holds: its slice of G_1 plus full G_2..G_d."""
-    local = shard.local_shape(shape)
-    return local.num_parameters
