@@ -153,25 +153,61 @@ class _TTLookup(torch.autograd.Function):
         grad_output = grad_output.contiguous()
         if fused is None:
             indices, offsets, per_sample_weights, *cores = ctx.saved_tensors
+            grad_weights = (_per_sample_weight_grad(grad_output, cores, spec, indices, offsets)
+                            if ctx.needs_input_grad[4] else None)
             grads = torch.ops.ttdist.tt_backward(
                 grad_output, cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
                 indices, offsets, per_sample_weights, spec.num_rows,
             )
-            return (None,) * 6 + tuple(grads)
+            return (None,) * 4 + (grad_weights, None) + tuple(grads)
         indices, offsets, per_sample_weights = ctx.inputs
+        # before the cores move: the weights' gradient is taken at the cores the forward used
+        grad_weights = (_per_sample_weight_grad(grad_output, list(ctx.cores), spec, indices, offsets)
+                        if ctx.needs_input_grad[4] else None)
+        none_after = (None,) * (1 + len(ctx.cores))
         if fused.grad_hook is not None:
             grads = torch.ops.ttdist.tt_backward(
                 grad_output, list(ctx.cores), spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
                 indices, offsets, per_sample_weights, spec.num_rows,
             )
             fused.grad_hook(ctx.cores, grads)
-            return (None,) * (6 + len(ctx.cores))
+            return (None,) * 4 + (grad_weights,) + none_after
         torch.ops.ttdist.tt_backward_fused_(
             grad_output, list(ctx.cores), list(fused.states), spec.table_num_cores, spec.feature_table_map,
             spec.pooling_modes, indices, offsets, per_sample_weights, fused.optimizer, fused.learning_rate, fused.eps,
             spec.num_rows,
         )
-        return (None,) * (6 + len(ctx.cores))
+        return (None,) * 4 + (grad_weights,) + none_after
+
+
+def _per_sample_weight_grad(grad_output: Tensor, cores: Sequence[Tensor], spec: LookupSpec, indices: Tensor,
+                            offsets: Tensor) -> Tensor:
+    """d loss / d per_sample_weights [N], as nn.EmbeddingBag gives it: for index i of feature f in
+    bag b, ``<grad_output[b, columns of f], row indices[i] of f's table>`` (times 1 / bag length
+    for a mean-pooled feature, where the op is called with weights directly).
+
+    The rows come from ``tt_forward`` with one bag per index, one call per feature that has
+    indices (the feature boundaries are read on the host once); plain torch otherwise, so it runs
+    wherever the ops do. The pooled forward never materialises these rows, so this costs one extra
+    lookup of the batch's rows, only when the weights require grad."""
+    num_features = len(spec.feature_table_map)
+    batch = (offsets.numel() - 1) // num_features
+    dims = _table_dims(cores, spec.table_num_cores)
+    scale = bag_scales(offsets, spec.pooling_modes, indices.numel(), None, grad_output.dtype)
+    grad = torch.zeros(indices.numel(), dtype=grad_output.dtype, device=grad_output.device)
+    bounds = offsets[torch.arange(num_features + 1, device=offsets.device) * batch].tolist()
+    column = 0
+    for f, t in enumerate(spec.feature_table_map):
+        lo, hi, dim = bounds[f], bounds[f + 1], dims[t]
+        if hi > lo and batch > 0:
+            lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
+            bag_of = torch.arange(batch, device=offsets.device).repeat_interleave(lengths, output_size=hi - lo)
+            one_per_bag = torch.arange(hi - lo + 1, device=offsets.device)
+            rows = torch.ops.ttdist.tt_forward(list(cores), spec.table_num_cores, [t], [POOLING_SUM],
+                                               indices[lo:hi], one_per_bag, None, spec.num_rows)
+            grad[lo:hi] = (grad_output[bag_of, column : column + dim] * rows.to(grad_output.dtype)).sum(1) * scale[lo:hi]
+        column += dim
+    return grad
 
 
 @torch.no_grad()
@@ -218,11 +254,11 @@ def tt_rows_reference(cores: Sequence[Tensor], rows: Tensor) -> Tensor:
     """Rows ``rows`` [n] of one TT table -> [n, D], by gathering core slices (differentiable)."""
     digits = row_digits(rows.long(), [c.shape[0] for c in cores])
     n = rows.numel()
-    prefix = cores[0][digits[0]].reshape(n, -1, cores[0].shape[3])  # (n, q_1, r_1)
+    prefix = cores[0][digits[0]].reshape(n, cores[0].shape[2], cores[0].shape[3])  # (n, q_1, r_1)
     for core, digit in zip(cores[1:], digits[1:]):
         p, r_in, q, r_out = core.shape
-        prefix = torch.bmm(prefix, core[digit].reshape(n, r_in, q * r_out)).reshape(n, -1, r_out)
-    return prefix.reshape(n, -1)
+        prefix = torch.bmm(prefix, core[digit].reshape(n, r_in, q * r_out)).reshape(n, prefix.shape[1] * q, r_out)
+    return prefix.reshape(n, prefix.shape[1] * prefix.shape[2])
 
 
 def tt_full_reference(cores: Sequence[Tensor]) -> Tensor:

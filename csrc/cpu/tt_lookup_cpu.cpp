@@ -247,6 +247,15 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
                     const at::opmath_type<scalar_t>* grad_rows, const std::vector<at::opmath_type<scalar_t>*>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t U = static_cast<int64_t>(tb.rows.size());
+  if (s.d == 1) {  // one core: row i is the slice i itself (r_0 = r_1 = 1), its gradient the row's
+    at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {  // rows are unique: no two tasks write one slice
+        acc_t* dS = out[0] + tb.rows[u] * s.slice[0];
+        for (int64_t e = 0; e < s.dim; ++e) dS[e] += grad_rows[u * s.dim + e];
+      }
+    });
+    return;
+  }
   const auto bounds = chunk_bounds(U, 64);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
   const int64_t d = s.d;
@@ -554,8 +563,11 @@ void tt_backward_fused_cpu(const Tensor& grad_output, const std::vector<Tensor>&
                            const std::vector<Tensor>& optimizer_states, const LookupArgs& a, const Tensor& indices,
                            const Tensor& offsets, int64_t optimizer, double learning_rate, double eps) {
   TORCH_CHECK(optimizer_states.size() == cores.size(), "ttdist: one optimizer state per core is required");
-  for (size_t k = 0; k < cores.size(); ++k)
+  for (size_t k = 0; k < cores.size(); ++k) {
+    TORCH_CHECK_VALUE(cores[k].dim() == 4 && cores[k].size(0) > 0, "ttdist: core ", k,
+                      " must be 4-D (p, r_in, q, r_out) with p >= 1, got ", cores[k].sizes());
     check_optimizer_state(cores[k], optimizer_states[k], cores[k].size(0), cores[k].numel() / cores[k].size(0), optimizer);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores.at(0).scalar_type(), "tt_backward_fused_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<std::vector<acc_t>> grads;

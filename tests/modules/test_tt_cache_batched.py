@@ -43,9 +43,10 @@ def test_cached_rows_are_trained_in_the_cache_and_folded_into_cores():
         (0.5 * (out - target).pow(2).sum()).backward()
     trained = tt.caches["0"].cache_weight[:3].detach().clone()
     assert (trained - target).abs().max() < 1e-3
-    before = tt.rows(0, hot)
+    before = tt.core_rows(0, hot)  # the cores alone (rows() reads the trained cache)
+    torch.testing.assert_close(tt.rows(0, hot), trained)
     info = tt.cache_populate()["table_0"]  # FBTT would overwrite `trained` with `before` here
-    after = tt.rows(0, hot)
+    after = tt.core_rows(0, hot)
     assert (after - trained).norm() < 0.1 * (before - trained).norm(), "the training signal was not folded back"
     assert info["fold_residual"] < 0.1
     torch.testing.assert_close(tt(hot, torch.arange(3)), after)  # cache refilled from the updated cores

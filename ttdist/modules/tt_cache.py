@@ -12,6 +12,13 @@ rows into the cores — a least-squares fit of the cores to the trained rows (L-
 iterations) — and only then refills the cache from the updated cores. What the cores can
 represent at their ranks is kept; the remainder is reported as ``fold_residual``. Right after
 ``populate()`` the cache equals the cores, so the module's output equals the uncached module's.
+
+Export and checkpoints: ``rows()`` and ``full_weight()`` of the module read through the cache (a
+cached row comes from the cache, as in the forward). The state_dict carries the cache exactly
+(``caches.<t>.cache_weight``, ``cache_rows``, ...), so a module with the same cache restores it
+bit for bit; loading it into a module without that table's cache raises (naming the keys) rather
+than dropping the cached rows' training, even with ``strict=False``. ``cache_flush()`` folds the
+cache into the cores and empties it (``flush()`` here); its state_dict then loads anywhere.
 """
 from __future__ import annotations
 
@@ -60,15 +67,30 @@ class TTRowCache(nn.Module):
         return torch.where(self.cache_rows[pos] == rows, pos, torch.full_like(pos, -1))
 
     @torch.no_grad()
+    def flush(self, fold: Callable[[Tensor, Tensor], float]) -> dict:
+        """Folds the cached rows into the cores (``fold(rows, values)``) and empties the cache;
+        the frequency counts stay for the next ``populate()``."""
+        residual, cached = 0.0, self.cache_rows < self.num_embeddings
+        num_cached = int(cached.sum())
+        if num_cached:
+            residual = fold(self.cache_rows[cached], self.cache_weight[cached].detach().clone())
+        self.clear()
+        return {"rows_flushed": num_cached, "fold_residual": residual}
+
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Empties the cache without folding (every row is read from the cores again)."""
+        self.cache_rows.fill_(self.num_embeddings)
+        self.cache_weight.zero_()
+        self.cache_optimizer_state.zero_()
+
+    @torch.no_grad()
     def populate(self, decompress: Callable[[Tensor], Tensor], fold: Callable[[Tensor, Tensor], float]) -> dict:
         """Folds trained rows into the cores (``fold(rows, values)``), then caches the most frequent.
 
         ``decompress(rows) -> [n, D]`` reads rows from the (updated) cores.
         """
-        residual = 0.0
-        cached = self.cache_rows < self.num_embeddings
-        if bool(cached.any()):
-            residual = fold(self.cache_rows[cached], self.cache_weight[cached].detach().clone())
+        residual = self.flush(fold)["fold_residual"]
         seen = self.cache_freq > 0
         k = min(self.cache_size, int(seen.sum()))
         top = torch.topk(torch.where(seen, self.cache_freq, torch.full_like(self.cache_freq, -1)), k).indices
@@ -98,12 +120,16 @@ class _FusedCacheLookup(torch.autograd.Function):
         slots, bag_of, weights = ctx.saved_tensors
         optimizer, lr, eps = ctx.hparams
         cache = ctx.cache
+        grad_rows = grad_output[bag_of]
+        # the weights' gradient (nn.EmbeddingBag's), from the cached rows before they move
+        grad_weights = ((grad_rows * cache.cache_weight.detach()[slots]).sum(1)
+                        if ctx.needs_input_grad[6] else None)
         uniq, inverse = torch.unique(slots, return_inverse=True)
         grads = torch.zeros(uniq.numel(), grad_output.shape[1], dtype=grad_output.dtype, device=grad_output.device)
-        grads.index_add_(0, inverse, grad_output[bag_of] * weights[:, None])
+        grads.index_add_(0, inverse, grad_rows * weights[:, None])
         torch.ops.ttdist.sparse_row_update_(cache.cache_weight.data, cache.cache_optimizer_state, uniq, grads,
                                             optimizer.code, lr, eps)
-        return (None,) * 9
+        return (None,) * 6 + (grad_weights, None, None)
 
 
 def cache_lookup(cache: TTRowCache, slots: Tensor, bag_of: Tensor, weights: Tensor, num_bags: int,

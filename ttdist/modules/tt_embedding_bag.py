@@ -100,6 +100,7 @@ class TableBatchedTTEmbeddingBag(nn.Module):
         self._create_cores(per_table(weight_dist, T, "weight_dist"), generators or [None] * T, device, dtype)
         self._create_caches(per_table(use_cache, T, "use_cache"), per_table(cache_size, T, "cache_size"),
                             per_table(hashtbl_size, T, "hashtbl_size"), device, dtype)
+        self._register_load_state_dict_pre_hook(self._load_cache_state, with_module=False)
 
     def _create_cores(self, weight_dists: list[str], generators: Sequence[Optional[torch.Generator]],
                       device: Optional[torch.device], dtype: torch.dtype) -> None:
@@ -220,23 +221,78 @@ class TableBatchedTTEmbeddingBag(nn.Module):
         return out + torch.cat(blocks, dim=1)
 
     # ------------------------------------------------------------------------------------------
+    def _populated_cache(self, t: int) -> Optional[TTRowCache]:
+        cache = self.caches[str(t)] if str(t) in self.caches else None
+        return cache if cache is not None and cache.populated else None
+
     @torch.no_grad()
     def rows(self, t: int, rows: Tensor) -> Tensor:
-        """Decompressed rows [n, D_t] of table t (from the cores, never the whole table)."""
+        """Decompressed rows [n, D_t] of table t as the module looks them up: rows held in the row
+        cache from the cache, the others from the cores (never the whole table)."""
+        out = self.core_rows(t, rows)
+        cache = self._populated_cache(t)
+        if cache is not None and rows.numel():
+            slots = cache.slots(rows.long())
+            cached = cache.cache_weight.detach()[slots.clamp(min=0)].to(out.dtype)
+            out = torch.where((slots >= 0)[:, None], cached, out)
+        return out
+
+    @torch.no_grad()
+    def core_rows(self, t: int, rows: Tensor) -> Tensor:
+        """Rows [n, D_t] of table t as its cores alone give them (ignoring the row cache)."""
         d = self.table_num_cores[t]
         offsets = torch.arange(rows.numel() + 1, device=rows.device)
         return torch.ops.ttdist.tt_forward(self.table_cores(t), [d], [0], [POOLING_SUM], rows.long(), offsets, None)
 
     @torch.no_grad()
     def full_weight(self, t: int = 0) -> Tensor:
-        """The dense table t [num_embeddings, D] (tests and export; materialises the table)."""
-        return tt_full_reference([c.detach() for c in self.table_cores(t)])[: self.shapes[t].num_embeddings]
+        """The dense table t [num_embeddings, D] as the module looks it up (rows held in the row
+        cache come from the cache; tests and export; materialises the table)."""
+        weight = tt_full_reference([c.detach() for c in self.table_cores(t)])[: self.shapes[t].num_embeddings]
+        cache = self._populated_cache(t)
+        if cache is not None:
+            weight = weight.clone()
+            cached = cache.cache_rows < self.shapes[t].num_embeddings
+            weight[cache.cache_rows[cached]] = cache.cache_weight.detach()[cached].to(weight.dtype)
+        return weight
 
     def cache_populate(self) -> dict[str, dict]:
         """Folds trained cached rows into the cores, then caches each table's most frequent rows."""
-        return {self.table_names[int(t)]: cache.populate(lambda r, t=int(t): self.rows(t, r),
+        return {self.table_names[int(t)]: cache.populate(lambda r, t=int(t): self.core_rows(t, r),
                                                          lambda r, v, t=int(t): self._fold_into_cores(t, r, v))
                 for t, cache in self.caches.items()}
+
+    def cache_flush(self) -> dict[str, dict]:
+        """Folds each row cache into the cores and empties it (the row counts stay; the next
+        ``cache_populate()`` refills it). Afterwards every row is read from the cores, so the
+        state_dict loads into a module without a cache. The fold is the least-squares fit of
+        ``cache_populate()``: what the cores cannot represent at their ranks is lost (reported per
+        table as ``fold_residual``), so the module's output changes by that much."""
+        return {self.table_names[int(t)]: cache.flush(lambda r, v, t=int(t): self._fold_into_cores(t, r, v))
+                for t, cache in self.caches.items()}
+
+    def _load_cache_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs) -> None:
+        """The row cache in a state_dict is never dropped silently: its rows trained apart from the
+        cores. Cached rows for a table this module does not cache raise (before anything loads),
+        even with strict=False; a cached table whose cores are loaded without its cache keys
+        empties its cache, whose rows came from the old cores."""
+        for t, name in enumerate(self.table_names):
+            key = f"{prefix}caches.{t}."
+            rows = state_dict.get(key + "cache_rows")
+            if str(t) not in self.caches:
+                num_cached = int((rows < self.shapes[t].num_embeddings).sum()) if isinstance(rows, Tensor) else 0
+                if num_cached:
+                    keys = ", ".join(k for k in state_dict if k.startswith(key))
+                    raise ValueError(
+                        f"the state_dict holds {num_cached} trained row(s) of table '{name}' in its row cache ({keys}) "
+                        "but this module has no row cache for that table, so loading would silently drop their "
+                        "training. Call cache_flush() on the source module before state_dict() (folds the cached rows "
+                        "into the cores), or load into a module with use_cache=True for this table")
+            elif key + "cache_rows" not in state_dict:
+                begin = sum(self.table_num_cores[:t])
+                if any(f"{prefix}tt_cores.{i}" in state_dict for i in range(begin, begin + self.table_num_cores[t])):
+                    self.caches[str(t)].clear()
 
     def _fold_into_cores(self, t: int, rows: Tensor, target: Tensor, iterations: int = 25) -> float:
         """Least-squares fit of table t's cores to ``target`` at ``rows``; returns the relative residual."""
