@@ -3,7 +3,8 @@
 #   NPROC   ranks on this node (GPUs when CUDA is present: one rank per GPU)
 #   CONFIG  a YAML file under configs/
 # Env: TTDIST_MAX_RESTARTS (default 0) restarts all ranks after a failure (torchrun elastic);
-#      a restarted attempt resumes from the job's newest complete checkpoint.
+#      a restarted attempt resumes from the job's newest complete checkpoint (--standalone: a
+#      fresh run id per launch; a second job in the same run dir stops at start-up).
 #      TTDIST_FAULT_* inject faults for the reliability tests (docs/reliability.md).
 set -euo pipefail
 if [ $# -lt 2 ]; then

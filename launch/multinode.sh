@@ -6,7 +6,10 @@
 #   NPROC_PER_NODE  ranks per node, e.g. GPUs per node      (default 8)
 #   RDZV_HOST       host name/IP of the rendezvous node     (required; e.g. the first node)
 #   RDZV_PORT       rendezvous TCP port                     (default 29500)
-#   RDZV_ID         job id shared by all nodes              (default ttdist)
+#   RDZV_ID         rendezvous id shared by all nodes       (default $SLURM_JOB_ID, else ttdist)
+#                   It need not be unique per job: ttdist tells jobs apart by an id drawn at the
+#                   job's first attempt (<run dir>/job.json), so a restarted job never resumes
+#                   from an earlier job's checkpoints, and one job at a time may use a run dir.
 #   TTDIST_MAX_RESTARTS  elastic restarts after a failure   (default 3)
 # Checkpoints must be on a file system every node sees (train.output_dir).
 set -euo pipefail
@@ -24,5 +27,5 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # new process group connect to dead ranks (pytorch/pytorch#135712; docs/reliability.md).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="${NPROC_PER_NODE:-8}" \
-  --rdzv_backend=c10d --rdzv_endpoint="$RDZV_HOST:${RDZV_PORT:-29500}" --rdzv_id="${RDZV_ID:-ttdist}" \
+  --rdzv_backend=c10d --rdzv_endpoint="$RDZV_HOST:${RDZV_PORT:-29500}" --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-ttdist}}" \
   --max-restarts="${TTDIST_MAX_RESTARTS:-3}" -m ttdist.train --config "$CONFIG" "$@"

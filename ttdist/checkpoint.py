@@ -9,9 +9,16 @@ as the newest loadable one; older checkpoints are pruned (keeping ``keep_last_n`
 the new one is complete, together with the ``.partial`` directories of earlier interrupted
 saves. DCP stores sharded tensors by global offsets, so a checkpoint saved with N ranks loads
 with M ranks (resharding). Assumes a file system shared by all ranks.
+
+Errors: a save that fails for a file-system reason (a full disk included) raises
+``OSError(errno, message, step_N.partial)`` naming the directory and the bytes of this rank's
+share; other failures raise CheckpointError (DCP's CheckpointException is a BaseException).
+``load_newest`` skips a damaged checkpoint (corrupt ``ttdist_meta.json``, a shard that fails to
+load) with a warning naming it and falls back to the previous complete one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -23,6 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 MARKER, META = "COMPLETE", "ttdist_meta.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -40,6 +48,70 @@ def _fsync_dir(path: Path) -> None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message names the directory and the cause.
+    (DCP's own CheckpointException is a BaseException: ``except Exception`` would miss it.)"""
+
+
+def _failures(error: CheckpointException) -> list[tuple[int, BaseException]]:
+    out = []
+    for rank, failure in sorted(error.failures.items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        out.append((rank, exc if isinstance(exc, BaseException) else RuntimeError(str(exc))))
+    return out
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of the first failing rank (one line), with the ranks that failed."""
+    if isinstance(error, CheckpointException):
+        failed = _failures(error)
+        if failed:
+            rank, exc = failed[0]
+            return f"rank(s) {[r for r, _ in failed]} failed, rank {rank} with {_one_line(exc)}"
+    return _one_line(error)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())[:500]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _os_error(error: BaseException) -> Optional[OSError]:
+    """The first OSError with an errno behind ``error`` (DCP's failures of every rank, causes, contexts)."""
+    todo = [exc for _, exc in _failures(error)] if isinstance(error, CheckpointException) else [error]
+    seen = 0
+    while todo and seen < 50:
+        e, seen = todo.pop(0), seen + 1
+        if isinstance(e, OSError) and e.errno:
+            return e
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return None
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of this rank's tensors in ``state`` (local shards of ShardedTensors): about what a save writes."""
+    if isinstance(state, torch.Tensor):
+        if hasattr(state, "local_shards"):
+            return sum(s.tensor.numel() * s.tensor.element_size() for s in state.local_shards())
+        if hasattr(state, "to_local"):  # DTensor
+            state = state.to_local()
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
 
 
 class Checkpointer:
@@ -85,7 +157,10 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
         _barrier()
-        dcp.save(state, checkpoint_id=str(partial))
+        try:
+            dcp.save(state, checkpoint_id=str(partial))
+        except (Exception, CheckpointException) as e:  # every rank gets DCP's gathered failures
+            raise self._save_error(step, partial, state, e) from e
         _barrier()
         if self.fault is not None:
             self.fault(step)
@@ -106,6 +181,28 @@ class Checkpointer:
         _barrier()
         return final
 
+    def _save_error(self, step: int, partial: Path, state: dict, error: BaseException) -> Exception:
+        """A failed DCP write as an error naming the directory: ``OSError(errno, ..., partial)`` when
+        the cause is a file-system error or the disk is full (torch.save's writer reports a full
+        disk as ``unexpected pos N vs M``), otherwise CheckpointError. The previous checkpoint is
+        untouched; a full disk's partial directory is removed (rank 0) to give the space back."""
+        needed, free = state_bytes(state), _free_bytes(self.directory)
+        cause = _os_error(error)
+        code = cause.errno if cause is not None else None
+        if code is None and free is not None and free < needed:
+            code = errno.ENOSPC
+        previous = self.latest()
+        kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+        if code is None:
+            return CheckpointError(f"checkpoint save of step {step} to {partial} failed ({_describe(error)}); {kept}")
+        space = (f"; this rank's share needs about {needed} bytes, {free} bytes are free on that file system"
+                 if free is not None else f"; this rank's share needs about {needed} bytes")
+        if code == errno.ENOSPC and self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            kept += f"; the incomplete {partial.name} was removed"
+        return OSError(code, f"{os.strerror(code)} while saving checkpoint step {step} to {self.directory} "
+                             f"({_describe(error)}){space}; {kept}", str(partial))
+
     def _prune(self, saved: Path, step: int) -> None:
         """Keeps ``saved`` and the newest ``keep_last_n - 1`` other complete checkpoints (another
         job's newer checkpoint in the directory never pushes out the one just written); removes the
@@ -120,14 +217,58 @@ class Checkpointer:
 
     @staticmethod
     def meta(path: Path) -> dict:
-        return json.loads((Path(path) / META).read_text())
+        """``ttdist_meta.json`` of a checkpoint; ValueError naming the file when it is corrupt."""
+        file = Path(path) / META
+        try:
+            meta = json.loads(file.read_text())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{file}: corrupt checkpoint metadata ({e})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("world_size", 1), int):
+            raise ValueError(f"{file}: corrupt checkpoint metadata (not a JSON object with an integer world_size)")
+        return meta
 
     @staticmethod
     def load(path: Path, state: dict[str, Any]) -> None:
-        """Collective: loads ``path`` into ``state`` in place (tensors, ShardedTensors, objects)."""
+        """Collective: loads ``path`` into ``state`` in place (tensors, ShardedTensors, objects).
+        A damaged checkpoint raises CheckpointError (on every rank: DCP gathers the ranks' failures)."""
         if not (Path(path) / MARKER).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except CheckpointException as e:
+            raise CheckpointError(f"cannot load checkpoint {path}: {_describe(e)}") from e
+
+    def load_newest(self, make_state: Callable[[dict], dict[str, Any]], job: Optional[str] = None,
+                    warn: Callable[[str], None] = print) -> Optional[tuple[Path, dict[str, Any]]]:
+        """Collective: loads the newest complete checkpoint that loads (with ``job``, of that job only)
+        into ``make_state(meta)``; returns (path, state), or None when there is no checkpoint.
+
+        A damaged checkpoint (unreadable ``ttdist_meta.json``, a shard that fails to load) is
+        skipped with a warning naming it, and the previous one is tried. When checkpoints exist but
+        none loads, CheckpointError lists them (a failed load may have changed the state in place:
+        the run must not silently start over from it)."""
+        damaged = []
+        for path in reversed(self.complete()):
+            try:
+                meta = self.meta(path)
+            except (OSError, ValueError) as e:
+                warn(f"warning: skipping damaged checkpoint {path}: {e}")
+                damaged.append(str(path))
+                continue
+            if job is not None and meta.get("job") != job:
+                continue
+            state = make_state(meta)
+            try:
+                self.load(path, state)
+            except CheckpointError as e:
+                warn(f"warning: skipping damaged checkpoint {path} ({e}); trying the previous complete one")
+                damaged.append(str(path))
+                continue
+            return path, state
+        if damaged:
+            raise CheckpointError(f"no loadable checkpoint in {self.directory}: damaged {damaged} (see the warnings "
+                                  "above); move them away to start over, or repair them")
+        return None
 
 
 def _read_meta(path: Path) -> dict:

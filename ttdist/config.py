@@ -2,7 +2,9 @@
 
 ``load_config(path, overrides)`` reads a YAML file, applies ``key.sub=value`` overrides (values
 parsed as YAML), and validates: unknown keys, wrong types and impossible values raise
-``ConfigError`` naming the dotted key to fix (e.g. ``model.tt_ranks``).
+``ConfigError`` naming the dotted key to fix (e.g. ``model.tt_ranks``), and the config file when
+the value came from it. A key given twice in one mapping, a top level that is not a mapping and a
+file that is not UTF-8 are errors too (naming the file, key and lines).
 """
 from __future__ import annotations
 
@@ -37,7 +39,38 @@ _Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+    """The YAML document in ``text``; ConfigError on a key given twice in one mapping (PyYAML
+    would silently keep the last one, e.g. of two ``train:`` blocks)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node: yaml.Node, prefix: str, seen_nodes: set) -> None:
+    if id(node) in seen_nodes:  # an alias (possibly recursive): checked where it was anchored
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{prefix}[{i}].", seen_nodes)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value
+            if key in lines:
+                raise ConfigError(f"duplicate key '{prefix}{key}' (lines {lines[key]} and "
+                                  f"{key_node.start_mark.line + 1}); YAML would silently keep only the last one: "
+                                  "merge them")
+            lines[key] = key_node.start_mark.line + 1
+            _check_duplicate_keys(value_node, f"{prefix}{key}.", seen_nodes)
 
 
 @dataclass
@@ -197,7 +230,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -320,13 +353,13 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[:i + 1])}' is not a section")
         try:
             node[parts[-1]] = _load_yaml(raw)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ConfigError) as e:
             raise ConfigError(f"{key.strip()}: the override's value {raw!r} is not valid YAML: "
                               f"{' '.join(str(e).split())}") from None
     return data
@@ -338,14 +371,45 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     data: dict = {}
     if path is not None:
         try:
-            data = _load_yaml(Path(path).read_text()) or {}
+            raw = Path(path).read_bytes()
+            data = _load_yaml(raw.decode("utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {path} is not UTF-8 text: byte 0x{raw[e.start]:02x} at line {line} "
+                              f"(byte offset {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    cfg = _build(Config, apply_overrides(data, overrides), "")
-    validate(cfg, world_size)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections (model, data, optim, "
+                              f"train, checkpoint), got a {type(data).__name__}: {str(data)[:100]}")
+    try:
+        cfg = _build(Config, apply_overrides(data, overrides), "")
+        validate(cfg, world_size)
+    except ConfigError as e:
+        if path is None or _from_override(str(e), overrides):
+            raise
+        raise ConfigError(f"config file {path}: {e}") from None
     return cfg
+
+
+def _from_override(message: str, overrides: Sequence[str]) -> bool:
+    """Whether the key a ConfigError message starts with (or names as unknown) was set by an override."""
+    m = re.match(r"(?:unknown key ')?([A-Za-z_][\w.]*)", message)
+    if message.startswith("override ") or m is None:
+        return message.startswith("override ")
+        return False
+    key = m.group(1).rstrip(".")
+    for item in overrides:
+        set_key = item.split("=", 1)[0].strip()
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return True
+    return False
 
 
 def to_dict(cfg: Config) -> dict:

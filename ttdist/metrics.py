@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -11,8 +12,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-    """AUC, logloss and accuracy of ``model`` over every rank's eval batches (all ranks get them)."""
+def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device) -> dict[str, Optional[float]]:
+    """AUC, logloss and accuracy of ``model`` over every rank's eval batches (all ranks get them).
+    AUC is None when the eval labels hold one class only (undefined; a note is printed)."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -28,11 +30,24 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device: torch.device) ->
         local = torch.cat(gathered, dim=1)
     logit, label = local[0].cpu(), local[1].cpu()
     return {
-        "auc": float(binary_auroc(torch.sigmoid(logit), label.long())),
+        "auc": _auc(logit, label),
         "logloss": float(torch.nn.functional.binary_cross_entropy_with_logits(logit, label)),
         "accuracy": float(((logit > 0).float() == label).float().mean()),
         "eval_samples": int(label.numel()),
     }
+
+
+def _auc(logit: torch.Tensor, label: torch.Tensor) -> Optional[float]:
+    """ROC AUC, or None (null in summary.json) when the labels hold only one class: AUC is then
+    undefined (torchmetrics would return 0.0, which reads as a score). Rank 0 prints a note."""
+    classes = torch.unique(label).tolist()
+    if len(classes) == 2:
+        return float(binary_auroc(torch.sigmoid(logit), label.long()))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        which = f"all have label {int(classes[0])}" if classes else "are none"
+        print(f"note: eval AUC is undefined: the {label.numel()} eval samples {which} (AUC needs both classes); "
+              "reported as null", file=sys.stderr, flush=True)
+    return None
 
 
 class MetricsLog:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import gc
 import json
@@ -25,8 +26,10 @@ import os
 import re
 import resource
 import signal
+import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,7 +53,7 @@ from tqdm import tqdm
 
 from ttdist.checkpoint import Checkpointer, rng_state, set_rng_state
 from ttdist.config import Config, OptimConfig, dense_optimizer_class, load_config, to_dict, validate
-from ttdist.data import make_dataset
+from ttdist.data import EndOfData, check_files, make_dataset, train_stream
 from ttdist.distributed import make_planner
 from ttdist.metrics import MetricsLog, evaluate
 from ttdist.model import build_model, build_sharders, embedding_bytes, plan_constraints, table_configs
@@ -70,16 +73,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # frame, partly in reference cycles: collect them first.
     gc.collect()
     dist.destroy_process_group()
+    release_run_dir(Path(cfg.train.output_dir) / cfg.train.name)
     return summary
 
 
 def train(cfg: Config, env: DistEnv) -> dict:
     """The whole run on an initialised process group: model, plan, DMP, loop, checkpoints, eval."""
     validate(cfg, env.world_size)
+    check_files(cfg.data)  # data files exist and hold a batch: fail now, not after training (every rank)
     faults = Faults.from_env(env.rank)
     CollectiveTrace.install()
     progress = Progress(env, cfg.train.collective_timeout_s, restart_count())
     run_dir = Path(cfg.train.output_dir) / cfg.train.name
+    # The run directory's lock (one job at a time) and this job's identity, before anything is
+    # written there. The ranks agree first whether this is a torchrun restart: torchrun agents
+    # on different nodes may count restarts differently.
+    again = restarted(progress, env)
+    job = claim_run_dir(run_dir, env, again, progress)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -98,14 +108,16 @@ def train(cfg: Config, env: DistEnv) -> dict:
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last_n, fault=faults.in_checkpoint_save)
     step = 0
     # A torchrun restart (attempt > 0) always continues from the job's own checkpoints; with
-    # checkpoint.resume=false it ignores those of earlier jobs in the run directory. The ranks
-    # agree first: torchrun agents on different nodes may count restarts differently.
-    if cfg.checkpoint.resume or restarted(progress, env):
+    # checkpoint.resume=false it ignores those of other jobs in the run directory (job: see
+    # claim_run_dir; checkpoint.resume=true resumes from any job's).
+    if cfg.checkpoint.resume or again:
         with progress.phase("resume (loading the newest complete checkpoint)"):
-            step = resume(checkpointer, dmp, optimizer, env, job=None if cfg.checkpoint.resume else job_id())
+            step = resume(checkpointer, dmp, optimizer, env, job=None if cfg.checkpoint.resume else job)
 
     log = MetricsLog(run_dir / "metrics.jsonl", env.rank == 0)
-    train_batches = iter(make_dataset(cfg.data, "train", env.rank, env.world_size, start_batch=step))
+    log.write = functools.partial(log.write, job=job)  # every record names its job (run dirs are reused)
+    train_batches = iter(train_stream(cfg.data, env.rank, env.world_size, start_batch=step))  # data.epochs passes
+    first_step = step
     loss_fn = torch.nn.BCEWithLogitsLoss()
     stats = RunStats()
     bar = tqdm(total=cfg.train.steps, initial=step, disable=env.rank != 0 or not cfg.train.progress_bar,
@@ -114,7 +126,15 @@ def train(cfg: Config, env: DistEnv) -> dict:
         n = step + 1  # the 1-based step number of metrics.jsonl, messages and fault hooks
         faults.at_step_start(n)
         schedule.apply(step)
-        batch = faults.poison_batch(next(train_batches).to(env.device), n, cfg)
+        try:
+            raw = next(train_batches)
+        except EndOfData as e:  # every rank reads the same files, so all run out at this step
+            saved = None
+            if step > first_step and not _due(step, cfg.checkpoint.every_steps):  # keep what was trained
+                with progress.phase(f"checkpoint save of step {step} (the train data ran out)"):
+                    saved = save_checkpoint(checkpointer, dmp, optimizer, step, env, job=job)
+            raise e.at_step(n, cfg.train.steps, step, saved and str(saved)) from None
+        batch = faults.poison_batch(raw.to(env.device), n, cfg)
         faults.poison_parameters(dmp, n)
         t0 = time.perf_counter()
         loss = train_step(dmp, optimizer, loss_fn, batch, step, cfg, stats, progress, faults)
@@ -132,7 +152,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
                 log.write(step=step, split="eval", **run_eval(dmp, cfg, env))
         if _due(step, cfg.checkpoint.every_steps) or (step == cfg.train.steps and cfg.checkpoint.at_end):
             with progress.phase(f"checkpoint save of step {step}"):
-                save_checkpoint(checkpointer, dmp, optimizer, step, env)
+                save_checkpoint(checkpointer, dmp, optimizer, step, env, job=job)
     bar.close()
 
     with progress.phase("final evaluation"):
@@ -231,8 +251,112 @@ def restarted(progress: "Progress", env: DistEnv) -> bool:
 
 
 def job_id() -> Optional[str]:
-    """torchrun's run id (the same in every attempt of one job; random per ``--standalone`` job)."""
+    """torchrun's run id (the same in every attempt of one job; random per ``--standalone`` job,
+    but whatever the user chose with ``--rdzv_id``: not unique per job, see claim_run_dir)."""
     return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
+class RunDirInUse(RuntimeError):
+    """Another job holds the run directory's lock; the message names that job, its host and pid."""
+
+
+LOCK_FILE, JOB_FILE = ".lock", "job.json"
+_HELD_LOCKS: dict[str, int] = {}  # run directory -> open lock file of this process (rank 0), held until exit
+
+
+def claim_run_dir(run_dir: Path, env: DistEnv, again: bool, progress: "Progress") -> str:
+    """Collective: locks the run directory for this job and returns the job's id.
+
+    The id is torchrun's run id plus a random part drawn at the job's first attempt and written
+    to ``<run>/job.json`` with the job's torchrun agents (host, pid): the agents outlive torchrun
+    restarts and are new for every launch, so a restarted attempt (``again``) takes its job's id
+    back from the file, while an earlier job launched with the same run id (a fixed
+    ``RDZV_ID``/``--rdzv_id``) is a different job. Checkpoints record it (``ttdist_meta.json``),
+    as does every metrics.jsonl record.
+
+    Rank 0 holds an exclusive ``flock`` on ``<run>/.lock`` as long as its process lives (the
+    kernel releases it when the process dies, SIGKILL included: no stale lock; on NFS it is a
+    lock of the server, so it works across nodes). A second job in the directory stops at start-up
+    on every rank with RunDirInUse naming the holder (from its job.json). A restarted attempt
+    waits up to 120 s for its own dead attempt's lock (a lost node's lock on NFS lasts a lease)."""
+    with progress.phase("start-up (the run directory's lock and the job id)"):
+        agents = sorted({(str(h), int(p)) for h, p in _gather([socket.gethostname(), os.getppid()])})
+        outcome = None
+        if env.rank == 0:
+            try:
+                outcome = ("ok", _claim(run_dir, [list(a) for a in agents], again))
+            except RunDirInUse as e:
+                outcome = ("in use", str(e))
+        if env.world_size > 1:
+            box = [outcome]
+            dist.broadcast_object_list(box, src=0)
+            outcome = box[0]
+    if outcome[0] != "ok":
+        raise RunDirInUse(outcome[1])
+    return outcome[1]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _claim(run_dir: Path, agents: list[list], again: bool) -> str:
+    """Rank 0's part of claim_run_dir: the job id, the lock, then ``job.json`` (atomic)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = job_id() or "local"
+    record = _read_json(run_dir / JOB_FILE)
+    ours = (again and record.get("run_id") == run_id and isinstance(record.get("job"), str)
+            and any(a in record.get("agents", []) for a in agents))
+    job = record["job"] if ours else f"{run_id}-{uuid.uuid4().hex[:12]}"
+    key = str(run_dir.resolve())
+    if key not in _HELD_LOCKS:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + (120 if ours else 0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _read_json(run_dir / JOB_FILE)
+                if holder.get("job") == job and time.monotonic() < deadline:
+                    time.sleep(1)  # this job's previous attempt: its rank 0 is still exiting
+                    continue
+                os.close(fd)
+                raise RunDirInUse(_holder_message(run_dir, holder)) from None
+        _HELD_LOCKS[key] = fd
+    now = time.time()
+    info = {"job": job, "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "attempt": restart_count(), "started": record.get("started", now) if ours else now,
+            "attempt_started": now,
+            "agents": sorted({tuple(a) for a in agents + (record.get("agents", []) if ours else [])})}
+    tmp = run_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, run_dir / JOB_FILE)
+    return job
+
+
+def _holder_message(run_dir: Path, holder: dict) -> str:
+    lock = run_dir / LOCK_FILE
+    if not holder.get("job"):
+        who = f"another job (its {JOB_FILE} is not written yet: it is starting)"
+    else:
+        started = holder.get("attempt_started", holder.get("started"))
+        when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+        who = (f"job {holder['job']} (rank 0 on host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+               f"attempt {holder.get('attempt', '?')} started {when})")
+    return (f"run directory {run_dir} is in use by {who}; two jobs in one run directory would overwrite each "
+            f"other's checkpoints and metrics. Wait for it to end or use another train.name (lock: {lock})")
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Releases this process's lock of ``run_dir`` (process exit does it too)."""
+    fd = _HELD_LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def warn_shared_store_restart(rank: int) -> None:
@@ -304,24 +428,32 @@ def training_state(model: torch.nn.Module, optimizer: KeyedOptimizer, step: int,
             "train": {"step": torch.tensor(step)}, f"rng_rank{env.rank}": rng_state()}
 
 
-def save_checkpoint(checkpointer: Checkpointer, model, optimizer, step: int, env: DistEnv) -> None:
-    checkpointer.save(step, training_state(model, optimizer, step, env), meta={"job": job_id()})
+def save_checkpoint(checkpointer: Checkpointer, model, optimizer, step: int, env: DistEnv,
+                    job: Optional[str] = None) -> Path:
+    """``job``: the id claim_run_dir gave this job (torchrun's run id when not given). Returns the
+    complete checkpoint's directory."""
+    return checkpointer.save(step, training_state(model, optimizer, step, env), meta={"job": job or job_id()})
 
 
 def resume(checkpointer: Checkpointer, model, optimizer: KeyedOptimizer, env: DistEnv,
            job: Optional[str] = None) -> int:
     """Loads the newest complete checkpoint (any world size) and returns its step; 0 when none.
-    With ``job``, only checkpoints saved by that torchrun job count."""
-    path = checkpointer.latest(job=job)
+    With ``job``, only checkpoints saved by that job (claim_run_dir) count. A damaged checkpoint is
+    skipped with a warning naming it (rank 0, stderr) and the previous complete one is loaded."""
     if env.rank == 0 and checkpointer.incomplete():
         print(f"ignoring incomplete checkpoint(s) {[p.name for p in checkpointer.incomplete()]} "
               "(a save was interrupted; they are never loaded)", flush=True)
-    if path is None:
+
+    def state_for(meta: dict) -> dict:
+        state = training_state(model, optimizer, 0, env)
+        if env.rank >= meta.get("world_size", env.world_size):
+            state.pop(f"rng_rank{env.rank}")  # a rank the checkpoint did not have keeps its own RNG
+        return state
+
+    found = checkpointer.load_newest(state_for, job=job, warn=say if env.rank == 0 else (lambda line: None))
+    if found is None:
         return 0
-    state = training_state(model, optimizer, 0, env)
-    if env.rank >= Checkpointer.meta(path)["world_size"]:
-        state.pop(f"rng_rank{env.rank}")  # a rank the checkpoint did not have keeps its own RNG
-    Checkpointer.load(path, state)
+    path, state = found
     optimizer.load_state_dict(state["optimizer"])
     if f"rng_rank{env.rank}" in state:
         set_rng_state(state[f"rng_rank{env.rank}"])
@@ -756,6 +888,8 @@ class RunStats:
 if __name__ == "__main__":
     try:
         main()
-    except Exception as e:  # a rank that fails says why and exits non-zero; torchrun stops the others
-        say(f"[rank {os.environ.get('RANK', '0')}] {type(e).__name__}: {e}")
+    except BaseException as e:  # a rank that fails says why and exits non-zero; torchrun stops the others
+        # BaseException: DCP's CheckpointException is one; an exit or Ctrl-C is not a failure to explain
+        if not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            say(f"[rank {os.environ.get('RANK', '0')}] {type(e).__name__}: {e}")
         raise

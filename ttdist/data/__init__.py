@@ -18,15 +18,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ttdist.data.batching import DataError
 from ttdist.data.config import DataConfig, scaled_cardinalities
 from ttdist.data.criteo import read_tsv
+from ttdist.data.stream import EndOfData, check_files, train_stream
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from torchrec.datasets.utils import Batch
 
-__all__ = ["DataConfig", "make_dataset", "read_tsv", "scaled_cardinalities"]
+__all__ = ["DataConfig", "DataError", "EndOfData", "check_files", "make_dataset", "read_tsv",
+           "scaled_cardinalities", "train_stream"]
 
 
 def make_dataset(

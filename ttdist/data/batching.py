@@ -20,6 +20,16 @@ if TYPE_CHECKING:
 SPLITS = ("train", "eval")
 
 
+class DataError(ValueError):
+    """The data files cannot serve the run (missing, too short); the message names the key and file."""
+
+
+def first_bad_label(labels: np.ndarray) -> int | None:
+    """Index of the first label that is not 0 or 1 (NaN included), or None."""
+    bad = ~((labels == 0) | (labels == 1))
+    return int(np.argmax(bad)) if bad.any() else None
+
+
 def local_batch_size(batch_size: int, rank: int, world_size: int) -> int:
     """B_local = B // W; ValueError if B is not divisible by W or rank is not in [0, W)."""
     if world_size < 1:
@@ -75,6 +85,9 @@ def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> Bat
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     n = len(labels)
+    bad = first_bad_label(labels)
+    if bad is not None:  # the readers name the file and row first; this guards every dataset
+        raise ValueError(f"label of sample {bad} is {labels[bad].item()}; labels must be 0 or 1")
     if dense.shape != (n, NUM_DENSE_FEATURES) or sparse.shape != (n, NUM_SPARSE_FEATURES):
         raise ValueError(
             f"expected dense [{n}, {NUM_DENSE_FEATURES}] and sparse [{n}, {NUM_SPARSE_FEATURES}], "

@@ -46,6 +46,10 @@ class DataConfig:
     """Like train_path, for the eval split."""
     eval_batches: int = 20
     """Global batches in the eval split (synthetic/random: exactly; file datasets: at most)."""
+    epochs: int = 1
+    """File datasets: passes over the train files (DLRM's --nepochs); 0 = as many as train.steps
+    needs. A run whose train.steps needs more stops with an error after checkpointing. The
+    synthetic/random train streams are endless and ignore it."""
 
     def __post_init__(self) -> None:
         self.num_embeddings_per_feature = list(self.num_embeddings_per_feature)
@@ -87,6 +91,7 @@ class DataConfig:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"{name} must be None or a non-empty string, got {value!r}")
         _check_int("eval_batches", self.eval_batches, minimum=1)
+        _check_int("epochs", self.epochs, minimum=0, maximum=2**63 - 1)
 
 
 def scaled_cardinalities(cfg: DataConfig) -> list[int]:

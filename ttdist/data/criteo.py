@@ -147,6 +147,13 @@ class CriteoTsvDataset(IterableDataset):
                 return
             yield make_batch(*parse_records(mine, self.rows))
 
+    def __len__(self) -> int:
+        """Batches this rank yields (like the npy dataset's); reads every file (lines are counted,
+        not parsed)."""
+        total = _skip(numbered_lines(self.paths), -1) // self.batch_size
+        stop = total if self.stop_batch is None else min(total, self.stop_batch)
+        return max(0, stop - self.start_batch)
+
 
 def _open(path: str) -> IO[bytes]:
     if path.endswith(".gz"):
@@ -155,8 +162,8 @@ def _open(path: str) -> IO[bytes]:
 
 
 def _skip(lines: Iterator[Record], n: int) -> int:
-    """Advance past up to n lines; returns how many there were."""
-    return sum(1 for _ in itertools.islice(lines, n))
+    """Advance past up to n lines (n < 0: all); returns how many there were."""
+    return sum(1 for _ in (lines if n < 0 else itertools.islice(lines, n)))
 
 
 def _strip_line_end(raw: bytes) -> bytes:

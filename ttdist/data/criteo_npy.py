@@ -18,7 +18,13 @@ from torch.utils.data import IterableDataset
 from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
 from torchrec.datasets.utils import Batch
 
-from ttdist.data.batching import check_split, local_batch_size, make_batch, split_paths
+from ttdist.data.batching import (
+    check_split,
+    first_bad_label,
+    local_batch_size,
+    make_batch,
+    split_paths,
+)
 from ttdist.data.config import NUM_SPARSE_FEATURES, DataConfig, scaled_cardinalities
 
 
@@ -38,6 +44,12 @@ class CriteoNpyDataset(IterableDataset):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         stems = split_paths(cfg, split)
+        self.split = split
+        self.batch_size = cfg.batch_size
+        self.local_batch_size = local_batch_size(cfg.batch_size, rank, world_size)
+        self.rank = rank
+        self.labels_paths = [f"{s}_labels.npy" for s in stems]
+        self._file_rows: list[int] | None = None  # rows per labels file, read when a label is bad
         self.start_batch = start_batch
         self.stop_batch = cfg.eval_batches if split == "eval" else None
         # TorchRec's datapipe hands rank r the local batches r, r + W, r + 2W, ... of B_local
@@ -50,7 +62,7 @@ class CriteoNpyDataset(IterableDataset):
                 stage="train",
                 dense_paths=[f"{s}_dense.npy" for s in stems],
                 sparse_paths=[f"{s}_sparse.npy" for s in stems],
-                labels_paths=[f"{s}_labels.npy" for s in stems],
+                labels_paths=self.labels_paths,
                 batch_size=local_batch_size(cfg.batch_size, rank, world_size),
                 rank=rank,
                 world_size=world_size,
@@ -62,12 +74,34 @@ class CriteoNpyDataset(IterableDataset):
             np.random.set_state(state)
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in itertools.islice(self._pipe_batches(), self.start_batch, self.stop_batch):
+        batches = itertools.islice(self._pipe_batches(), self.start_batch, self.stop_batch)
+        for b, batch in enumerate(batches, self.start_batch):
             n = len(batch.labels)
             sparse = batch.sparse_features.values().view(NUM_SPARSE_FEATURES, n).T
             # dense still points into the read-only memory map: copy it (labels are cast anyway)
             dense = batch.dense_features.numpy().copy()
-            yield make_batch(dense, sparse.numpy(), batch.labels.numpy())
+            labels = batch.labels.numpy()
+            bad = first_bad_label(labels)
+            if bad is not None:
+                raise ValueError(self._bad_label(b, bad, labels[bad].item()))
+            yield make_batch(dense, sparse.numpy(), labels)
+
+    def _bad_label(self, batch: int, sample: int, value) -> str:
+        """Message naming the labels file and row of this rank's local sample of global batch."""
+        row = batch * self.batch_size + self.rank * self.local_batch_size + sample  # of the split
+        where = f"row {row} of the {self.split} split ({', '.join(self.labels_paths)})"
+        try:
+            if self._file_rows is None:
+                self._file_rows = [np.load(p, mmap_mode="r").shape[0] for p in self.labels_paths]
+            for path, rows in zip(self.labels_paths, self._file_rows):
+                if row < rows:
+                    where = f"{path}: row {row}"
+                    break
+                row -= rows
+        except (OSError, ValueError):  # not a local file (iopath): name the split's row instead
+            pass
+        return (f"{where} has label {value}; labels must be 0 or 1 (criteo_npy {self.split} split, global batch "
+                f"{batch}, rank {self.rank}'s sample {sample})")
 
     def _pipe_batches(self) -> Iterator[Batch]:
         batches = iter(self._pipe)
