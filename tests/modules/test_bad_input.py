@@ -59,3 +59,18 @@ def test_fuzzed_inputs_either_match_dense_or_raise_clearly(tt, indices, cuts, fl
     else:
         with pytest.raises((ValueError, IndexError, TypeError)):
             tt(idx, offsets, weights)
+
+
+def test_kjt_with_a_repeated_key_or_a_variable_batch_is_rejected_naming_it():
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    collection = ttdist.TTEmbeddingBagCollection([ttdist.TTEmbeddingBagConfig(
+        name="a", num_embeddings=100, embedding_dim=8, feature_names=["f"], tt_ranks=[4])])
+    repeated = KeyedJaggedTensor.from_lengths_sync(keys=["f", "f"], values=torch.tensor([1, 2, 3]),
+                                                   lengths=torch.tensor([1, 0, 1, 1]))
+    with pytest.raises(ValueError, match=r"has the keys \['f'\] more than once"):
+        collection(repeated)
+    variable = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 2]),
+                                 stride_per_key_per_rank=[[2]], inverse_indices=(["f"], torch.tensor([[0, 1, 1]])))
+    with pytest.raises(ValueError, match="variable batch size per feature"):
+        collection(variable)

@@ -52,8 +52,8 @@ from torchrec.streamable import Multistreamable
 from ttdist.distributed.dists import DpDist, RwDist, TwCwDist, Unit, pooled_codecs
 from ttdist.distributed.fused_params import TTFusedParams, resolve_fused_params
 from ttdist.distributed.shard_layout import TTShard, replicated_cores, row_block, table_shards
-from ttdist.modules.collection import (TTEmbeddingBagCollection, TTEmbeddingBagConfig, pooling_name,
-                                       select_features, table_state_key)
+from ttdist.modules.collection import (TTEmbeddingBagCollection, TTEmbeddingBagConfig, check_kjt_layout,
+                                       pooling_name, select_features, table_state_key)
 from ttdist.modules.optim import OptimType, optimizer_state_like
 from ttdist.modules.tt_init import init_tt_cores, table_generator
 from ttdist.ops import POOLING_CODES, POOLING_SUM, FusedUpdate, LookupSpec, apply_update, bag_scales, tt_lookup
@@ -350,9 +350,12 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         peer's error); with ``raise_on_every_rank`` one all-reduce of error codes makes them raise
         at once. CUDA input is checked by the ops on the device, without a host sync."""
         error: Optional[Exception] = None
-        code = 0  # 0 ok, 1 a feature is missing, 2 + f an index of feature f is out of range
+        code = 0  # 0 ok, -1 an unsupported KJT layout, 1 a feature is missing, 2 + f an index of feature f out of range
         try:
+            check_kjt_layout(features)
             features = select_features(features, self.feature_names)
+        except ValueError as e:
+            code, error = -1, ValueError(f"{e} (rank {self._rank})")
         except KeyError as e:
             code, error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
         values = features.values() if error is None else None
@@ -382,6 +385,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         return features
 
     def _peer_input_error(self, rank: int, code: int) -> Exception:
+        if code == -1:
+            return ValueError(f"the KeyedJaggedTensor on rank {rank} has a layout TT collections do not support "
+                              "(see that rank's error)")
         if code == 1:
             return KeyError(f"a feature of this TT collection {self.feature_names} is missing from the "
                             f"KeyedJaggedTensor on rank {rank} (see that rank's error)")

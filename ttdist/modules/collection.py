@@ -230,6 +230,19 @@ def check_table_configs(tables: Sequence[AnyTableConfig]) -> None:
         raise ValueError(f"a feature may feed only one table, got {features}")
 
 
+def check_kjt_layout(kjt: KeyedJaggedTensor) -> list[str]:
+    """Rejects what TT collections do not support (no host sync): a key given twice, a variable
+    batch size per feature. Returns the keys."""
+    keys = kjt.keys()
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"KeyedJaggedTensor has the keys {repeated} more than once; each feature must appear once")
+    if kjt.variable_stride_per_key():
+        raise ValueError("KeyedJaggedTensor has a variable batch size per feature (stride_per_key_per_rank / "
+                         "inverse_indices), which TT collections do not support; give every feature the same batch")
+    return keys
+
+
 def check_jagged(kjt: KeyedJaggedTensor, device: Optional[torch.device] = None) -> KeyedJaggedTensor:
     """Rejects a malformed KJT in the user's terms (its lengths) before the offsets are derived:
     ValueError when it is not on ``device`` (the tables'), TypeError for non-integer values or
@@ -245,6 +258,7 @@ def check_jagged(kjt: KeyedJaggedTensor, device: Optional[torch.device] = None) 
     if weights is not None and (not isinstance(weights, Tensor) or not weights.is_floating_point()):
         raise TypeError(f"KeyedJaggedTensor weights must be a floating-point tensor, got "
                         f"{getattr(weights, 'dtype', type(weights).__name__)}")
+    keys = check_kjt_layout(kjt)
     lengths = kjt.lengths_or_none()
     if lengths is None:
         return kjt  # built from offsets: normalize_lookup_inputs checks those
@@ -253,7 +267,7 @@ def check_jagged(kjt: KeyedJaggedTensor, device: Optional[torch.device] = None) 
                         f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
     if lengths.dim() != 1:
         raise ValueError(f"KeyedJaggedTensor lengths must be 1-D, got shape {tuple(lengths.shape)}")
-    keys, n = kjt.keys(), lengths.numel()
+    n = lengths.numel()
     stride = kjt.stride() if keys else 0
     if n != len(keys) * stride:
         raise ValueError(f"KeyedJaggedTensor has {n} lengths for {len(keys)} keys and batch size {stride}; "
