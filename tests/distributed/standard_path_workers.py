@@ -188,3 +188,24 @@ def load_checkpoint(rank: int, world_size: int, path: str, plan: dict[str, str],
     dmp.fused_optimizer.load_state_dict(state["fused"])
     dense_optimizer.load_state_dict(state["dense"])
     return evaluate_and_continue(dmp, dense_optimizer, rank, world_size, step)
+
+
+def pooled_error_with_codecs(rank: int, world_size: int, precision: Optional[str]) -> tuple[float, float]:
+    """(max |sharded - unsharded|, max |unsharded|) of pooled outputs, table-wise, with TorchRec's
+    quantized-communication codecs at ``precision`` ("FP16", "BF16"; None: fp32) on the pooled all-to-all."""
+    import copy
+
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+
+    tables = table_configs(True)
+    reference = TTEmbeddingBagCollection(tables)
+    registry = None if precision is None else get_qcomm_codecs_registry(QCommsConfig(
+        forward_precision=getattr(CommType, precision), backward_precision=getattr(CommType, precision)))
+    sharders = [TTEmbeddingBagCollectionSharder(qcomm_codecs_registry=registry)]
+    dmp = DistributedModelParallel(copy.deepcopy(reference), device=torch.device("cpu"), sharders=sharders,
+                                   env=ShardingEnv.from_process_group(dist.GroupMember.WORLD))
+    batch = next(local_batches(rank, world_size, 1, 8 * world_size))
+    everyone = next(local_batches(0, 1, 1, 8 * world_size))
+    out = dmp(batch.sparse_features).wait().values()
+    expected = reference(everyone.sparse_features).values()[rank * 8:(rank + 1) * 8]
+    return float((out - expected).abs().max()), float(expected.abs().max())

@@ -84,3 +84,13 @@ def test_checkpoint_with_a_renamed_or_reshaped_table_raises_naming_it(checkpoint
     with pytest.raises(AssertionError, match=r"Size mismatch .* \S*embedding_bags\.t2\.tt_cores"):
         run_ranks(workers.load_checkpoint, 1, path, {"t0": "table_wise", "t1": "row_wise", "t2": "table_wise"},
                   10, reshaped)
+
+
+def test_qcomm_codecs_of_the_sharder_quantize_the_pooled_all_to_all():
+    """TorchRec's fp16/bf16 codecs reach the TT pooled all-to-all: fp32 is exact, fp16 and bf16 are
+    off by their rounding (relative 2**-11 and 2**-8 of the largest value), not more and not zero."""
+    exact, fp16, bf16 = (run_ranks(workers.pooled_error_with_codecs, 2, p) for p in (None, "FP16", "BF16"))
+    assert all(err == 0.0 for err, _ in exact), exact
+    for results, unit in ((fp16, 2.0 ** -11), (bf16, 2.0 ** -8)):
+        for err, scale in results:
+            assert 0.0 < err <= unit * scale, (results, unit)
