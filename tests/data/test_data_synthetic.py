@@ -1,5 +1,3 @@
-import itertools
-
 import numpy as np
 import pytest
 
@@ -113,13 +111,3 @@ def test_a_counting_model_learns_most_of_the_signal():
     learned, ceiling = binary_auc(score, eval_labels), binary_auc(eval_prob, eval_labels)
     assert 0.68 < learned < ceiling  # measured 0.711 vs 0.815
 
-
-def test_generation_is_fast_enough():
-    """The training demo needs >= 200k samples/s; assert a loose floor (shared CI machines)."""
-    import time
-
-    ds = SyntheticCriteo(DataConfig(batch_size=4096), "train", 0, 1)
-    next(iter(ds))
-    start = time.perf_counter()
-    n = sum(len(b.labels) for b in itertools.islice(ds, 25))
-    assert n / (time.perf_counter() - start) > 50_000

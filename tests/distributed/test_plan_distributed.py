@@ -80,13 +80,13 @@ def test_bad_input_raises_on_every_rank_without_hanging(tmp_path):
     assert results[1]["bad_rank"] == bad and results[0]["owner_of_t2"] == 1 - bad  # the bad ids' table is remote
     for rank, r in enumerate(results):
         own = rank == bad
-        kind, msg, seconds = r["missing_feature"]
-        assert kind == "KeyError" and seconds < 30
+        kind, msg = r["missing_feature"]
+        assert kind == "KeyError", (kind, msg)
         assert (re.search(rf"features \['f3'\] are missing .*\(rank {bad}\)", msg) if own else
                 re.search(rf"missing from the KeyedJaggedTensor on rank {bad}", msg)), msg
         for case, value in (("index_out_of_range", 3000), ("negative_index", -1)):
-            kind, msg, seconds = r[case]
-            assert kind == "IndexError" and seconds < 30
+            kind, msg = r[case]
+            assert kind == "IndexError", (case, kind, msg)
             assert msg == (f"table 't2', feature 'f3': index {value} is out of range [0, 3000) on rank {bad}" if own
                            else f"table 't2', feature 'f3': an index is out of range [0, 3000) on rank {bad} "
                                 "(see that rank's error)"), msg
@@ -97,8 +97,8 @@ def test_bad_input_raises_on_every_rank_without_hanging(tmp_path):
                               ("load_rank_out_of_world", r"rank_out_of_world.yaml: .*table 't2': ranks \[2\] do not "
                                                          r"exist in a world of 2 ranks"),
                               ("dmp_rank_out_of_world", r"table 't2': the plan places a shard on rank 2")):
-            kind, msg, seconds = r[case]
-            assert kind == "ValueError" and re.search(pattern, msg, re.S) and seconds < 30, (case, msg)
+            kind, msg = r[case]
+            assert kind == "ValueError" and re.search(pattern, msg, re.S), (case, kind, msg)
         assert r["all_reduce_after"] == 2.0
 
 
