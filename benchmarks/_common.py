@@ -636,27 +636,10 @@ def init_worker(cfg):
     """torchrun worker: the app's process group (gloo on CPU), one thread per rank unless told."""
     import torch
 
-    from ttdist.train import init_distributed
+    from ttdist.process_group import init_distributed
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     return init_distributed(cfg)
-
-
-def build_session(cfg, env):
-    """The app's model, plan, DMP and optimizer (ttdist.train's own functions)."""
-    import torch.distributed as dist
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
-
-    from ttdist.model import build_model, build_sharders
-    from ttdist.train import build_optimizer, build_plan
-
-    model = build_model(cfg, env.device)
-    plan = build_plan(model, cfg, env)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=env.device,
-                                   plan=plan, sharders=build_sharders(cfg))
-    optimizer = build_optimizer(dmp, cfg.optim)
-    return dmp, optimizer, plan
 
 
 def plan_summary(plan) -> dict:
@@ -693,10 +676,12 @@ class Session:
     def __init__(self, cfg, env) -> None:
         import torch
 
+        from ttdist.session import build_session
         from ttdist.train import RunStats
 
         self.cfg, self.env = cfg, env
-        self.dmp, self.optimizer, self.plan = build_session(cfg, env)
+        session = build_session(cfg, env)  # the app's model, plan, DMP and optimizer
+        self.dmp, self.optimizer, self.plan = session.model, session.optimizer, session.plan
         self.rec = Recorder()
         patch_collectives(self.rec)
         self.found = instrument(self.dmp, self.rec)

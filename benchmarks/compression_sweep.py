@@ -16,8 +16,8 @@ global batch, then evaluates on the same eval split:
 
 Every run is in-process on one rank (world size 1, gloo over a HashStore, no torchrun): the
 same model builder, TorchRec planner, ``DistributedModelParallel``, fused embedding optimizer and
-MLP optimizer as ``python -m ttdist.train`` (``ttdist.model.build_model``,
-``ttdist.train.build_plan`` / ``build_optimizer``, ``ttdist.metrics.evaluate``); only the loop
+MLP optimizer and LR schedule as ``python -m ttdist.train`` (``ttdist.session.build_session``,
+``ttdist.metrics.evaluate``); only the loop
 is this file's (forward, BCE loss, backward, step; no checkpoints). Times per step are wall
 and process-CPU seconds of the train step alone (data generation and eval excluded); the load
 average is recorded because other jobs on a shared machine inflate the wall times.
@@ -160,25 +160,18 @@ class Run:
 
     def __init__(self, cfg, init_state: Optional[dict[str, torch.Tensor]] = None,
                  init_optimizer_state: Optional[dict] = None) -> None:
-        from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.types import ShardingEnv
-
-        from ttdist import train as app
-        from ttdist.model import build_model, build_sharders
+        from ttdist.process_group import DistEnv
+        from ttdist.session import build_session
 
         ensure_process_group()
         self.cfg = cfg
-        self.env = app.DistEnv(0, 1, torch.device("cpu"))
-        model = build_model(cfg, self.env.device)
-        plan = app.build_plan(model, cfg, self.env)
-        self.model = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                              device=self.env.device, plan=plan, sharders=build_sharders(cfg))
+        self.env = DistEnv(0, 1, torch.device("cpu"))
+        session = build_session(cfg, self.env)  # the app's model, plan, DMP and optimizer (with its LR schedule)
+        self.model, self.optimizer = session.model, session.optimizer
         if init_state is not None:
             load_full_state(self.model, init_state)
-        self.optimizer = app.build_optimizer(self.model, cfg.optim)
         self.optimizer_state_loaded = (load_optimizer_state(self.optimizer, init_optimizer_state)
                                        if init_optimizer_state is not None else [])
-        self.schedule = app.LearningRateSchedule(cfg.optim, self.optimizer)
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         self.wall = self.cpu = 0.0
         self.steps_done = 0
@@ -189,7 +182,6 @@ class Run:
 
         batches = iter(make_dataset(self.cfg.data, "train", 0, 1, start_batch=start_batch))
         for i in range(steps):
-            self.schedule.apply(start_batch + i)
             batch = next(batches)
             t0, c0 = time.perf_counter(), time.process_time()
             self.optimizer.zero_grad()

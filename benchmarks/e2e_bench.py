@@ -5,8 +5,8 @@ cardinality scale) is trained for N steps twice, on the same batches:
   tt    : the config as is (the largest ``model.tt_tables`` tables TT, the rest TorchRec/fbgemm TBE)
   dense : ``model.dense_baseline=true`` (every table a TorchRec EmbeddingBagCollection table,
           fbgemm's fused TBE with the same fused optimizer)
-Both use ttdist.train's own pieces (build_model, build_plan with TorchRec's planner,
-DistributedModelParallel, build_optimizer, train_step). The timing job holds both models in
+Both use the app's own pieces (ttdist.session.build_session: model, TorchRec's planner,
+DistributedModelParallel, optimizer; ttdist.train.train_step). The timing job holds both models in
 the same ranks and alternates their steps (tt, dense, dense, tt, ...), so the load of a shared
 machine falls on both alike; each variant then gets a short job of its own for its peak RSS.
 

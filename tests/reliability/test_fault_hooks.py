@@ -1,4 +1,5 @@
-"""The fault-injection hooks and the failure reports of ttdist.train, in process (no torchrun).
+"""The fault-injection hooks (ttdist.faults) and the failure reports (ttdist.failures) of ttdist.train,
+in process (no torchrun).
 
 The multi-process tests rely on these pieces: Faults.from_env (parsing, first attempt only),
 the batch/loss poisoning, the readable parameter names, the detection of communication errors
@@ -14,8 +15,10 @@ from tests.app.common import TINY
 from ttdist.config import load_config
 from ttdist.model import table_configs
 from ttdist.modules.collection import TTEmbeddingBagConfig
-from ttdist.train import (CollectiveError, DistEnv, Faults, Progress, _due, _is_comm_error,
-                          first_nonfinite_dense)
+from ttdist.failures import CollectiveError, Progress, _is_comm_error, first_nonfinite_dense
+from ttdist.faults import Faults
+from ttdist.process_group import DistEnv
+from ttdist.train import _due
 
 
 @pytest.fixture(scope="module")

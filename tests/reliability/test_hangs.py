@@ -52,7 +52,7 @@ def test_every_process_group_gets_the_collective_timeout(tmp_path, monkeypatch):
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
-    from ttdist.train import apply_collective_timeout
+    from ttdist.process_group import apply_collective_timeout
 
     monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)  # restored afterwards
     monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)

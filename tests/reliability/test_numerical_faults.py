@@ -1,6 +1,6 @@
 """Non-finite losses and inputs under torchrun (2 CPU ranks): stop, skip, and bad dense input.
 
-Faults come from TTDIST_FAULT_NAN_STEP / _RANK / _KIND (ttdist.train.Faults). Every failing
+Faults come from TTDIST_FAULT_NAN_STEP / _RANK / _KIND (ttdist.faults.Faults). Every failing
 job must exit non-zero with the error on stderr of every rank (each rank raises the same
 NonFiniteError, because the finiteness flags are all-reduced before anything else happens).
 """

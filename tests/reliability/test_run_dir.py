@@ -102,14 +102,24 @@ def test_second_job_in_the_same_run_dir_fails_at_start_naming_the_holder(tmp_pat
         assert holder.poll() is None  # the holder is untouched ...
         assert (tmp_path / "shared" / "config.yaml").read_text() == config  # ... and so is its run directory
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait()
+        _stop(holder)
+
+
+def _stop(job: subprocess.Popen) -> None:
+    """SIGTERM first: torchrun's agent then stops its workers (they live in their own sessions, so
+    a SIGKILL of the agent's group alone would leave them running); SIGKILL what is left."""
+    os.killpg(job.pid, signal.SIGTERM)
+    try:
+        job.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
 
 
 HOLD = """\
 import os, sys, time
 from pathlib import Path
-from ttdist.train import _claim
+from ttdist.run_dir import _claim
 print(_claim(Path(sys.argv[1]), [["h", 1]], False), flush=True)
 time.sleep(600)
 """
@@ -117,7 +127,7 @@ time.sleep(600)
 
 def test_lock_of_a_killed_job_does_not_block_and_a_live_one_does(tmp_path):
     """In process: the holder is a process that took the lock (rank 0's part of claim_run_dir)."""
-    from ttdist.train import RunDirInUse, _claim, release_run_dir
+    from ttdist.run_dir import RunDirInUse, _claim, release_run_dir
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)

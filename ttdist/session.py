@@ -1,0 +1,141 @@
+"""One training session, built once for the app, the benchmarks and the compression sweep alike.
+
+``build_session(cfg, env)`` on an initialised process group: the model, its sharding plan
+(TorchRec's planner or ``train.plan_path``), DistributedModelParallel, the optimizers (fused
+table optimizers + the MLPs', under DLRM's LR schedule) and, given a run directory, the
+checkpointer. ``Session.save`` / ``Session.resume`` write and read its checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from ttdist.checkpoint import Checkpointer, rng_state, set_rng_state
+from ttdist.config import Config, OptimConfig, dense_optimizer_class
+from ttdist.distributed import make_planner
+from ttdist.failures import Progress, say
+from ttdist.model import build_model, build_sharders, plan_constraints
+from ttdist.modules.optim import OptimType
+from ttdist.process_group import DistEnv, apply_collective_timeout, job_id
+from ttdist.schedule import LRSchedule
+
+
+@dataclass
+class Session:
+    """The sharded model, its plan, its optimizer (``optimizer.factor``: the LR schedule's
+    multiplier) and, for the app, its checkpointer."""
+
+    env: DistEnv
+    model: DistributedModelParallel
+    plan: ShardingPlan
+    optimizer: LRSchedule
+    checkpointer: Optional[Checkpointer] = None
+
+    def save(self, step: int, job: Optional[str] = None) -> Path:
+        """``job``: the id claim_run_dir gave this job (torchrun's run id when not given). Returns the
+        complete checkpoint's directory."""
+        return save_checkpoint(self.checkpointer, self.model, self.optimizer, step, self.env, job=job)
+
+    def resume(self, job: Optional[str] = None) -> int:
+        return resume(self.checkpointer, self.model, self.optimizer, self.env, job=job)
+
+
+def build_session(cfg: Config, env: DistEnv, run_dir: Optional[Path] = None, progress: Optional[Progress] = None,
+                  checkpoint_fault: Optional[Callable[[int], None]] = None) -> Session:
+    """Model -> plan -> DMP -> optimizer (+ checkpointer under ``run_dir``, where rank 0 also
+    writes plan.yaml and prints the plan). ``progress`` names the phases of a failed collective."""
+    progress = progress or Progress.disabled()
+    model = build_model(cfg, env.device)
+    with progress.phase("planning (the planner's broadcast of the plan)"):
+        plan = build_plan(model, cfg, env)
+    if run_dir is not None and env.rank == 0:
+        save_and_print_plan(plan, model, cfg, run_dir)
+    with progress.phase("model sharding (DistributedModelParallel / DDP set-up)"):
+        dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                       device=env.device, plan=plan, sharders=build_sharders(cfg))
+    apply_collective_timeout(cfg.train.collective_timeout_s)  # also the groups DMP and the sharders created
+    optimizer = LRSchedule(build_optimizer(dmp, cfg.optim), cfg.optim)
+    checkpointer = (Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last_n, fault=checkpoint_fault)
+                    if run_dir is not None else None)
+    return Session(env, dmp, plan, optimizer, checkpointer)
+
+
+def build_plan(model: torch.nn.Module, cfg: Config, env: DistEnv) -> ShardingPlan:
+    """TorchRec's planner (with the TT estimators), or the hand-editable plan file ``train.plan_path``."""
+    if cfg.train.plan_path:
+        from ttdist.plan import load_plan
+
+        return load_plan(cfg.train.plan_path, world_size=env.world_size, tables=model)
+    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
+    planner = make_planner(topology, batch_size=cfg.data.batch_size // env.world_size,
+                           constraints=plan_constraints(cfg, env.device.type),
+                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
+    return planner.collective_plan(model, build_sharders(cfg), dist.group.WORLD)
+
+
+def save_and_print_plan(plan: ShardingPlan, model: torch.nn.Module, cfg: Config, run_dir: Path) -> None:
+    """plan.yaml (hand-editable, reloadable with train.plan_path) and a table on stdout."""
+    from ttdist.plan import format_plan, save_plan
+
+    save_plan(plan, run_dir / "plan.yaml")
+    print(format_plan(plan, model, dist.get_world_size(), OptimType.parse(cfg.optim.embedding_optimizer)), flush=True)
+
+
+def build_optimizer(model: DistributedModelParallel, cfg: OptimConfig) -> KeyedOptimizer:
+    """Fused optimizers of the tables (in backward) + any torch optimizer for the MLPs."""
+    cls = dense_optimizer_class(cfg.dense_optimizer)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
+                                  lambda params: cls(params, lr=cfg.dense_lr))
+    optimizer = CombinedOptimizer([model.fused_optimizer, dense])
+    optimizer.init_state()  # materialise lazy state, so checkpoints load in place
+    return optimizer
+
+
+def training_state(model: torch.nn.Module, optimizer: KeyedOptimizer, step: int, env: DistEnv) -> dict:
+    """What a checkpoint holds: model (sharded cores), optimizer, step (= data position), RNG."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "train": {"step": torch.tensor(step)}, f"rng_rank{env.rank}": rng_state()}
+
+
+def save_checkpoint(checkpointer: Checkpointer, model, optimizer, step: int, env: DistEnv,
+                    job: Optional[str] = None) -> Path:
+    """``job``: the id claim_run_dir gave this job (torchrun's run id when not given). Returns the
+    complete checkpoint's directory."""
+    return checkpointer.save(step, training_state(model, optimizer, step, env), meta={"job": job or job_id()})
+
+
+def resume(checkpointer: Checkpointer, model, optimizer: KeyedOptimizer, env: DistEnv,
+           job: Optional[str] = None) -> int:
+    """Loads the newest complete checkpoint (any world size) and returns its step; 0 when none.
+    With ``job``, only checkpoints saved by that job (claim_run_dir) count. A damaged checkpoint is
+    skipped with a warning naming it (rank 0, stderr) and the previous complete one is loaded."""
+    if env.rank == 0 and checkpointer.incomplete():
+        print(f"ignoring incomplete checkpoint(s) {[p.name for p in checkpointer.incomplete()]} "
+              "(a save was interrupted; they are never loaded)", flush=True)
+
+    def state_for(meta: dict) -> dict:
+        state = training_state(model, optimizer, 0, env)
+        if env.rank >= meta.get("world_size", env.world_size):
+            state.pop(f"rng_rank{env.rank}")  # a rank the checkpoint did not have keeps its own RNG
+        return state
+
+    found = checkpointer.load_newest(state_for, job=job, warn=say if env.rank == 0 else (lambda line: None))
+    if found is None:
+        return 0
+    path, state = found
+    optimizer.load_state_dict(state["optimizer"])
+    if f"rng_rank{env.rank}" in state:
+        set_rng_state(state[f"rng_rank{env.rank}"])
+    if env.rank == 0:
+        print(f"resumed from {path} at step {state['train']['step']}", flush=True)
+    return int(state["train"]["step"])
+
