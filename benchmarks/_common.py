@@ -9,7 +9,7 @@
   backward piece starts (its backward runs when the gradient reaches that tensor).
 * ``patch_collectives``: wraps ``torch.distributed.all_to_all_single`` / ``all_reduce`` (and
   a few others, to notice them) so that every call is counted (bytes of the tensor this rank
-  hands in, as ``ttdist.distributed.comm_volume`` counts) and timed; the call is made
+  hands in, as ``ttdist.tools.comm_volume`` counts) and timed; the call is made
   synchronous (waited on at once). DDP's C++ reducer does not go through Python, so its
   all-reduce is wrapped by a DDP communication hook (``instrument``), same semantics as DDP's
   default hook (divide by W, all-reduce SUM).
@@ -643,7 +643,7 @@ def init_worker(cfg):
 
 
 def plan_summary(plan) -> dict:
-    from ttdist.perf_model import summarize_plan
+    from ttdist.tools.perf_model import summarize_plan
 
     return summarize_plan(plan)
 
@@ -659,9 +659,9 @@ def make_batches(cfg_data, rank: int, world_size: int, n: int, device=None) -> l
 
 
 def predicted_bytes_or_none(dmp, cfg, batch: int):
-    """ttdist.perf_model's bytes for this rank, or None when the plan holds what it does not model
+    """ttdist.tools.perf_model's bytes for this rank, or None when the plan holds what it does not model
     (TorchRec row-wise tables, which the planner may pick on GPU)."""
-    from ttdist.perf_model import predicted_bytes_for_dmp
+    from ttdist.tools.perf_model import predicted_bytes_for_dmp
 
     try:
         return predicted_bytes_for_dmp(dmp, cfg, batch)

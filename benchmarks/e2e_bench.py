@@ -115,7 +115,7 @@ def worker(args) -> None:
 
     from ttdist.config import load_config, validate
     from ttdist.model import embedding_bytes
-    from ttdist.perf_model import compare_bytes, counted_bytes
+    from ttdist.tools.perf_model import compare_bytes, counted_bytes
 
     variants = list(VARIANTS) if args.phase == "timing" else [args.variant]
     cfgs = {v: load_config(args.config, overrides(args) + VARIANTS[v]) for v in variants}
@@ -207,10 +207,10 @@ def aggregate(timing: list[dict], memory: list[dict], variant: str) -> dict:
 
 
 def profile(ranks: list[dict]) -> dict:
-    """Per-id lookup and per-sample dense times over all ranks (ttdist.perf_model.Profile's inputs)."""
+    """Per-id lookup and per-sample dense times over all ranks (ttdist.tools.perf_model.Profile's inputs)."""
     from dataclasses import asdict
 
-    from ttdist.perf_model import Profile
+    from ttdist.tools.perf_model import Profile
 
     out = asdict(Profile.from_summaries([r["summary"] for r in ranks]))
     out.pop("source")
@@ -341,7 +341,7 @@ def report(result: dict) -> None:
         rss = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes_per_rank"])
         print(f"{v:>6}: embedding MiB per rank [{mem}], peak RSS MiB per rank [{rss}]")
     for v, r in runs.items():
-        print(f"{v:>6}: collective bytes counted == ttdist.perf_model.collective_bytes on every rank: "
+        print(f"{v:>6}: collective bytes counted == ttdist.tools.perf_model.collective_bytes on every rank: "
               f"{r['bytes_counted_equal_predicted']}")
     print(f"embedding bytes (max rank) TT/dense = {result['ratios']['embedding_bytes_max_rank_tt_over_dense']:.4f}, "
           f"peak RSS (max rank) TT/dense = {result['ratios']['peak_rss_max_rank_tt_over_dense']:.3f}")

@@ -41,7 +41,7 @@ class Bench:
 
 def benches() -> list[Bench]:
     scaling = "benchmarks/results/scaling_cpu.json"
-    perf = ["-m", "ttdist.perf_model", "--validate", scaling, "--validation-out",
+    perf = ["-m", "ttdist.tools.perf_model", "--validate", scaling, "--validation-out",
             "benchmarks/results/perf_model_validation.json", "--predict", "--profile", scaling, "--scale", "1.0",
             "--what-if-speedup", "100"]
     return [
@@ -51,7 +51,7 @@ def benches() -> list[Bench]:
               ["e2e_cpu.json", "e2e_cpu_breakdown.png"]),
         Bench("scaling", "benchmarks/scaling.py", ["benchmarks/scaling.py", "--quick"], ["benchmarks/scaling.py"],
               ["scaling_cpu.json", "scaling_cpu.png"]),
-        Bench("perf_model", "ttdist/perf_model.py", perf, perf,
+        Bench("perf_model", "ttdist/tools/perf_model.py", perf, perf,
               ["perf_model_validation.json", "perf_model_predictions.json", "perf_model_predictions.png"]),
         Bench("compression", "benchmarks/compression_sweep.py", ["benchmarks/compression_sweep.py", "--quick"],
               ["benchmarks/compression_sweep.py"], ["compression_sweep_quick.json", "compression_sweep_quick.png"]),
@@ -429,7 +429,7 @@ def generate_readme() -> tuple[str, list[str]]:
         "| e2e_cpu.json, e2e_cpu_breakdown.png |",
         f"| scaling 1-8 ranks | `{(scaling or {}).get('command', '.venv/bin/python benchmarks/scaling.py [--quick]')}` "
         "| scaling_cpu.json, scaling_cpu.png |",
-        "| perf model | `python -m ttdist.perf_model --validate benchmarks/results/scaling_cpu.json --validation-out "
+        "| perf model | `python -m ttdist.tools.perf_model --validate benchmarks/results/scaling_cpu.json --validation-out "
         "benchmarks/results/perf_model_validation.json --predict --profile benchmarks/results/scaling_cpu.json "
         "--scale 1.0 --what-if-speedup 100` | perf_model_validation.json, perf_model_predictions.json, .png |",
         "| compression sweep | `python benchmarks/compression_sweep.py [--quick]` "

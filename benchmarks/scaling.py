@@ -2,7 +2,7 @@
 
 Per world size W, one torchrun job with W ranks:
   1. a gloo micro-benchmark of all_to_all_single and all_reduce at a few sizes, fitted to
-     t = alpha + bytes/beta (the link model ttdist.perf_model uses to predict CPU step times);
+     t = alpha + bytes/beta (the link model ttdist.tools.perf_model uses to predict CPU step times);
   2. for each TT placement (tw: every TT table table_wise; rw: every TT table row_wise; the
      TorchRec tables wherever TorchRec's planner puts them), one DMP, trained
        weak:   B samples per rank (global batch W*B)
@@ -10,7 +10,7 @@ Per world size W, one torchrun job with W ranks:
      for warm-up + N steps, with the step-time breakdown of e2e_bench.py (same instrumentation,
      benchmarks/_common.py), and the bytes every collective moved per step COUNTED (wrappers
      around torch.distributed's collectives and a DDP comm hook) next to the PREDICTED bytes of
-     ttdist.perf_model.collective_bytes (TT tables: ttdist.distributed.comm_volume's formula;
+     ttdist.tools.perf_model.collective_bytes (TT tables: ttdist.tools.comm_volume's formula;
      TorchRec tables: the same table/column-wise formula; DDP: the MLP parameter bytes). They
      must be equal, on every rank.
 Efficiency: throughput(W) / (W * throughput(1)) for the same placement and mode (weak: T(1)/T(W);
@@ -87,7 +87,7 @@ def microbenchmark(world: int, quick: bool) -> dict:
     import torch
     import torch.distributed as dist
 
-    from ttdist.perf_model import fit_alpha_beta
+    from ttdist.tools.perf_model import fit_alpha_beta
 
     sizes = [4096, 65536, 262144, 1048576]
     repeat = 5 if quick else 9
@@ -125,8 +125,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from ttdist.config import load_config
-    from ttdist.distributed.comm_volume import comm_volume
-    from ttdist.perf_model import compare_bytes, counted_bytes
+    from ttdist.tools.comm_volume import comm_volume
+    from ttdist.tools.perf_model import compare_bytes, counted_bytes
 
     base = load_config(args.config, base_overrides(args))
     env = C.init_worker(base)
@@ -300,7 +300,7 @@ def main(argv=None) -> None:
                         "mean over measured steps and ranks. Efficiency = samples/s(W) / (W samples/s(1)) per "
                         "placement and mode."),
         "bytes_note": ("counted: bytes each rank handed to each collective per step (torch.distributed wrappers, DDP "
-                       "comm hook); predicted: ttdist.perf_model.collective_bytes (TT: ttdist.distributed.comm_volume)."),
+                       "comm hook); predicted: ttdist.tools.perf_model.collective_bytes (TT: ttdist.tools.comm_volume)."),
         "bytes_all_equal": (None if any(e["bytes_equal"] is None for e in entries)
                             else all(e["bytes_equal"] for e in entries)),
         "entries": entries,

@@ -1,13 +1,13 @@
-"""ttdist.perf_model: byte formulas against comm_volume, link/step-time properties, the CLI's pieces."""
+"""ttdist.tools.perf_model: byte formulas against comm_volume, link/step-time properties, the CLI's pieces."""
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from ttdist import perf_model as pm
+from ttdist.tools import perf_model as pm
 from ttdist.config import load_config
-from ttdist.distributed.comm_volume import comm_volume
+from ttdist.tools.comm_volume import comm_volume
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.cardinality_scale=0.01", "model.tt_ranks=[4, 4]"]

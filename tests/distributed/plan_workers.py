@@ -237,7 +237,7 @@ def plan_roundtrip_and_comm(rank: int, world_size: int, tmpdir: str, steps: int)
     # (2) communication volume, TT-only DLRM, plan loaded from YAML
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from ttdist.distributed.comm_volume import comm_volume
+    from ttdist.tools.comm_volume import comm_volume
 
     tt_ref = dlrm(False, fused)
     tt_plan = yaml_round_trip(planner_plan(tt_ref, world_size, MIXED, fused), f"{tmpdir}/tt_plan.yaml", world_size,

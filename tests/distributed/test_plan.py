@@ -329,7 +329,7 @@ def test_comm_volume_formula_by_hand():
     weighted), t2 table_wise on rank 0, t3 data_parallel; L = 2, 1, 3, 2, 1 ids per bag."""
     from torchrec.distributed.types import ParameterSharding
 
-    from ttdist.distributed.comm_volume import comm_volume
+    from ttdist.tools.comm_volume import comm_volume
 
     configs = [TTEmbeddingBagConfig(**t) for t in TT]
     d = {"tt": {"t0": {"sharding_type": "column_wise", "compute_kernel": "customized_kernel", "ranks": [0, 1],

@@ -13,7 +13,7 @@ Symbols: W ranks, B local batch size (uniform across ranks), B_g = W * B. A *uni
   summed locally — a reduce-scatter built from an all-to-all, so it runs on gloo and NCCL.
 * ``DpDist`` (data_parallel): no communication; each rank looks up its own batch.
 
-With W = 1 no collective is issued. Byte counts of every collective: ``ttdist.distributed.comm_volume``.
+With W = 1 no collective is issued. Byte counts of every collective: ``ttdist.tools.comm_volume``.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Inputs
   optimizer and loop overhead — read from ``benchmarks/results/e2e_*.json`` or from the
   1-rank entry of ``benchmarks/results/scaling_*.json``;
 * the **plan** (which table on which rank, TT tables table-wise or row-wise) and the byte
-  count of every collective: ``ttdist.distributed.comm_volume`` for the TT collection (its
+  count of every collective: ``ttdist.tools.comm_volume`` for the TT collection (its
   formula, section (a)-(e)), ``torchrec_ebc_volume`` below for TorchRec's table-/column-wise
   tables, the DDP all-reduce of the dense parameters, and the training loop's 16-byte flag
   all-reduce;
@@ -73,8 +73,8 @@ notes), contention on shared links beyond the per-GPU NIC, the output-size term 
 lookups ([W*B, D] partial sums written and read per rank, not only per id), stragglers.
 
 CLI:
-    python -m ttdist.perf_model --validate benchmarks/results/scaling_cpu.json
-    python -m ttdist.perf_model --predict [--profile benchmarks/results/e2e_cpu.json] [--batch-per-gpu B]
+    python -m ttdist.tools.perf_model --validate benchmarks/results/scaling_cpu.json
+    python -m ttdist.tools.perf_model --predict [--profile benchmarks/results/e2e_cpu.json] [--batch-per-gpu B]
 """
 from __future__ import annotations
 
@@ -366,7 +366,7 @@ def torchrec_ebc_volume(units: Sequence[tuple], world_size: int, rank: int, batc
 
 def collective_bytes(spec: ModelSpec, plan: Plan, rank: int, batch: int) -> dict[str, float]:
     """Per-step bytes rank ``rank`` hands to each collective (flat keys, as ``counted_bytes``)."""
-    from ttdist.distributed.comm_volume import comm_volume
+    from ttdist.tools.comm_volume import comm_volume
 
     w = plan.world_size
     out: dict[str, float] = {}
@@ -707,7 +707,7 @@ def plot_predictions(pred: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     (axes[0] if len(presets) > 1 else axes).set_ylabel("predicted weak-scaling efficiency")
-    fig.suptitle(f"ttdist.perf_model, {pred['batch_per_gpu']} samples/GPU, compute profile from "
+    fig.suptitle(f"ttdist.tools.perf_model, {pred['batch_per_gpu']} samples/GPU, compute profile from "
                  f"{pred['profile_device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -715,7 +715,7 @@ def plot_predictions(pred: dict, path: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ttdist.perf_model", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ttdist.tools.perf_model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--validate", metavar="SCALING_JSON", help="predicted vs measured bytes and step times")
     p.add_argument("--validation-out", default=None, help="write the validation JSON here")
