@@ -45,7 +45,7 @@ from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagC
 
 from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL, TTEmbeddingBagCollectionSharder
 from ttdist.distributed.planner import make_planner, tt_shard_bytes
-from ttdist.distributed.shard_layout import table_shards
+from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, TABLE_WISE, table_shards
 from ttdist.modules.collection import AnyTableConfig, MixedEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
 
@@ -325,7 +325,7 @@ def validate_plan(plan: ShardingPlan, world_size: Optional[int] = None, tables: 
                 problems.append(f"{where}: ranks {bad} do not exist in a world of {world_size} ranks "
                                 f"(valid: 0..{world_size - 1})")
                 continue
-            if st == "data_parallel":
+            if st == DATA_PARALLEL:
                 if rects:
                     problems.append(f"{where}: data_parallel keeps a full copy on every rank and takes no shards")
             elif not rects:
@@ -333,13 +333,13 @@ def validate_plan(plan: ShardingPlan, world_size: Optional[int] = None, tables: 
                 continue
             elif ranks != [r for _, _, r in rects]:
                 problems.append(f"{where}: ranks {ranks} do not match the shards' ranks {[r for _, _, r in rects]}")
-            if st == "table_wise" and len(rects) != 1:
+            if st == TABLE_WISE and len(rects) != 1:
                 problems.append(f"{where}: table_wise takes exactly one shard, got {len(rects)}")
                 continue
             config = known.get(name) if known is not None else None
             if config is None:
                 continue
-            if st != "data_parallel":
+            if st != DATA_PARALLEL:
                 problems += [f"{where}: {p}" for p in
                              _tiling_problems(rects, config.num_embeddings, config.embedding_dim, st)]
             if isinstance(config, TTEmbeddingBagConfig):
@@ -348,7 +348,7 @@ def validate_plan(plan: ShardingPlan, world_size: Optional[int] = None, tables: 
                                     f"got '{ps.compute_kernel}'")
                 try:
                     table_shards(name, config.tt_shape(), st, ranks, world,
-                                 [r for _, _, r in rects] if st == "column_wise" else None)
+                                 [r for _, _, r in rects] if st == COLUMN_WISE else None)
                 except ValueError as e:
                     problems.append(f"{where}: {e}")
             elif ps.compute_kernel == TT_COMPUTE_KERNEL:
@@ -375,7 +375,7 @@ def tt_bytes_per_rank(config: TTEmbeddingBagConfig, ps: ParameterSharding, world
     shape = config.tt_shape()
     rects = _shard_rects(ps)
     shards = table_shards(config.name, shape, ps.sharding_type, list(ps.ranks or []), world_size,
-                          [r for _, _, r in rects] if ps.sharding_type == "column_wise" else None)
+                          [r for _, _, r in rects] if ps.sharding_type == COLUMN_WISE else None)
     rest = shape.core_shapes[1:]
     out = []
     for rank in range(world_size):
@@ -395,7 +395,7 @@ def dense_bytes_per_rank(config: EmbeddingBagConfig, ps: ParameterSharding, worl
     """Weight bytes each rank holds of a plain TorchRec table (TorchRec's planner adds optimizer state and I/O)."""
     e = _element_size(config)
     out = [0] * world_size
-    if ps.sharding_type == "data_parallel":
+    if ps.sharding_type == DATA_PARALLEL:
         return [config.num_embeddings * config.embedding_dim * e] * world_size
     for _, size, rank in _shard_rects(ps):
         out[rank] += math.prod(size) * e

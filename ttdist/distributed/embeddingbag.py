@@ -44,14 +44,15 @@ from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetada
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
 from torchrec.distributed.types import (Awaitable, EmbeddingModuleShardingPlan, LazyAwaitable,
-                                        ModuleSharder, ShardedModule, ShardingEnv, ShardingType)
+                                        ModuleSharder, ShardedModule, ShardingEnv)
 from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
 from ttdist.distributed.dists import DpDist, RwDist, TwCwDist, Unit, pooled_codecs
 from ttdist.distributed.fused_params import TTFusedParams, resolve_fused_params
-from ttdist.distributed.shard_layout import TTShard, replicated_cores, row_block, table_shards
+from ttdist.distributed.shard_layout import (COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE, TTShard,
+                                             replicated_cores, row_block, table_shards)
 from ttdist.modules.collection import (TTEmbeddingBagCollection, TTEmbeddingBagConfig, check_kjt_layout,
                                        pooling_name, select_features, table_state_key)
 from ttdist.modules.optim import OptimType, optimizer_state_like
@@ -62,9 +63,6 @@ from ttdist.ops import POOLING_CODES, POOLING_SUM, FusedUpdate, LookupSpec, appl
 # value TorchRec reserves for kernels it does not implement (claiming FUSED would make the
 # planner model ttdist's kernel as fbgemm's TBE).
 TT_COMPUTE_KERNEL = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
-TABLE_WISE, ROW_WISE = ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value
-COLUMN_WISE, DATA_PARALLEL = ShardingType.COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value
-SPLIT_FIRST_CORE = (ROW_WISE, COLUMN_WISE)  # sharding types that split G_1 across ranks
 
 
 class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):

@@ -34,7 +34,7 @@ from torchrec.distributed.planner.utils import sharder_name
 
 from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL
 from ttdist.distributed.fused_params import resolve_fused_params
-from ttdist.distributed.shard_layout import table_shards
+from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE, table_shards
 from ttdist.modules.collection import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
 from ttdist.modules.tt_shapes import TTShape
@@ -51,9 +51,9 @@ def _config(option: ShardingOption) -> TTEmbeddingBagConfig:
 def _option_shards(option: ShardingOption, shape: TTShape, world_size: int):
     """The TT shards of a planner option (ranks are not chosen yet: shard j on rank j)."""
     n = len(option.shards)
-    ranks = list(range(world_size)) if option.sharding_type == "row_wise" else list(range(min(n, world_size)))
-    return table_shards(option.name, shape, option.sharding_type, ranks[:1] if option.sharding_type == "table_wise" else ranks,
-                        world_size, shard_ranks=[j % world_size for j in range(n)] if option.sharding_type == "column_wise" else None)
+    ranks = list(range(world_size)) if option.sharding_type == ROW_WISE else list(range(min(n, world_size)))
+    return table_shards(option.name, shape, option.sharding_type, ranks[:1] if option.sharding_type == TABLE_WISE else ranks,
+                        world_size, shard_ranks=[j % world_size for j in range(n)] if option.sharding_type == COLUMN_WISE else None)
 
 
 def tt_shard_bytes(config: TTEmbeddingBagConfig, shard_params: int, optimizer: OptimType, slices: int,
@@ -118,15 +118,15 @@ class TTPerfEstimator(ShardEstimator):
         world = self._topology.world_size
         for option in (o for o in sharding_options if o.module_type_key == TT_MODULE_KEY):
             shape = _config(option).tt_shape()
-            dp = option.sharding_type == "data_parallel"
+            dp = option.sharding_type == DATA_PARALLEL
             batch = option.batch_size * (1 if dp else world)
             pooling = sum(option.input_lengths)
             for planner_shard in option.shards:
-                frac_rows = 1 / world if option.sharding_type == "row_wise" else 1.0
+                frac_rows = 1 / world if option.sharding_type == ROW_WISE else 1.0
                 frac_cols = planner_shard.size[1] / shape.embedding_dim
                 fwd = batch * pooling * frac_rows * shape.flops_per_row() * frac_cols / self._flops
                 out_bytes = 0 if dp else batch * planner_shard.size[1] * 4
-                replicas = 0 if option.sharding_type == "table_wise" else 8 * shape.num_parameters
+                replicas = 0 if option.sharding_type == TABLE_WISE else 8 * shape.num_parameters
                 planner_shard.perf = Perf(fwd_compute=fwd, fwd_comms=out_bytes / self._bw, bwd_compute=2 * fwd,
                                           bwd_comms=(out_bytes + replicas) / self._bw)
 

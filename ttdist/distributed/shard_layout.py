@@ -22,9 +22,14 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from torchrec.distributed.types import ShardingType
+
 from ttdist.modules.tt_shapes import TTShape
 
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+# TorchRec's sharding types, as the plan strings that ParameterSharding carries.
+TABLE_WISE, ROW_WISE = ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value
+COLUMN_WISE, DATA_PARALLEL = ShardingType.COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value
+SHARDING_TYPES = (TABLE_WISE, ROW_WISE, COLUMN_WISE, DATA_PARALLEL)
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,13 @@ def table_shards(table: str, shape: TTShape, sharding_type: str, ranks: Sequence
     for r in list(ranks) + list(shard_ranks or []):
         if not 0 <= r < world_size:
             raise ValueError(f"table '{table}': the plan places a shard on rank {r}, valid ranks [0, {world_size})")
-    if sharding_type == "table_wise":
+    if sharding_type == TABLE_WISE:
         if len(ranks) != 1:
             raise ValueError(f"table '{table}': table_wise needs exactly one rank, got {list(ranks)}")
         return [TTShard(ranks[0], 0, full_p, full_q)]
-    if sharding_type == "data_parallel":
+    if sharding_type == DATA_PARALLEL:
         return [TTShard(r, 0, full_p, full_q) for r in range(world_size)]
-    if sharding_type == "row_wise":
+    if sharding_type == ROW_WISE:
         if list(ranks) != list(range(world_size)):
             raise ValueError(f"table '{table}': row_wise shards go to every rank in order 0..{world_size - 1}, "
                              f"got ranks {list(ranks)}")
@@ -95,5 +100,5 @@ def row_block(shape: TTShape, world_size: int) -> int:
 
 def replicated_cores(sharding_type: str, d: int) -> list[int]:
     """Cores (0-based) whose full copy sits on several ranks, so their gradients are all-reduced."""
-    return {"table_wise": [], "row_wise": list(range(1, d)), "column_wise": list(range(1, d)),
-            "data_parallel": list(range(d))}[sharding_type]
+    return {TABLE_WISE: [], ROW_WISE: list(range(1, d)), COLUMN_WISE: list(range(1, d)),
+            DATA_PARALLEL: list(range(d))}[sharding_type]
