@@ -5,11 +5,10 @@ Both models are configs/demo.yaml's DLRM (the 7 largest tables TT at ranks [16, 
 Criteo-shaped stream at 1 % of the Kaggle cardinalities, and evaluated on the same 40 960 eval
 samples. The MLPs use Adam (lr 0.005): with demo.yaml's Adagrad the AUC after a few hundred
 steps still moves by ~1 % from one init seed to the next, so a 0.5 % comparison there would
-test the seed, not the tables. Training runs in this process on one rank
-(benchmarks/compression_sweep.py's ``Run``: the app's model builder, planner, DMP and
-optimizers). About 30 s of CPU time on 2 cores.
+test the seed, not the tables. Training runs in this process on one rank, through the app's
+own pieces (``ttdist.session.build_session``: model, plan, DMP, optimizers; ``train_step``;
+``run_eval``). About 30 s of CPU time on 2 cores.
 """
-import sys
 import time
 from pathlib import Path
 
@@ -17,22 +16,31 @@ import pytest
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import compression_sweep as sweep  # noqa: E402
+from ttdist.config import load_config
+from ttdist.data import make_dataset
+from ttdist.process_group import DistEnv
+from ttdist.session import build_session
+from ttdist.train import RunStats, run_eval, train_step
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = ["data.cardinality_scale=0.01", "data.batch_size=2048", "data.eval_batches=20", "train.steps=300",
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+SETTINGS = ["train.world_size=0", "train.progress_bar=false", "train.eval_every_steps=0", "checkpoint.resume=false",
+            "checkpoint.at_end=false", "optim.dense_optimizer=adam", "optim.dense_lr=0.005",
+            "data.cardinality_scale=0.01", "data.batch_size=2048", "data.eval_batches=20", "train.steps=300",
             "model.tt_tables=7", "model.tt_ranks=[16, 16]"]
 MAX_RELATIVE_AUC_GAP = 0.005
 
 
 def train(overrides):
-    cfg = sweep.make_config([*SETTINGS, *overrides])
-    run = sweep.Run(cfg)
-    run.train(cfg.train.steps)
-    return run.evaluate()
+    cfg = load_config(CONFIG, [*SETTINGS, *overrides])
+    env = DistEnv(0, 1, torch.device("cpu"))
+    session = build_session(cfg, env)
+    loss_fn, stats = torch.nn.BCEWithLogitsLoss(), RunStats()
+    batches = iter(make_dataset(cfg.data, "train", 0, 1))
+    for step in range(cfg.train.steps):
+        assert train_step(session.model, session.optimizer, loss_fn, next(batches), step, cfg, stats) is not None
+    return run_eval(session.model, cfg, env)
 
 
 @pytest.fixture
@@ -40,7 +48,8 @@ def one_rank():
     created = not dist.is_initialized()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    sweep.ensure_process_group()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     torch.set_num_threads(threads)
     if created:
