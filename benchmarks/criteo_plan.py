@@ -24,7 +24,8 @@ from ttdist.data.config import CRITEO_KAGGLE_CARDINALITIES
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner, tt_constraints
 from ttdist.modules.collection import MixedEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
-from ttdist.plan import format_plan, save_plan
+from ttdist.distributed.plan_bytes import format_plan
+from ttdist.plan import save_plan
 
 
 def criteo_tables(num_tt: int = 7, tt_ranks: Sequence[int] = (32, 32), dim: int = 16) -> list:

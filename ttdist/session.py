@@ -84,7 +84,8 @@ def build_plan(model: torch.nn.Module, cfg: Config, env: DistEnv) -> ShardingPla
 
 def save_and_print_plan(plan: ShardingPlan, model: torch.nn.Module, cfg: Config, run_dir: Path) -> None:
     """plan.yaml (hand-editable, reloadable with train.plan_path) and a table on stdout."""
-    from ttdist.plan import format_plan, save_plan
+    from ttdist.distributed.plan_bytes import format_plan
+    from ttdist.plan import save_plan
 
     save_plan(plan, run_dir / "plan.yaml")
     print(format_plan(plan, model, dist.get_world_size(), OptimType.parse(cfg.optim.embedding_optimizer)), flush=True)

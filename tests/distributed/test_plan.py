@@ -1,4 +1,4 @@
-"""ttdist.plan (YAML plans, validation, format_plan, compress_to_budget), the Criteo plan and the
+"""ttdist.plan (YAML plans, validation), ttdist.distributed.plan_bytes (format_plan) and .budget (compress_to_budget), the Criteo plan and the
 comm-volume formula — single process: TorchRec's planner needs no process group."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torchrec.distributed.planner.types import PlannerError
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from ttdist import plan as ttplan
+from ttdist.distributed import budget as tt_budget, plan_bytes
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner, tt_constraints
 from ttdist.modules.collection import MixedEmbeddingBagCollection, TTEmbeddingBagConfig
 
@@ -145,7 +146,7 @@ def test_load_plan_malformed_yaml_names_the_file(tmp_path):
 
 def test_format_plan_prints_real_bytes_per_rank():
     model, plan = small_plan()
-    text = ttplan.format_plan(plan, model, 2)
+    text = plan_bytes.format_plan(plan, model, 2)
     print(text)
     lines = {line.split()[1]: line.split() for line in text.splitlines()[3:] if line.split()[0] in ("tt", "dense")}
     # t1 row_wise at 2 ranks: p = (28, 25), ranks (1, 5, 1), q = (4, 2): each rank holds 14 slices of
@@ -158,7 +159,7 @@ def test_format_plan_prints_real_bytes_per_rank():
     assert lines["t3"][8:] == [f"{4 * (20 * 4 * 3 + 20 * 3 * 2):,}"] * 2
     assert sorted(lines["e0"][-2:]) == ["0", f"{50 * 8 * 4:,}"] and lines["e0"][4] == "dense"
     totals = text.splitlines()[-1].split()[1:]
-    per_rank = ttplan.plan_bytes_per_rank(plan, model, 2)
+    per_rank = plan_bytes.plan_bytes_per_rank(plan, model, 2)
     assert totals == [f"{sum(v[r] for v in per_rank.values()):,}" for r in range(2)]
 
 
@@ -174,7 +175,7 @@ def test_format_plan_counts_replicated_cores_once_per_rank():
     ttplan.validate_plan(plan, 2, {"tt": [cfg]})
     g1_quarter = shape.p[0] * 1 * 1 * shape.ranks[1]
     rest = sum(math.prod(c) for c in shape.core_shapes[1:])
-    assert ttplan.plan_bytes_per_rank(plan, [cfg], 2)[("tt", "t")] == [4 * (2 * g1_quarter + rest)] * 2
+    assert plan_bytes.plan_bytes_per_rank(plan, [cfg], 2)[("tt", "t")] == [4 * (2 * g1_quarter + rest)] * 2
 
 
 def test_plan_to_dict_refuses_fields_it_cannot_store():
@@ -233,14 +234,14 @@ def test_criteo_plan_tt_storage_is_the_real_core_bytes(capsys):
     # exactly what the sharded module allocates per rank (format_plan / tt_bytes_per_rank)
     cw = next(o for o in options if o.name == "cat_11")
     assert len({s.rank for s in cw.shards}) == len(cw.shards) == 4
-    real = ttplan.plan_bytes_per_rank(plan, model, 4)
+    real = plan_bytes.plan_bytes_per_rank(plan, model, 4)
     assert [sum(real[("tt", n)][r] for n in tt_names) for r in range(4)] == planner_rank_bytes
     # the row_wise table's per-rank bytes, by hand: p_1 = 221 -> 56, 56, 56, 53 slices of G_1
     shape = configs["cat_2"].tt_shape()
     assert shape.p == (221, 215, 214) and shape.q == (4, 2, 2)
     rest = 215 * 32 * 2 * 32 + 214 * 32 * 2 * 1
     assert real[("tt", "cat_2")] == [4 * (n * 4 * 32 + rest) for n in (56, 56, 56, 53)]
-    text = ttplan.format_plan(plan, model, topology)
+    text = plan_bytes.format_plan(plan, model, topology)
     print(text)
     for name in tt_names:
         line = next(line for line in text.splitlines() if f" {name} " in line)
@@ -266,7 +267,7 @@ MB = 1_000_000
 
 
 def _fits(configs, budget, world_size=2) -> bool:
-    topology = ttplan._budget_topology(Topology(world_size=world_size, compute_device="cpu"), budget)
+    topology = tt_budget._budget_topology(Topology(world_size=world_size, compute_device="cpu"), budget)
     try:
         make_planner(topology, batch_size=512).plan(MixedEmbeddingBagCollection(configs, device=torch.device("meta")),
                                                     sharders())
@@ -277,7 +278,7 @@ def _fits(configs, budget, world_size=2) -> bool:
 
 def _tt(name, rank):
     base = next(t for t in BUDGET_TABLES if t.name == name)
-    return ttplan._tt_config(base, rank, 3, {})
+    return tt_budget._tt_config(base, rank, 3, {})
 
 
 def _kind(result):
@@ -286,7 +287,7 @@ def _kind(result):
 
 def test_compress_to_budget_all_dense_when_it_fits():
     topology = Topology(world_size=2, compute_device="cpu")
-    result = ttplan.compress_to_budget(BUDGET_TABLES, topology, 40 * MB)
+    result = tt_budget.compress_to_budget(BUDGET_TABLES, topology, 40 * MB)
     assert _kind(result) == {"small": "dense", "big": "dense", "tiny": "dense", "mid": "dense"}
     assert result.steps == [] and set(result.plan.plan) == {"dense"}
     assert max(result.storage_per_rank) <= 40 * MB
@@ -296,13 +297,13 @@ def test_compress_to_budget_all_dense_when_it_fits():
 
 def test_compress_to_budget_compresses_the_largest_table_first_at_the_highest_rank():
     topology = Topology(world_size=2, compute_device="cpu")
-    result = ttplan.compress_to_budget(BUDGET_TABLES, topology, 8 * MB, module_fqn="sparse_arch.embedding_bag_collection")
+    result = tt_budget.compress_to_budget(BUDGET_TABLES, topology, 8 * MB, module_fqn="sparse_arch.embedding_bag_collection")
     assert _kind(result) == {"small": "dense", "big": [64, 64], "tiny": "dense", "mid": "dense"}
     assert len(result.steps) == 1 and result.steps[0].startswith("big: dense (12800000 bytes) -> TT rank 64")
     assert set(result.plan.plan) == {"sparse_arch.embedding_bag_collection.tt", "sparse_arch.embedding_bag_collection.dense"}
     assert max(result.storage_per_rank) <= 8 * MB
     assert not _fits(BUDGET_TABLES, 8 * MB)  # nothing less compressed fits: all dense does not
-    tighter = ttplan.compress_to_budget(BUDGET_TABLES, topology, 1 * MB)
+    tighter = tt_budget.compress_to_budget(BUDGET_TABLES, topology, 1 * MB)
     assert _kind(tighter) == {"small": "dense", "big": [32, 32], "tiny": "dense", "mid": [32, 32]}
     assert [s.split(":")[0] for s in tighter.steps] == ["big", "mid", "big", "mid"]
     assert max(tighter.storage_per_rank) <= 1 * MB
@@ -313,8 +314,8 @@ def test_compress_to_budget_compresses_the_largest_table_first_at_the_highest_ra
 
 def test_compress_to_budget_impossible_budget_names_the_required_bytes():
     tables = [t for t in BUDGET_TABLES if t.name in ("big", "mid")]
-    with pytest.raises(ttplan.BudgetError) as info:
-        ttplan.compress_to_budget(tables, Topology(world_size=2, compute_device="cpu"), 10_000)
+    with pytest.raises(tt_budget.BudgetError) as info:
+        tt_budget.compress_to_budget(tables, Topology(world_size=2, compute_device="cpu"), 10_000)
     # both tables at TT rank 4, table_wise (the smallest option): 4 bytes per core parameter
     big, mid = _tt("big", 4).tt_shape(), _tt("mid", 4).tt_shape()
     required = 4 * sum(math.prod(c) for s in (big, mid) for c in s.core_shapes)
