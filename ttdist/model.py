@@ -18,6 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from ttdist.config import Config
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, tt_constraints
+from ttdist.distributed.shard_layout import COLUMN_WISE, ROW_WISE, TABLE_WISE
 from ttdist.modules.collection import MixedEmbeddingBagCollection, TTEmbeddingBagConfig
 
 
@@ -57,7 +58,7 @@ def plan_constraints(cfg: Config, device_type: str) -> dict[str, ParameterConstr
     sharded state that checkpoints reshard across world sizes. TorchRec's row-wise needs
     reduce-scatter, which gloo lacks, so dense tables are row-wise only on GPU."""
     forced = cfg.train.sharding_types
-    dense_types = ["table_wise", "column_wise"] + (["row_wise"] if device_type == "cuda" else [])
+    dense_types = [TABLE_WISE, COLUMN_WISE] + ([ROW_WISE] if device_type == "cuda" else [])
     constraints = tt_constraints({name: kind for name, kind in forced.items()})
     for config in table_configs(cfg):
         if not isinstance(config, TTEmbeddingBagConfig):
