@@ -229,11 +229,13 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         self._cores = nn.ParameterDict()
         self._states: dict[str, Tensor] = {}
         self._create_local_cores(module)
-        self._replicas = [core_key(t, k) for t, c in enumerate(self._configs)
-                          for k in replicated_cores(self._sharding_type[t], self._shapes[t].d)]
-        self._replica_keys = set(self._replicas)
-        self._replica_scale = {core_key(t, k): 1.0 / self._world if self._sharding_type[t] == DATA_PARALLEL else 1.0
-                               for t in range(len(self._configs)) for k in range(self._shapes[t].d)}
+        # replicated core -> factor of its gradient summed over ranks (data-parallel: the mean), in
+        # the same order on every rank (the order of the all-reduced vector)
+        self._replicas: dict[str, float] = {
+            core_key(t, k): 1.0 / self._world if self._sharding_type[t] == DATA_PARALLEL else 1.0
+            for t in range(len(self._configs)) for k in replicated_cores(self._sharding_type[t], self._shapes[t].d)}
+        # per feature, the rows an index may name (the host-side range check of CPU input)
+        self._feature_rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables])
         self._pending: dict[str, Tensor] = {}
         self._key_of = {id(p): k for k, p in self._cores.items()}
         codecs = pooled_codecs(qcomm_codecs_registry)
@@ -358,10 +360,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
             code, error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
         values = features.values() if error is None else None
         if values is not None and not values.is_cuda and values.numel():
-            rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables], dtype=values.dtype,
-                                device=values.device)
-            limits = rows.repeat_interleave(torch.tensor(features.length_per_key(), device=values.device),
-                                            output_size=values.numel())
+            lengths = torch.tensor(features.length_per_key(), device=values.device)
+            limits = self._feature_rows.to(values.device, values.dtype).repeat_interleave(lengths,
+                                                                                        output_size=values.numel())
             bad = (values < 0) | (values >= limits)
             if bool(bad.any()):
                 pos = int(torch.nonzero(bad)[0])
@@ -421,7 +422,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         lr = self._fused_optimizer.param_groups[0]["lr"]
         for core, grad in zip(cores, grads):
             key = self._key_of[id(core)]
-            if key in self._replica_keys:
+            if key in self._replicas:
                 self._pending[key] = self._pending[key] + grad if key in self._pending else grad
             else:
                 apply_update(core, self._states[key], grad, self._fused.optimizer.code, lr, self._fused.eps)
@@ -431,8 +432,8 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         """Sums the replicated cores' gradients over the ranks (data-parallel: averages) and applies them."""
         if not self._replicas:
             return
-        grads = [(self._pending.get(key, torch.zeros_like(self._cores[key])) * self._replica_scale[key]).reshape(-1)
-                 for key in self._replicas]
+        grads = [(self._pending.get(key, torch.zeros_like(self._cores[key])) * scale).reshape(-1)
+                 for key, scale in self._replicas.items()]
         self._pending.clear()
         flat = torch.cat(grads)
         if self._grad_pg is not None:
