@@ -32,20 +32,31 @@ namespace {
 
 LookupArgs make_args(at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
                      at::IntArrayRef pooling_modes, const std::optional<at::Tensor>& per_sample_weights,
-                     int64_t num_indices, at::OptionalIntArrayRef table_num_rows) {
+                     int64_t num_indices, at::OptionalIntArrayRef table_num_rows,
+                     const std::optional<at::Tensor>& prepared = std::nullopt) {
   if (per_sample_weights.has_value())
     TORCH_CHECK(per_sample_weights->numel() == num_indices, "ttdist: per_sample_weights has ",
                 per_sample_weights->numel(), " entries but there are ", num_indices, " indices");
   return LookupArgs{table_num_cores.vec(), feature_table_map.vec(), pooling_modes.vec(), per_sample_weights,
-                    table_num_rows.has_value() ? table_num_rows->vec() : std::vector<int64_t>{}};
+                    table_num_rows.has_value() ? table_num_rows->vec() : std::vector<int64_t>{}, prepared};
+}
+
+at::Tensor tt_prepare(at::TensorList cores, at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+                      at::IntArrayRef pooling_modes, const at::Tensor& indices, const at::Tensor& offsets,
+                      const std::optional<at::Tensor>& per_sample_weights, at::OptionalIntArrayRef table_num_rows) {
+  return tt_prepare_cpu(cores.vec(),
+                        make_args(table_num_cores, feature_table_map, pooling_modes, per_sample_weights, indices.numel(),
+                                  table_num_rows),
+                        indices, offsets);
 }
 
 at::Tensor tt_forward(at::TensorList cores, at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
                       at::IntArrayRef pooling_modes, const at::Tensor& indices, const at::Tensor& offsets,
-                      const std::optional<at::Tensor>& per_sample_weights, at::OptionalIntArrayRef table_num_rows) {
+                      const std::optional<at::Tensor>& per_sample_weights, at::OptionalIntArrayRef table_num_rows,
+                      const std::optional<at::Tensor>& prepared) {
   return tt_forward_cpu(cores.vec(),
                         make_args(table_num_cores, feature_table_map, pooling_modes, per_sample_weights, indices.numel(),
-                                  table_num_rows),
+                                  table_num_rows, prepared),
                         indices, offsets);
 }
 
@@ -53,10 +64,10 @@ std::vector<at::Tensor> tt_backward(const at::Tensor& grad_output, at::TensorLis
                                     at::IntArrayRef feature_table_map, at::IntArrayRef pooling_modes,
                                     const at::Tensor& indices, const at::Tensor& offsets,
                                     const std::optional<at::Tensor>& per_sample_weights,
-                                    at::OptionalIntArrayRef table_num_rows) {
+                                    at::OptionalIntArrayRef table_num_rows, const std::optional<at::Tensor>& prepared) {
   return tt_backward_cpu(grad_output, cores.vec(),
                          make_args(table_num_cores, feature_table_map, pooling_modes, per_sample_weights, indices.numel(),
-                                   table_num_rows),
+                                   table_num_rows, prepared),
                          indices, offsets);
 }
 
@@ -64,10 +75,11 @@ void tt_backward_fused_(const at::Tensor& grad_output, at::TensorList cores, at:
                         at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
                         at::IntArrayRef pooling_modes, const at::Tensor& indices, const at::Tensor& offsets,
                         const std::optional<at::Tensor>& per_sample_weights, int64_t optimizer, double learning_rate,
-                        double eps, at::OptionalIntArrayRef table_num_rows) {
+                        double eps, at::OptionalIntArrayRef table_num_rows,
+                        const std::optional<at::Tensor>& prepared) {
   tt_backward_fused_cpu(grad_output, cores.vec(), optimizer_states.vec(),
                         make_args(table_num_cores, feature_table_map, pooling_modes, per_sample_weights, indices.numel(),
-                                  table_num_rows),
+                                  table_num_rows, prepared),
                         indices, offsets, optimizer, learning_rate, eps);
 }
 
@@ -101,19 +113,27 @@ void check_errors(const c10::Device& device) {
 }
 
 TORCH_LIBRARY(ttdist, m) {
+  // The index plan of one batch: every index validated, positions grouped by table and unique
+  // row (CPU: sorted; CUDA: sorted on the device without a host wait). Passed as `prepared` to
+  // the three ops below with the same arguments, it spares them that work: autograd makes it
+  // once in forward and keeps it for backward. Opaque 1-D int64 tensor, layout per device; an op
+  // given one made for other indices, offsets or tables raises ValueError.
+  m.def("tt_prepare(Tensor[] cores, int[] table_num_cores, int[] feature_table_map, int[] pooling_modes, "
+        "Tensor indices, Tensor offsets, Tensor? per_sample_weights, int[]? table_num_rows=None) -> Tensor");
   // Pooled lookup of the rows `indices` of T TT tables; decompresses only those rows.
   m.def("tt_forward(Tensor[] cores, int[] table_num_cores, int[] feature_table_map, int[] pooling_modes, "
-        "Tensor indices, Tensor offsets, Tensor? per_sample_weights, int[]? table_num_rows=None) -> Tensor");
+        "Tensor indices, Tensor offsets, Tensor? per_sample_weights, int[]? table_num_rows=None, "
+        "Tensor? prepared=None) -> Tensor");
   // Dense gradient of every core given d(output); per_sample_weights are constants.
   m.def("tt_backward(Tensor grad_output, Tensor[] cores, int[] table_num_cores, int[] feature_table_map, "
         "int[] pooling_modes, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
-        "int[]? table_num_rows=None) -> Tensor[]");
+        "int[]? table_num_rows=None, Tensor? prepared=None) -> Tensor[]");
   // tt_backward followed by an exact optimizer step (0 SGD, 1 Adagrad, 2 row-wise Adagrad) on
   // every core slice the batch touched; duplicates are summed first. Updates cores and states.
   m.def("tt_backward_fused_(Tensor grad_output, Tensor(a!)[] cores, Tensor(b!)[] optimizer_states, "
         "int[] table_num_cores, int[] feature_table_map, int[] pooling_modes, Tensor indices, Tensor offsets, "
         "Tensor? per_sample_weights, int optimizer, float learning_rate, float eps, "
-        "int[]? table_num_rows=None) -> ()");
+        "int[]? table_num_rows=None, Tensor? prepared=None) -> ()");
   // The same optimizer step on rows `row_ids` (unique) of a 2-D weight, e.g. a row cache.
   m.def("sparse_row_update_(Tensor(a!) weight, Tensor(b!) optimizer_state, Tensor row_ids, Tensor row_grads, "
         "int optimizer, float learning_rate, float eps) -> ()");
@@ -125,6 +145,7 @@ TORCH_LIBRARY(ttdist, m) {
 }
 
 TORCH_LIBRARY_IMPL(ttdist, CPU, m) {
+  m.impl("tt_prepare", &tt_prepare);
   m.impl("tt_forward", &tt_forward);
   m.impl("tt_backward", &tt_backward);
   m.impl("tt_backward_fused_", &tt_backward_fused_);

@@ -83,9 +83,15 @@ def _table_dims(cores: Sequence[Tensor], table_num_cores: Sequence[int]) -> list
     return dims
 
 
+@torch.library.register_fake("ttdist::tt_prepare")
+def _tt_prepare_fake(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, per_sample_weights,
+                     table_num_rows=None):
+    return indices.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
 @torch.library.register_fake("ttdist::tt_forward")
 def _tt_forward_fake(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, per_sample_weights,
-                     table_num_rows=None):
+                     table_num_rows=None, prepared=None):
     dims = _table_dims(cores, table_num_cores)
     batch = (offsets.shape[0] - 1) // len(feature_table_map)
     return cores[0].new_empty((batch, sum(dims[t] for t in feature_table_map)))
@@ -133,34 +139,36 @@ class _TTLookup(torch.autograd.Function):
     With ``fused`` set, backward updates the cores in place and returns no core gradient; the
     cores are then read at backward time (not saved), as FBTT and fbgemm's fused TBE do, and
     ``anchor`` (a 0-element tensor requiring grad) makes autograd call backward at all.
+    The batch's index plan (``tt_prepare``: indices validated, sorted, grouped by unique row) is
+    made once here and kept for backward, which then neither re-sorts nor re-validates.
     """
 
     @staticmethod
     def forward(ctx, spec: LookupSpec, fused: Optional[FusedUpdate], indices, offsets, per_sample_weights, anchor, *cores):
         ctx.spec, ctx.fused = spec, fused
+        args = (spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets, per_sample_weights,
+                spec.num_rows)
+        prepared = torch.ops.ttdist.tt_prepare(list(cores), *args)
         if fused is None:
-            ctx.save_for_backward(indices, offsets, per_sample_weights, *cores)
+            ctx.save_for_backward(indices, offsets, per_sample_weights, prepared, *cores)
         else:
-            ctx.inputs, ctx.cores = (indices, offsets, per_sample_weights), cores
-        return torch.ops.ttdist.tt_forward(
-            list(cores), spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets,
-            per_sample_weights, spec.num_rows,
-        )
+            ctx.inputs, ctx.cores = (indices, offsets, per_sample_weights, prepared), cores
+        return torch.ops.ttdist.tt_forward(list(cores), *args, prepared)
 
     @staticmethod
     def backward(ctx, grad_output):
         spec, fused = ctx.spec, ctx.fused
         grad_output = grad_output.contiguous()
         if fused is None:
-            indices, offsets, per_sample_weights, *cores = ctx.saved_tensors
+            indices, offsets, per_sample_weights, prepared, *cores = ctx.saved_tensors
             grad_weights = (_per_sample_weight_grad(grad_output, cores, spec, indices, offsets)
                             if ctx.needs_input_grad[4] else None)
             grads = torch.ops.ttdist.tt_backward(
                 grad_output, cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
-                indices, offsets, per_sample_weights, spec.num_rows,
+                indices, offsets, per_sample_weights, spec.num_rows, prepared,
             )
             return (None,) * 4 + (grad_weights, None) + tuple(grads)
-        indices, offsets, per_sample_weights = ctx.inputs
+        indices, offsets, per_sample_weights, prepared = ctx.inputs
         # before the cores move: the weights' gradient is taken at the cores the forward used
         grad_weights = (_per_sample_weight_grad(grad_output, list(ctx.cores), spec, indices, offsets)
                         if ctx.needs_input_grad[4] else None)
@@ -168,14 +176,14 @@ class _TTLookup(torch.autograd.Function):
         if fused.grad_hook is not None:
             grads = torch.ops.ttdist.tt_backward(
                 grad_output, list(ctx.cores), spec.table_num_cores, spec.feature_table_map, spec.pooling_modes,
-                indices, offsets, per_sample_weights, spec.num_rows,
+                indices, offsets, per_sample_weights, spec.num_rows, prepared,
             )
             fused.grad_hook(ctx.cores, grads)
             return (None,) * 4 + (grad_weights,) + none_after
         torch.ops.ttdist.tt_backward_fused_(
             grad_output, list(ctx.cores), list(fused.states), spec.table_num_cores, spec.feature_table_map,
             spec.pooling_modes, indices, offsets, per_sample_weights, fused.optimizer, fused.learning_rate, fused.eps,
-            spec.num_rows,
+            spec.num_rows, prepared,
         )
         return (None,) * 4 + (grad_weights,) + none_after
 

@@ -131,12 +131,14 @@ TableShape table_shape(const std::vector<Tensor>& cores, int64_t begin, int64_t 
   return s;
 }
 
-// The looked-up positions of all features that read one table, grouped by unique row.
+// The looked-up positions of all features that read one table, grouped by unique row (views
+// into the call's index plan, see IndexPlan below).
 struct TableBatch {
-  std::vector<int64_t> rows;        // sorted unique rows, U entries
-  std::vector<int64_t> group;       // U + 1 offsets into `order`
-  std::vector<int64_t> order;       // positions sorted by row
-  std::vector<int64_t> unique_of;   // unique_of[position] = u (only for this table's positions)
+  const int64_t* rows = nullptr;   // sorted unique rows, U entries
+  int64_t U = 0;
+  const int64_t* group = nullptr;  // U + 1 offsets into `order`
+  const int64_t* order = nullptr;  // the table's positions, sorted by (row, position)
+  bool empty() const { return U == 0; }
 };
 
 // Per-position pooling factor: per-sample weight times 1/len for mean bags.
@@ -158,31 +160,6 @@ std::vector<acc_t> position_scales(const LookupArgs& a, const int64_t* offsets, 
     }
   });
   return scale;
-}
-
-TableBatch gather_table(const LookupArgs& a, int64_t t, const TableShape& shape, const int64_t* idx,
-                        const int64_t* offsets, int64_t B, std::vector<int64_t>& unique_of) {
-  TableBatch tb;
-  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
-  for (int64_t f = 0; f < F; ++f) {
-    if (a.feature_table_map[f] != t) continue;
-    for (int64_t j = offsets[f * B]; j < offsets[(f + 1) * B]; ++j) {
-      TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < shape.valid_rows, "ttdist: index ", idx[j], " at position ", j,
-                        " of feature ", f, " (table ", t, ") is out of range [0, ", shape.valid_rows, ")");
-      tb.order.push_back(j);
-    }
-  }
-  std::stable_sort(tb.order.begin(), tb.order.end(), [&](int64_t x, int64_t y) { return idx[x] < idx[y]; });
-  for (size_t n = 0; n < tb.order.size(); ++n) {
-    const int64_t row = idx[tb.order[n]];
-    if (tb.rows.empty() || tb.rows.back() != row) {
-      tb.rows.push_back(row);
-      tb.group.push_back(static_cast<int64_t>(n));
-    }
-    unique_of[tb.order[n]] = static_cast<int64_t>(tb.rows.size()) - 1;
-  }
-  tb.group.push_back(static_cast<int64_t>(tb.order.size()));
-  return tb;
 }
 
 // Splits [0, U) into contiguous chunks, one per task, so each chunk walks its own trie.
@@ -224,7 +201,7 @@ template <typename scalar_t>
 void forward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
                    at::opmath_type<scalar_t>* rows_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t U = static_cast<int64_t>(tb.rows.size());
+  const int64_t U = tb.U;
   const auto bounds = chunk_bounds(U, 16);
   at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -246,7 +223,7 @@ template <typename scalar_t>
 void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
                     const at::opmath_type<scalar_t>* grad_rows, const std::vector<at::opmath_type<scalar_t>*>& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t U = static_cast<int64_t>(tb.rows.size());
+  const int64_t U = tb.U;
   if (s.d == 1) {  // one core: row i is the slice i itself (r_0 = r_1 = 1), its gradient the row's
     at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {  // rows are unique: no two tasks write one slice
@@ -324,18 +301,33 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
   });
 }
 
+// The index plan of one call: what tt_prepare computes once per batch and the three lookup ops
+// reuse (autograd keeps it from forward to backward). One int64 tensor:
+//   [0, kPlanHeader)   magic, N, F, B, T, hash of (indices, offsets, feature_table_map, rows per table)
+//   [.., + 2T)         per table: U_t (unique rows), M_t (positions)
+//   per table t:       rows [U_t] (sorted unique), group [U_t + 1] (offsets into order), order [M_t]
+//   bag_of [N]         feature * B + bag of every position
+//   unique_of [N]      the position's row, as an index into its table's `rows`
+// An op given a plan recomputes the header from its own arguments (O(N)) and raises ValueError
+// on any difference, so a plan made for other indices is never read.
+constexpr int64_t kPlanMagic = 0x7474706c616e3031;  // "ttplan01"
+constexpr int64_t kPlanHeader = 6;
+
 // Everything one call needs about its tables and positions.
 struct Prepared {
-  int64_t B = 0;
+  int64_t B = 0, N = 0;
   std::vector<TableShape> shapes;
   std::vector<int64_t> core_begin;
   std::vector<int64_t> col_offset;  // per feature, in the (B, sum D) output
   int64_t total_dim = 0;
+  Tensor plan;                      // the index plan the views below read
   std::vector<TableBatch> batches;
-  std::vector<int64_t> unique_of;
+  const int64_t* bag_of = nullptr;
+  const int64_t* unique_of = nullptr;
 };
 
-Prepared prepare(const std::vector<Tensor>& cores, const LookupArgs& a, const Tensor& indices, const Tensor& offsets) {
+// Shapes, table/feature maps and offsets checked; no per-index work.
+Prepared describe(const std::vector<Tensor>& cores, const LookupArgs& a, const Tensor& indices, const Tensor& offsets) {
   Prepared pr;
   const int64_t T = static_cast<int64_t>(a.table_num_cores.size());
   const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
@@ -345,6 +337,7 @@ Prepared prepare(const std::vector<Tensor>& cores, const LookupArgs& a, const Te
   TORCH_CHECK_VALUE((offsets.numel() - 1) % F == 0 && offsets.numel() >= 1,
               "ttdist: offsets must have F * B + 1 entries, got ", offsets.numel(), " for F = ", F);
   pr.B = (offsets.numel() - 1) / F;
+  pr.N = indices.numel();
   // The core counts first: table_shape reads cores[begin .. begin + d).
   const int64_t C = static_cast<int64_t>(cores.size());
   int64_t begin = 0;
@@ -381,9 +374,131 @@ Prepared prepare(const std::vector<Tensor>& cores, const LookupArgs& a, const Te
   for (int64_t x = 0; offsets_ok && x + 1 < offsets.numel(); ++x) offsets_ok = off[x] <= off[x + 1];
   TORCH_CHECK_VALUE(offsets_ok, "ttdist: offsets must start at 0, be non-decreasing and end at the number of indices (",
                     indices.numel(), ")");
-  pr.unique_of.assign(indices.numel(), -1);
-  for (int64_t t = 0; t < T; ++t)
-    pr.batches.push_back(gather_table(a, t, pr.shapes[t], indices.data_ptr<int64_t>(), off, pr.B, pr.unique_of));
+  return pr;
+}
+
+// The header of the index plan this call needs (see IndexPlan above).
+std::vector<int64_t> plan_header(const Prepared& pr, const LookupArgs& a, const Tensor& indices, const Tensor& offsets) {
+  uint64_t h = 0x243f6a8885a308d3ull;
+  auto mix = [&h](const int64_t* v, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) h = (h ^ static_cast<uint64_t>(v[i])) * 0x100000001b3ull + static_cast<uint64_t>(i);
+  };
+  mix(indices.data_ptr<int64_t>(), indices.numel());
+  mix(offsets.data_ptr<int64_t>(), offsets.numel());
+  mix(a.feature_table_map.data(), static_cast<int64_t>(a.feature_table_map.size()));
+  for (const TableShape& s : pr.shapes) mix(&s.valid_rows, 1);
+  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+  return {kPlanMagic, pr.N, F, pr.B, static_cast<int64_t>(pr.shapes.size()), static_cast<int64_t>(h)};
+}
+
+// Points pr.batches, bag_of and unique_of into `plan` (whose header was checked).
+void attach_plan(Prepared& pr, Tensor plan) {
+  const int64_t T = static_cast<int64_t>(pr.shapes.size());
+  const int64_t* base = plan.data_ptr<int64_t>();
+  const int64_t* sizes = base + kPlanHeader;
+  int64_t at = kPlanHeader + 2 * T;
+  pr.batches.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t U = sizes[2 * t], M = sizes[2 * t + 1];
+    TORCH_CHECK_VALUE(U >= 0 && M >= U && M <= pr.N, "ttdist: `prepared` is not an index plan of this call (table ", t,
+                      ": ", U, " unique rows of ", M, " positions)");
+    TableBatch tb;
+    tb.U = U;
+    tb.rows = base + at;
+    tb.group = tb.rows + U;
+    tb.order = tb.group + U + 1;
+    at += 2 * U + 1 + M;
+    pr.batches.push_back(tb);
+  }
+  pr.bag_of = base + at;
+  pr.unique_of = pr.bag_of + pr.N;
+  TORCH_CHECK_VALUE(at + 2 * pr.N == plan.numel(), "ttdist: `prepared` has ", plan.numel(),
+                    " entries, but this call's index plan has ", at + 2 * pr.N);
+  pr.plan = std::move(plan);
+}
+
+// Validates every index and builds the call's index plan.
+Tensor build_plan(const Prepared& pr, const LookupArgs& a, const Tensor& indices, const Tensor& offsets,
+                  const std::vector<int64_t>& header) {
+  const int64_t T = static_cast<int64_t>(pr.shapes.size());
+  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  // Bounds first, in position order, so the error names the first bad index.
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t t = a.feature_table_map[f];
+    for (int64_t j = off[f * pr.B]; j < off[(f + 1) * pr.B]; ++j)
+      TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < pr.shapes[t].valid_rows, "ttdist: index ", idx[j], " at position ", j,
+                        " of feature ", f, " (table ", t, ") is out of range [0, ", pr.shapes[t].valid_rows, ")");
+  }
+  // (row, position) pairs of each table, sorted: unique rows and their positions in one pass.
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> pairs(T);
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      auto& pt = pairs[t];
+      for (int64_t f = 0; f < F; ++f)
+        if (a.feature_table_map[f] == t)
+          for (int64_t j = off[f * pr.B]; j < off[(f + 1) * pr.B]; ++j) pt.emplace_back(idx[j], j);
+      std::sort(pt.begin(), pt.end());
+    }
+  });
+  std::vector<int64_t> unique_count(T, 0);
+  int64_t total = kPlanHeader + 2 * T + 2 * pr.N;
+  for (int64_t t = 0; t < T; ++t) {
+    const auto& pt = pairs[t];
+    for (size_t n = 0; n < pt.size(); ++n) unique_count[t] += (n == 0 || pt[n].first != pt[n - 1].first);
+    total += 2 * unique_count[t] + 1 + static_cast<int64_t>(pt.size());
+  }
+  Tensor plan = at::empty({total}, at::TensorOptions().dtype(at::kLong));
+  int64_t* base = plan.data_ptr<int64_t>();
+  std::copy(header.begin(), header.end(), base);
+  int64_t* tables = base + kPlanHeader + 2 * T;
+  int64_t* unique_of = base + total - pr.N;
+  for (int64_t t = 0; t < T; ++t) {
+    const auto& pt = pairs[t];
+    const int64_t U = unique_count[t], M = static_cast<int64_t>(pt.size());
+    base[kPlanHeader + 2 * t] = U;
+    base[kPlanHeader + 2 * t + 1] = M;
+    int64_t *rows = tables, *group = rows + U, *order = group + U + 1;
+    int64_t u = -1;
+    for (int64_t n = 0; n < M; ++n) {
+      if (n == 0 || pt[n].first != pt[n - 1].first) {
+        rows[++u] = pt[n].first;
+        group[u] = n;
+      }
+      order[n] = pt[n].second;
+      unique_of[pt[n].second] = u;
+    }
+    group[U] = M;
+    tables = order + M;
+  }
+  int64_t* bag_of = tables;
+  at::parallel_for(0, F * pr.B, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t fb = b0; fb < b1; ++fb)
+      for (int64_t j = off[fb]; j < off[fb + 1]; ++j) bag_of[j] = fb;
+  });
+  return plan;
+}
+
+// Checks and describes one call; reuses `given` (an index plan from tt_prepare) or builds one.
+Prepared prepare(const std::vector<Tensor>& cores, const LookupArgs& a, const Tensor& indices, const Tensor& offsets,
+                 const std::optional<Tensor>& given) {
+  Prepared pr = describe(cores, a, indices, offsets);
+  const std::vector<int64_t> header = plan_header(pr, a, indices, offsets);
+  if (!given.has_value()) {
+    attach_plan(pr, build_plan(pr, a, indices, offsets, header));
+    return pr;
+  }
+  const Tensor& plan = *given;
+  TORCH_CHECK_VALUE(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 1 &&
+                        plan.is_contiguous() && plan.numel() >= kPlanHeader + 2 * static_cast<int64_t>(pr.shapes.size()),
+                    "ttdist: `prepared` must be what ttdist::tt_prepare returned on the CPU (a 1-D int64 tensor), got ",
+                    plan.scalar_type(), " ", plan.sizes(), " on ", plan.device());
+  TORCH_CHECK_VALUE(std::equal(header.begin(), header.end(), plan.data_ptr<int64_t>()),
+                    "ttdist: `prepared` was made by tt_prepare for other indices, offsets or tables than this call's (",
+                    pr.N, " indices, ", a.feature_table_map.size(), " features, ", pr.B,
+                    " bags each); call tt_prepare with this call's arguments");
+  attach_plan(pr, plan);
   return pr;
 }
 
@@ -396,21 +511,19 @@ std::vector<const scalar_t*> table_core_ptrs(const std::vector<Tensor>& cores, c
 
 // Gradient of each unique row of table t: sum over its positions of scale * grad_output[bag, cols].
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> row_gradients(const LookupArgs& a, const Prepared& pr, int64_t t, const Tensor& grad_output,
-                                 const int64_t* off, const std::vector<acc_t>& scale) {
+std::vector<acc_t> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
+                                 const std::vector<acc_t>& scale) {
   const TableBatch& tb = pr.batches[t];
-  const int64_t D = pr.shapes[t].dim, U = static_cast<int64_t>(tb.rows.size());
-  const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+  const int64_t D = pr.shapes[t].dim, U = tb.U;
   std::vector<acc_t> grad(U * D, acc_t(0));
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t ld = grad_output.size(1);
-  // position -> (feature, bag) via binary search in offsets.
   at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       acc_t* g = grad.data() + u * D;
       for (int64_t n = tb.group[u]; n < tb.group[u + 1]; ++n) {
         const int64_t j = tb.order[n];
-        const int64_t fb = std::upper_bound(off, off + F * pr.B + 1, j) - off - 1;
+        const int64_t fb = pr.bag_of[j];
         const scalar_t* src = go + (fb % pr.B) * ld + pr.col_offset[fb / pr.B];
         for (int64_t e = 0; e < D; ++e) g[e] += scale[j] * static_cast<acc_t>(src[e]);
       }
@@ -461,14 +574,14 @@ void check_optimizer_state(const Tensor& weight, const Tensor& state, int64_t ro
 
 // Shared by tt_backward and tt_backward_fused_: for each table t with looked-up rows,
 // `buffers(t)` returns d_t zeroed acc_t buffers (dense core gradients, filled here), then
-// `consume(t, unique rows of table t, shape, first core)` is called.
+// `consume(t, the table's batch (its unique rows), shape, first core)` is called.
 template <typename scalar_t, typename Buffers, typename Consume>
 void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores, const LookupArgs& a,
                      const Tensor& indices_in, const Tensor& offsets_in, Buffers buffers, Consume consume) {
   using acc_t = at::opmath_type<scalar_t>;
   const Tensor indices = indices_in.to(at::kLong).contiguous();
   const Tensor offsets = offsets_in.to(at::kLong).contiguous();
-  Prepared pr = prepare(cores, a, indices, offsets);
+  Prepared pr = prepare(cores, a, indices, offsets, a.prepared);
   TORCH_CHECK(grad_output.scalar_type() == cores[0].scalar_type(), "ttdist: grad_output must have the cores' dtype ",
               cores[0].scalar_type(), ", got ", grad_output.scalar_type());
   const Tensor go = grad_output.contiguous();
@@ -476,21 +589,29 @@ void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores
               pr.B, ", ", pr.total_dim, "), got ", go.sizes());
   const auto scale = position_scales<acc_t>(a, offsets.data_ptr<int64_t>(), pr.B, indices);
   for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
-    if (pr.batches[t].rows.empty()) continue;
-    const auto grad_rows = row_gradients<acc_t, scalar_t>(a, pr, t, go, offsets.data_ptr<int64_t>(), scale);
+    if (pr.batches[t].empty()) continue;
+    const auto grad_rows = row_gradients<acc_t, scalar_t>(pr, t, go, scale);
     const std::vector<acc_t*> out = buffers(t, pr.shapes[t], pr.core_begin[t]);
     backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.data(), out);
-    consume(t, pr.batches[t].rows, pr.shapes[t], pr.core_begin[t]);
+    consume(t, pr.batches[t], pr.shapes[t], pr.core_begin[t]);
   }
 }
 
 }  // namespace
 
+Tensor tt_prepare_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, const Tensor& indices_in,
+                      const Tensor& offsets_in) {
+  TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
+  const Tensor indices = indices_in.to(at::kLong).contiguous();
+  const Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  return prepare(cores, a, indices, offsets, std::nullopt).plan;
+}
+
 Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, const Tensor& indices_in, const Tensor& offsets_in) {
   TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
   const Tensor indices = indices_in.to(at::kLong).contiguous();
   const Tensor offsets = offsets_in.to(at::kLong).contiguous();
-  Prepared pr = prepare(cores, a, indices, offsets);
+  Prepared pr = prepare(cores, a, indices, offsets, a.prepared);
   Tensor out = at::zeros({pr.B, pr.total_dim}, cores[0].options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores[0].scalar_type(), "tt_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -501,7 +622,7 @@ Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, con
     for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
       const TableBatch& tb = pr.batches[t];
       const int64_t D = pr.shapes[t].dim;
-      std::vector<acc_t> rows(tb.rows.size() * D);
+      std::vector<acc_t> rows(tb.U * D);
       forward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), tb, rows.data());
       for (int64_t f = 0; f < F; ++f) {
         if (a.feature_table_map[f] != t) continue;
@@ -546,7 +667,7 @@ std::vector<Tensor> tt_backward_cpu(const Tensor& grad_output, const std::vector
           }
           return bufs;
         },
-        [&](int64_t, const std::vector<int64_t>&, const TableShape& s, int64_t begin) {
+        [&](int64_t, const TableBatch&, const TableShape& s, int64_t begin) {
           if constexpr (!std::is_same_v<acc_t, scalar_t>) {
             for (int64_t k = 0; k < s.d; ++k) {
               Tensor g = at::from_blob(staging[k].data(), out[begin + k].sizes(),
@@ -582,12 +703,11 @@ void tt_backward_fused_cpu(const Tensor& grad_output, const std::vector<Tensor>&
           }
           return bufs;
         },
-        [&](int64_t, const std::vector<int64_t>& rows, const TableShape& s, int64_t begin) {
-          if (rows.empty()) return;
+        [&](int64_t, const TableBatch& tb, const TableShape& s, int64_t begin) {
           for (int64_t k = 0; k < s.d; ++k) {
             // The slices of core k that this batch touched: every distinct digit i_k.
             std::vector<int64_t> ids;
-            for (int64_t row : rows) ids.push_back(s.digit(row, k));
+            for (int64_t u = 0; u < tb.U; ++u) ids.push_back(s.digit(tb.rows[u], k));
             std::sort(ids.begin(), ids.end());
             ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
             const acc_t* g = grads[k].data();

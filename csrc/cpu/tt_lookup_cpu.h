@@ -24,7 +24,13 @@ struct LookupArgs {
   std::vector<int64_t> pooling_modes;      // F entries: kPoolingSum | kPoolingMean
   std::optional<at::Tensor> per_sample_weights;
   std::vector<int64_t> table_num_rows;  // T entries: rows an index may name (<= prod p), or empty: prod p
+  std::optional<at::Tensor> prepared;   // tt_prepare's index plan for these indices, or none: built per call
 };
+
+// The index plan of one batch (validated indices grouped by table and unique row), for the ops'
+// `prepared` argument.
+at::Tensor tt_prepare_cpu(const std::vector<at::Tensor>& cores, const LookupArgs& args, const at::Tensor& indices,
+                          const at::Tensor& offsets);
 
 at::Tensor tt_forward_cpu(const std::vector<at::Tensor>& cores, const LookupArgs& args, const at::Tensor& indices,
                           const at::Tensor& offsets);
