@@ -144,9 +144,17 @@ def plan_summary(plan) -> dict:
 
 
 # ----------------------------------------------------------------------------- rank functions
+def use_fixed_calibration() -> None:
+    """The TT cost model of tests/distributed/test_tt_costs.py, so that no rank times the kernel."""
+    from tests.distributed.test_tt_costs import CALIBRATION
+    from ttdist.distributed.tt_costs import set_calibration
+    set_calibration(CALIBRATION)
+
+
 def dmp_without_plan(rank: int, world_size: int, optimizer: str) -> dict:
     """DistributedModelParallel over DLRM(TTEmbeddingBagCollection) with no plan=."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
+    use_fixed_calibration()
     model = dlrm_over_tt()
     with ChargedStorage() as charged:  # only rank 0 plans (collective_plan broadcasts)
         dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=sharders(optimizer))
@@ -172,6 +180,7 @@ def dense_alone_then_mixed(rank: int, world_size: int) -> dict:
     torchrec_estimates = search_space_estimates(EmbeddingBagCollection(dense_configs(), device=torch.device("meta")),
                                                 [EmbeddingBagCollectionSharder()], world_size)
     module_sharders = sharders()
+    use_fixed_calibration()
     with ChargedStorage() as charged:
         dmp = DistributedModelParallel(mixed(), device=torch.device("cpu"), sharders=module_sharders)
     return {"alone": plan_summary(alone.plan), "torchrec_estimates": torchrec_estimates,

@@ -15,22 +15,33 @@ import pytest
 import torch
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import shard_estimators
-from torchrec.distributed.planner.constants import DDR_MEM_BW, DEFAULT_PERF_ESTIMATOR, HBM_MEM_BW
+from torchrec.distributed.planner import enumerators
+from torchrec.distributed.planner.constants import DEFAULT_PERF_ESTIMATOR
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorConfig, EmbeddingPerfEstimatorFactory
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from tests.distributed import default_planner_workers as w
 from tests.distributed.harness import run_ranks
-from ttdist.distributed import (TT_COMPUTE_KERNEL, DefaultPlannerStorageEstimator, TTKernelPerfEstimatorConfig,
+from tests.distributed.test_tt_costs import MODEL
+from ttdist.distributed import (TT_COMPUTE_KERNEL, DefaultPlannerPerfEstimator, DefaultPlannerStorageEstimator,
                                 install_default_planner_support)
-from ttdist.distributed.planner import TT_KERNEL_BW_FRACTION, tt_shard_bytes
+from ttdist.distributed.planner import DefaultPlannerPerfEstimatorFactory, TTPerfEstimator, tt_shard_bytes
 from ttdist.distributed.shard_layout import table_shards
+from ttdist.distributed.tt_costs import set_calibration
 from ttdist.modules.optim import OptimType
 
 logging.getLogger("torchrec").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", module="torchrec")
 OPTIMIZERS = ["exact_sgd", "exact_adagrad", "exact_row_wise_adagrad"]
+
+
+@pytest.fixture(autouse=True)
+def fixed_calibration():
+    """The default planner's TT cost model: test_tt_costs's calibration, no timing."""
+    set_calibration(MODEL.calibration)
+    yield
+    set_calibration(None, "cpu")
 
 
 def assert_tt_charged_real_bytes(module, charged: dict, world_size: int, optimizer: str) -> int:
@@ -107,31 +118,33 @@ def test_mixed_model_at_one_rank_plans_dense_tables_as_torchrec_alone():
     assert {ps.compute_kernel for ps in plan.plan["tt"].values()} == {TT_COMPUTE_KERNEL}
 
 
-def test_registered_perf_config_differs_from_torchrec_only_for_the_tt_kernel():
-    topology = w.dmp_topology(1)
-    config = EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR, topology=topology).config
-    assert type(config) is TTKernelPerfEstimatorConfig
-    torchrec = EmbeddingPerfEstimatorConfig()
-    bws = (topology.hbm_mem_bw, topology.ddr_mem_bw, topology.ssd_mem_bw, topology.hbm_to_ddr_mem_bw)
-    for device, kernels in {"cpu": ["dense", "fused", "quant"], "cuda": ["dense", "fused", "fused_uvm_caching"]}.items():
-        for kernel in kernels:
-            assert config.get_device_bw(device, kernel, *bws) == torchrec.get_device_bw(device, kernel, *bws)
-    with pytest.raises(ValueError, match="customized_kernel"):
-        torchrec.get_device_bw("cpu", TT_COMPUTE_KERNEL, *bws)
-    assert config.get_device_bw("cpu", TT_COMPUTE_KERNEL, *bws) == DDR_MEM_BW * TT_KERNEL_BW_FRACTION
-    assert config.get_device_bw("cuda", TT_COMPUTE_KERNEL, *bws) == HBM_MEM_BW * TT_KERNEL_BW_FRACTION
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_default_planner_costs_tt_options_as_make_planner(world_size):
+    """Every TT option of DMP's search space has exactly the perf of make_planner's TTPerfEstimator
+    with the same cost model (compute from tt_costs, comms from the topology's bandwidths)."""
+    module = w.tt_collection("meta")
+    default = w.search_space_estimates(module, w.sharders(), world_size)
+    ours = w.search_space_estimates(module, w.sharders(), world_size,
+                                    [TTPerfEstimator(w.dmp_topology(world_size), cost_model=MODEL)])
+    assert {st for (_, st, _) in default} == {"table_wise", "row_wise", "column_wise", "data_parallel"}
+    for key, shards in default.items():
+        assert [perf for _, _, perf, _ in shards] == [perf for _, _, perf, _ in ours[key]], key
+        assert all(perf.total > 0 for _, _, perf, _ in shards)
 
 
-def test_install_is_idempotent_and_only_swaps_the_default_storage_estimator():
-    from torchrec.distributed.planner import enumerators
+def test_install_is_idempotent_and_only_swaps_the_enumerators_names():
     install_default_planner_support()
     install_default_planner_support()
     assert enumerators.EmbeddingStorageEstimator is DefaultPlannerStorageEstimator
+    assert enumerators.EmbeddingPerfEstimatorFactory is DefaultPlannerPerfEstimatorFactory
     assert issubclass(DefaultPlannerStorageEstimator, shard_estimators.EmbeddingStorageEstimator)
     assert shard_estimators.EmbeddingStorageEstimator is not DefaultPlannerStorageEstimator  # TorchRec's class intact
+    # TorchRec's registry untouched: its factory still creates its own default config
+    torchrec = EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR, topology=w.dmp_topology(1))
+    assert type(torchrec.config) is EmbeddingPerfEstimatorConfig and type(torchrec) is not DefaultPlannerPerfEstimator
     estimators = EmbeddingEnumerator(topology=w.dmp_topology(2), batch_size=8)._estimators
-    assert [type(e) for e in estimators][1] is DefaultPlannerStorageEstimator
-    assert type(estimators[0].config) is TTKernelPerfEstimatorConfig
+    assert [type(e) for e in estimators] == [DefaultPlannerPerfEstimator, DefaultPlannerStorageEstimator]
+    assert type(estimators[0].config) is EmbeddingPerfEstimatorConfig
 
 
 # ------------------------------------------------------------------ DMP itself, spawned gloo ranks

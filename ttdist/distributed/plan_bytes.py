@@ -14,7 +14,8 @@ from torchrec.distributed.types import ParameterSharding, ShardingPlan
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 
 from ttdist.distributed.planner import tt_shard_bytes
-from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, table_shards
+from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, ROW_WISE, table_shards
+from ttdist.distributed.tt_costs import TTCostModel, shard_ids
 from ttdist.modules.collection import AnyTableConfig, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
 from ttdist.plan import TableSpec, shard_rects, table_spec
@@ -97,6 +98,49 @@ def plan_bytes_per_rank(plan: ShardingPlan, tables: TableSpec, world_size: int,
     return out
 
 
+# ------------------------------------------------------------------------------ lookups per rank
+def _tt_table_shards(cfg: TTEmbeddingBagConfig, ps: ParameterSharding, world_size: int):
+    rects = shard_rects(ps)
+    return table_shards(cfg.name, cfg.tt_shape(), ps.sharding_type, list(ps.ranks or []), world_size,
+                        [r for _, _, r in rects] if ps.sharding_type == COLUMN_WISE else None)
+
+
+def lookup_load_per_rank(plan: ShardingPlan, tables: TableSpec, world_size: int, batch_per_rank: int,
+                         cost_model: Optional[TTCostModel] = None, pooling: float = 1.0
+                         ) -> dict[str, list[float]]:
+    """What each rank looks up per step: ``{"tt_ids", "dense_ids"[, "tt_ms"]}``, one value per rank.
+
+    Ids per shard as ``TTCostModel.shard_costs`` counts them (``pooling`` ids per sample and
+    feature; B L data-parallel, W B L table-/column-wise, W B L rows_r / N row-wise), for TT
+    and plain tables alike; ``tt_ms``: the model's TT forward + backward + replica update per rank.
+    """
+    configs = _configs_by_module(tables)
+    out = {"tt_ids": [0.0] * world_size, "dense_ids": [0.0] * world_size}
+    if cost_model is not None:
+        out["tt_ms"] = [0.0] * world_size
+    for module_path, module_plan in plan.plan.items():
+        for name, ps in module_plan.items():
+            cfg = _lookup(configs, module_path, name)
+            local_ids = batch_per_rank * pooling * len(cfg.feature_names)
+            if isinstance(cfg, TTEmbeddingBagConfig):
+                shape, shards = cfg.tt_shape(), _tt_table_shards(cfg, ps, world_size)
+                per_sample = pooling * len(cfg.feature_names)
+                for shard, ids in zip(shards, shard_ids(shape, ps.sharding_type, shards, batch_per_rank, per_sample,
+                                                        world_size)):
+                    out["tt_ids"][shard.rank] += ids
+                if cost_model is not None:
+                    for cost in cost_model.shard_costs(shape, ps.sharding_type, shards, batch_per_rank, per_sample,
+                                                       world_size):
+                        out["tt_ms"][cost.rank] += 1e3 * (cost.fwd_seconds + cost.bwd_seconds + cost.update_seconds)
+            elif ps.sharding_type == DATA_PARALLEL:
+                out["dense_ids"] = [n + local_ids for n in out["dense_ids"]]
+            else:
+                for _, size, rank in shard_rects(ps):
+                    share = size[0] / cfg.num_embeddings if ps.sharding_type == ROW_WISE else 1.0
+                    out["dense_ids"][rank] += world_size * local_ids * share
+    return out
+
+
 def _ranks_text(ranks: Sequence[int]) -> str:
     ranks = list(ranks)
     if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[0] + len(ranks))):
@@ -105,14 +149,16 @@ def _ranks_text(ranks: Sequence[int]) -> str:
 
 
 def format_plan(plan: ShardingPlan, tables: TableSpec, topology: Union[Topology, int],
-                optimizer: OptimType = OptimType.EXACT_SGD) -> str:
+                optimizer: OptimType = OptimType.EXACT_SGD, batch_per_rank: Optional[int] = None,
+                cost_model: Optional[TTCostModel] = None) -> str:
     """A readable table of ``plan``: one line per table, then the total per rank.
 
     Columns: module, table, rows, dim, TT ranks (or 'dense'), sharding type, kernel, ranks, and
     the bytes each rank holds of the table — for TT tables the real cores (``tt_bytes_per_rank``;
     plus optimizer state when ``optimizer`` keeps one), for plain tables the weights.
     ``tables``: the model or its configs (as for ``load_plan``); ``topology``: a Topology or the
-    world size.
+    world size. With ``batch_per_rank``, also the lookup load per rank (``lookup_load_per_rank``,
+    one id per sample and feature; TT time when ``cost_model`` is given).
     """
     world = topology if isinstance(topology, int) else topology.world_size
     configs = _configs_by_module(tables)
@@ -140,5 +186,14 @@ def format_plan(plan: ShardingPlan, tables: TableSpec, topology: Union[Topology,
 
     rule = "  ".join("-" * w for w in widths)
     what = "TT: cores" + (" + optimizer state" if optimizer.code else "") + "; dense: weights"
+    load = []
+    if batch_per_rank is not None:
+        per_rank = lookup_load_per_rank(plan, tables, world, batch_per_rank, cost_model)
+        names = {"tt_ids": "TT ids / step", "dense_ids": "dense ids / step", "tt_ms": "TT lookup ms (model)"}
+        load = [line([names[key], "", "", "", "", "", "", ""] + [f"{v:,.0f}" if key != "tt_ms" else f"{v:.2f}"
+                                                                for v in values])
+                for key, values in per_rank.items()]
+        load.insert(0, f"lookup load per rank (batch {batch_per_rank} per rank"
+                       + (f"; TT time: {cost_model.calibration.device} calibration)" if cost_model else ")"))
     return "\n".join([f"sharding plan on {world} ranks (bytes per rank: {what})", line(header), rule]
-                     + [line(r) for r in rows[:-1]] + [rule, line(rows[-1])])
+                     + [line(r) for r in rows[:-1]] + [rule, line(rows[-1])] + load)

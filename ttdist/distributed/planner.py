@@ -19,22 +19,22 @@ tables too — see "DMP without plan=" in docs/planner.md for what that covers a
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner import enumerators as _enumerators
-from torchrec.distributed.planner.constants import DDR_MEM_BW, DEFAULT_PERF_ESTIMATOR, HBM_MEM_BW
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorConfig, EmbeddingPerfEstimatorFactory, device_bw
+from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorFactory, EmbeddingPerfEstimatorV2
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
-from torchrec.distributed.planner.types import ParameterConstraints, Perf, ShardEstimator, ShardingOption, Storage
+from torchrec.distributed.planner.types import (BasicCommsBandwidths, CollectiveType, ParameterConstraints, Perf,
+                                               ShardEstimator, ShardingOption, Storage)
 from torchrec.distributed.planner.utils import sharder_name
 
 from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL
 from ttdist.distributed.fused_params import resolve_fused_params
 from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE, table_shards
+from ttdist.distributed.tt_costs import TTCostModel, cost_model
 from ttdist.modules.collection import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
 from ttdist.modules.tt_shapes import TTShape
@@ -100,35 +100,72 @@ def _estimate_tt_storage(option: ShardingOption, topology: Topology, optimizer: 
 
 
 class TTPerfEstimator(ShardEstimator):
-    """A roofline model of the TT kernel: FLOPs at ``flops_per_s``, pooled output over ``comm_bw``.
+    """TT options: the calibrated kernel cost (``tt_costs``) and TorchRec's topology bandwidths
+    (``tt_option_perf``); every other option: TorchRec's ``EmbeddingPerfEstimator``.
 
-    fwd = lookups * flops_per_row / flops_per_s; bwd = 2 * fwd; comms = B * D_shard * 4 bytes
-    each way (plus the replicated cores' all-reduce for row-/column-wise and data-parallel).
+    ``cost_model``: default ``tt_costs.cost_model(topology.compute_device)`` (measured once per
+    process, or injected with ``tt_costs.set_calibration``).
     """
 
     def __init__(self, topology: Topology, constraints: Optional[dict[str, ParameterConstraints]] = None,
-                 flops_per_s: float = 5e10, comm_bw: float = 1e10) -> None:
-        self._topology, self._flops, self._bw = topology, flops_per_s, comm_bw
+                 cost_model: Optional[TTCostModel] = None) -> None:
+        self._topology, self._cost_model = topology, cost_model
         self._default = EmbeddingPerfEstimator(topology=topology, constraints=constraints)
 
     def estimate(self, sharding_options: list[ShardingOption], sharder_data_map=None) -> None:
         rest = [o for o in sharding_options if o.module_type_key != TT_MODULE_KEY]
         if rest:
             self._default.estimate(rest, sharder_data_map)
-        world = self._topology.world_size
-        for option in (o for o in sharding_options if o.module_type_key == TT_MODULE_KEY):
-            shape = _config(option).tt_shape()
-            dp = option.sharding_type == DATA_PARALLEL
-            batch = option.batch_size * (1 if dp else world)
-            pooling = sum(option.input_lengths)
-            for planner_shard in option.shards:
-                frac_rows = 1 / world if option.sharding_type == ROW_WISE else 1.0
-                frac_cols = planner_shard.size[1] / shape.embedding_dim
-                fwd = batch * pooling * frac_rows * shape.flops_per_row() * frac_cols / self._flops
-                out_bytes = 0 if dp else batch * planner_shard.size[1] * 4
-                replicas = 0 if option.sharding_type == TABLE_WISE else 8 * shape.num_parameters
-                planner_shard.perf = Perf(fwd_compute=fwd, fwd_comms=out_bytes / self._bw, bwd_compute=2 * fwd,
-                                          bwd_comms=(out_bytes + replicas) / self._bw)
+        tt = [o for o in sharding_options if o.module_type_key == TT_MODULE_KEY]
+        if tt:
+            model = self._cost_model or cost_model(self._topology.compute_device)
+            for option in tt:
+                tt_option_perf(option, self._topology, model)
+
+
+def _comms_bw(topology: Topology, collective: CollectiveType, group_size: int) -> float:
+    """TorchRec's bandwidth (bytes/ms) of a collective over ``group_size`` ranks."""
+    bandwidths = getattr(topology, "_comms_bandwidths", None) or BasicCommsBandwidths(
+        inter_host_bw=topology.inter_host_bw, intra_host_bw=topology.intra_host_bw)
+    return bandwidths.get_bw(local_world_size=min(topology.local_world_size, group_size), world_size=group_size,
+                             collective_type=collective)
+
+
+def tt_option_perf(option: ShardingOption, topology: Topology, model: TTCostModel) -> None:
+    """Sets every shard's ``Perf`` (ms, TorchRec's unit) of a TT planner option.
+
+    W ranks, B = ``option.batch_size`` per rank, L = sum of the features' pooling factors,
+    D_j the shard's columns, e = 4 bytes, bw_c TorchRec's bandwidth of collective c:
+        compute  fwd, bwd (+ fused update, + whole-core update of replicated cores):
+                 ``TTCostModel.shard_costs`` (ids: B L data-parallel, W B L table-/column-wise,
+                 W B L rows_j / N row-wise)
+        input    W B L * 8 / bw_a2a (the ids' all-to-all; 0 for data-parallel)
+        fwd/bwd  W B D_j * e / bw_a2a each (pooled all-to-all; 0 for data-parallel)
+        replicas 2 (k-1)/k * e * replicated parameters / bw_allreduce in bwd (k ranks share them:
+                 W for row-wise and data-parallel, the shards for column-wise)
+    """
+    shape = _config(option).tt_shape()
+    world = topology.world_size
+    try:
+        shards = _option_shards(option, shape, world)
+    except ValueError:  # e.g. more column shards than q_1: the storage estimate rules it out
+        for planner_shard in option.shards:
+            planner_shard.perf = Perf(fwd_compute=INFEASIBLE, fwd_comms=0, bwd_compute=0, bwd_comms=0)
+        return
+    batch, pooling = option.batch_size, sum(option.input_lengths)
+    costs = model.shard_costs(shape, option.sharding_type, shards, batch, pooling, world)
+    dp = option.sharding_type == DATA_PARALLEL
+    sharers = len({s.rank for s in shards}) if option.sharding_type == COLUMN_WISE else world
+    a2a = _comms_bw(topology, CollectiveType.ALL_TO_ALL, world)
+    all_reduce = _comms_bw(topology, CollectiveType.ALL_REDUCE, sharers)
+    for planner_shard, shard, cost in zip(option.shards, shards, costs):
+        lo, hi = shard.columns(shape)
+        pooled = 0.0 if dp else world * batch * (hi - lo) * 4 / a2a
+        replicas = 2 * (sharers - 1) / sharers * 4 * cost.replicated_parameters / all_reduce if sharers > 1 else 0.0
+        planner_shard.perf = Perf(fwd_compute=1e3 * cost.fwd_seconds, fwd_comms=pooled,
+                                  bwd_compute=1e3 * (cost.bwd_seconds + cost.update_seconds),
+                                  bwd_comms=pooled + replicas,
+                                  input_dist_comms=0.0 if dp else world * batch * pooling * 8 / a2a)
 
 
 def tt_constraints(tables: dict[str, str], constraints: Optional[dict[str, ParameterConstraints]] = None
@@ -142,12 +179,14 @@ def tt_constraints(tables: dict[str, str], constraints: Optional[dict[str, Param
 
 
 def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict[str, ParameterConstraints]] = None,
-                 optimizer: OptimType = OptimType.EXACT_SGD) -> EmbeddingShardingPlanner:
+                 optimizer: OptimType = OptimType.EXACT_SGD, cost_model: Optional[TTCostModel] = None
+                 ) -> EmbeddingShardingPlanner:
     """TorchRec's EmbeddingShardingPlanner with the TT estimators (dense tables keep TorchRec's).
 
-    ``batch_size``: per-rank batch size, as TorchRec's planner expects.
+    ``batch_size``: per-rank batch size, as TorchRec's planner expects. ``cost_model``: the TT
+    kernel's cost (default: calibrated on ``topology.compute_device``, ``tt_costs``).
     """
-    estimators = [TTPerfEstimator(topology, constraints), TTStorageEstimator(topology, constraints, optimizer)]
+    estimators = [TTPerfEstimator(topology, constraints, cost_model), TTStorageEstimator(topology, constraints, optimizer)]
     enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints,
                                      estimator=estimators)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, enumerator=enumerator,
@@ -160,31 +199,46 @@ def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict
 # DMP builds EmbeddingShardingPlanner(topology) (torchrec/distributed/model_parallel.py), whose
 # EmbeddingEnumerator, given no estimators, creates (enumerators.py)
 #   [EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR, ...), EmbeddingStorageEstimator(...)].
-# * Perf: the factory's registry is TorchRec's documented hook. TTKernelPerfEstimatorConfig is
-#   TorchRec's default config plus a bandwidth for the TT kernel (TorchRec's @device_bw
-#   annotation, keyed by (device, kernel)); every other kernel resolves exactly as before.
+# Neither can be made TT-aware from outside:
+# * Perf: the factory's registry (TorchRec's documented hook) registers a HardwarePerfConfig, and
+#   every hook of a config (@device_bw, @forward_compute, @fwd_comms ...) sees only a
+#   ShardPerfContext: the 2-D proxy's rows and dim, never the sharding option, so never the TT
+#   ranks or cores that decide the TT kernel's cost and a data-parallel table's all-reduce.
 # * Storage: TorchRec 1.8 has no hook. The estimator never calls ModuleSharder.storage_usage();
 #   calculate_shard_storages takes numel * element_size of the planned 2-D tensor, splits it in
 #   proportion to the shard sizes and adds TBE input/output buffers — which cannot express a TT
-#   shard (a slice of G_1 plus the replicated G_2..G_d). The last resort, scoped: the enumerator's
-#   storage estimator class becomes DefaultPlannerStorageEstimator, a subclass that hands every
-#   non-TT option to TorchRec's own estimate() unchanged and gives TT options their real bytes.
+#   shard (a slice of G_1 plus the replicated G_2..G_d).
+# The last resort, scoped: the two names that enumerator looks up become subclasses of TorchRec's
+# own (DefaultPlannerPerfEstimatorFactory, DefaultPlannerStorageEstimator) whose estimators hand
+# every non-TT option to TorchRec's estimate() unchanged and give TT options make_planner's numbers.
 # ----------------------------------------------------------------------------------------------
 
-# The TT kernel rebuilds each row from d cores (O(D * r^2) FLOPs where TorchRec's fused kernel
-# reads D * 4 bytes), so it streams rows about an order of magnitude slower. The factory's config
-# sees only the 2-D proxy, not the TT ranks: one fraction for every TT table. make_planner's
-# TTPerfEstimator models each table's FLOPs instead.
-TT_KERNEL_BW_FRACTION = 1 / 8
+
+class DefaultPlannerPerfEstimator(EmbeddingPerfEstimatorV2):
+    """TorchRec's hardware-config estimator (what its factory creates) for every option but the TT sharder's; those get
+    ``tt_option_perf`` with the calibrated cost model of the topology's device (``tt_costs``)."""
+
+    def estimate(self, sharding_options: list[ShardingOption], sharder_data_map=None) -> None:
+        rest = [o for o in sharding_options if o.module_type_key != TT_MODULE_KEY]
+        if rest:
+            super().estimate(rest, sharder_data_map)
+        tt = [o for o in sharding_options if o.module_type_key == TT_MODULE_KEY]
+        if tt:
+            model = cost_model(self._topology.compute_device)
+            for option in tt:
+                tt_option_perf(option, self._topology, model)
 
 
-@device_bw(bandwidth=DDR_MEM_BW * TT_KERNEL_BW_FRACTION, device="cpu", compute_kernel=TT_COMPUTE_KERNEL)
-@device_bw(bandwidth=HBM_MEM_BW * TT_KERNEL_BW_FRACTION, device="cuda", compute_kernel=TT_COMPUTE_KERNEL)
-@device_bw(bandwidth=HBM_MEM_BW * TT_KERNEL_BW_FRACTION, device="mtia", compute_kernel=TT_COMPUTE_KERNEL)
-class TTKernelPerfEstimatorConfig(EmbeddingPerfEstimatorConfig):
-    """TorchRec's default perf config plus a device bandwidth for ttdist's TT kernel
-    (``customized_kernel``): ``TT_KERNEL_BW_FRACTION`` of TorchRec's default DDR (CPU) or HBM
-    (CUDA, MTIA) bandwidth. Registered as ``DEFAULT_PERF_ESTIMATOR``."""
+class DefaultPlannerPerfEstimatorFactory(EmbeddingPerfEstimatorFactory):
+    """TorchRec's factory (same registry, same configs); ``create`` returns a
+    ``DefaultPlannerPerfEstimator`` with the config TorchRec's ``create`` chose."""
+
+    @classmethod
+    def create(cls, hardware_name: str, is_inference: bool = False, topology: Optional[Topology] = None,
+               constraints: Optional[dict[str, ParameterConstraints]] = None, **kwargs) -> EmbeddingPerfEstimatorV2:
+        config = super().create(hardware_name, is_inference, topology, constraints, **kwargs).config
+        return DefaultPlannerPerfEstimator(topology=topology, constraints=constraints, is_inference=is_inference,
+                                           config=config, **kwargs)
 
 
 class DefaultPlannerStorageEstimator(EmbeddingStorageEstimator):
@@ -206,32 +260,24 @@ def _option_optimizer(option: ShardingOption, sharder_data_map) -> OptimType:
     return resolve_fused_params(option.module[1].table_parameters(), (data.fused_params or None) if data else None).optimizer
 
 
+def _install(name: str, torchrec_class: type, ours: type) -> None:
+    current = getattr(_enumerators, name)
+    if current is torchrec_class:
+        setattr(_enumerators, name, ours)
+    elif current is not ours:
+        logger.warning("ttdist: EmbeddingEnumerator's %s is %s, not TorchRec's: left alone, so a planner without "
+                       "estimators cannot estimate TT tables; use ttdist.distributed.make_planner", name,
+                       current.__name__)
+
+
 def install_default_planner_support() -> None:
     """Lets DMP's default planner plan TT tables (idempotent; ``import ttdist.distributed`` runs it).
 
-    Touches two things, each only where it is still TorchRec's own: the ``DEFAULT_PERF_ESTIMATOR``
-    registration (-> ``TTKernelPerfEstimatorConfig``) and ``EmbeddingEnumerator``'s default storage
-    estimator (-> ``DefaultPlannerStorageEstimator``). Dense tables keep TorchRec's numbers.
+    Points two names of ``torchrec.distributed.planner.enumerators``, each only where it is still
+    TorchRec's own, at ttdist's subclasses: ``EmbeddingPerfEstimatorFactory`` (->
+    ``DefaultPlannerPerfEstimatorFactory``) and ``EmbeddingStorageEstimator`` (->
+    ``DefaultPlannerStorageEstimator``). TorchRec's classes and its registry are untouched, and
+    dense tables keep TorchRec's numbers.
     """
-    topology_log = logging.getLogger("torchrec.distributed.planner.types")  # "constructed directly": a probe
-    level = topology_log.level
-    topology_log.setLevel(logging.ERROR)
-    try:
-        probe = EmbeddingPerfEstimatorFactory.create(DEFAULT_PERF_ESTIMATOR,
-                                                     topology=Topology(world_size=1, compute_device="cpu"))
-    finally:
-        topology_log.setLevel(level)
-    registered = type(probe.config)
-    if registered is EmbeddingPerfEstimatorConfig:
-        EmbeddingPerfEstimatorFactory.register(DEFAULT_PERF_ESTIMATOR)(TTKernelPerfEstimatorConfig)
-    elif registered is not TTKernelPerfEstimatorConfig:
-        logger.warning("ttdist: DEFAULT_PERF_ESTIMATOR is %s, not TorchRec's: left alone, so a planner without "
-                       "estimators cannot estimate the TT kernel; use ttdist.distributed.make_planner",
-                       registered.__name__)
-    current = _enumerators.EmbeddingStorageEstimator
-    if current is EmbeddingStorageEstimator:
-        _enumerators.EmbeddingStorageEstimator = DefaultPlannerStorageEstimator
-    elif current is not DefaultPlannerStorageEstimator:
-        logger.warning("ttdist: EmbeddingEnumerator's storage estimator is %s, not TorchRec's: left alone, so a "
-                       "planner without estimators charges TT tables their 2-D proxy's bytes; use "
-                       "ttdist.distributed.make_planner", current.__name__)
+    _install("EmbeddingPerfEstimatorFactory", EmbeddingPerfEstimatorFactory, DefaultPlannerPerfEstimatorFactory)
+    _install("EmbeddingStorageEstimator", EmbeddingStorageEstimator, DefaultPlannerStorageEstimator)

@@ -11,14 +11,13 @@ uniformly over the table's N rows, level k (prefix of k digits) has
 
 and the work of a batch is (``TTShape`` symbols, e = element size)
 
+    rows(n)  = u_d(n)                                   distinct rows (the trie's leaves)
+    bytes(n) = e * D * rows(n)                          the rows built (backward: their gradients)
     flops(n) = sum_{k=2..d} u_k(n) * 2 * (q_1...q_{k-1}) * r_{k-1} * q_k * r_k
-    bytes(n) = e * n * D       (each id's row added into its bag; in backward, its gradient read)
 
-``flops(n) / n`` is ``TTShape.flops_per_row()`` when no prefix repeats. (The core slices a batch
-reads, ``sum_k u_k r_{k-1} q_k r_k`` elements, are not a term of their own: they stay in cache
-and a fit with them does no better.) The time of a batch is
+``flops(n) / n`` is ``TTShape.flops_per_row()`` when no prefix repeats. The time of a batch is
 
-    t_dir(n) = a_dir * n + b_dir * bytes(n) + c_dir * flops(n)      dir = fwd | bwd,
+    t_dir(n) = a_dir * n + b_dir * rows(n) + c_dir * bytes(n) + f_dir * flops(n)    dir = fwd | bwd
 
 ``bwd`` being the backward with the fused optimizer update (the path every table-wise table
 takes). Cores that several ranks hold (G_2..G_d of row-/column-wise shards, every core of a
@@ -26,7 +25,8 @@ data-parallel table) are instead reduced as dense gradients and updated whole on
 
     t_update = u * (parameters of those cores).
 
-The coefficients ``(a, b, c)`` per direction and ``u`` are a ``TTKernelCalibration``:
+(a: per id — sorting, pooling into bags; b: per distinct row — trie bookkeeping, the fused update
+of its slices; c, f: the row's width and the products). The coefficients per direction and ``u`` are a ``TTKernelCalibration``:
 ``measure_calibration(device)`` times ``ttdist.ops.tt_lookup`` (forward; backward with a fused
 row-wise Adagrad step) on a handful of shapes that vary each term on its own, fits them by
 non-negative least squares on relative error, and times ``ops.apply_update`` for ``u`` (about
@@ -37,7 +37,9 @@ elsewhere). Ids are assumed uniform over rows: real (skewed) ids repeat more, so
 upper bound on the work of a batch.
 
 API (seconds throughout): ``TTCostModel(calibration).lookup_seconds(shape, ids, "fwd" | "bwd")``,
-``.update_seconds(parameters)``; ``cost_model(device)`` = ``TTCostModel(calibration(device))``.
+``.update_seconds(parameters)``, ``.shard_costs(shape, sharding_type, shards, B, pooling, W)``
+(every shard of a table under a sharding: ids, fwd, bwd, replica update); ``cost_model(device)``
+= ``TTCostModel(calibration(device))``.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from ttdist.distributed.shard_layout import DATA_PARALLEL, ROW_WISE, TTShard, replicated_cores
 from ttdist.modules.tt_shapes import TTShape, make_tt_shape
 
 Direction = Literal["fwd", "bwd"]
@@ -73,12 +76,13 @@ def distinct_prefixes(shape: TTShape, ids: float) -> list[float]:
     return out
 
 
-def batch_work(shape: TTShape, ids: float, element_size: int = 4) -> tuple[float, float, float]:
-    """``(ids, bytes, flops)`` of one lookup batch of ``ids`` ids (module docstring)."""
+def batch_work(shape: TTShape, ids: float, element_size: int = 4) -> tuple[float, float, float, float]:
+    """``(ids, rows, bytes, flops)`` of one lookup batch of ``ids`` ids (module docstring)."""
     distinct = distinct_prefixes(shape, ids)
     flops = sum(distinct[k] * 2 * math.prod(shape.q[:k]) * shape.ranks[k] * shape.q[k] * shape.ranks[k + 1]
                 for k in range(1, shape.d))
-    return float(ids), float(element_size * ids * shape.embedding_dim), float(flops)
+    rows = distinct[-1]
+    return float(ids), rows, float(element_size * shape.embedding_dim * rows), float(flops)
 
 
 # ------------------------------------------------------------------------------ the model
@@ -89,9 +93,11 @@ class TTKernelCalibration:
     device: str
     """"cpu" or "cuda": where the op ran."""
     fwd_per_id: float
+    fwd_per_row: float
     fwd_per_byte: float
     fwd_per_flop: float
     bwd_per_id: float
+    bwd_per_row: float
     bwd_per_byte: float
     bwd_per_flop: float
     update_per_param: float
@@ -101,11 +107,11 @@ class TTKernelCalibration:
     fit_error: float = 0.0
     """Largest relative error of the fit over the calibration runs."""
 
-    def coefficients(self, direction: Direction) -> tuple[float, float, float]:
+    def coefficients(self, direction: Direction) -> tuple[float, float, float, float]:
+        """``(per id, per row, per byte, per flop)``: the order of ``batch_work``."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        return (getattr(self, f"{direction}_per_id"), getattr(self, f"{direction}_per_byte"),
-                getattr(self, f"{direction}_per_flop"))
+        return tuple(getattr(self, f"{direction}_per_{unit}") for unit in ("id", "row", "byte", "flop"))
 
 
 class TTCostModel:
@@ -117,25 +123,75 @@ class TTCostModel:
     def lookup_seconds(self, shape: TTShape, ids: float, direction: Direction) -> float:
         """Time of one batch of ``ids`` lookups of ``shape`` (a whole table or one shard's local
         shape), forward or backward (+ fused update)."""
-        per_id, per_byte, per_flop = self.calibration.coefficients(direction)
-        n, nbytes, flops = batch_work(shape, ids)
-        return per_id * n + per_byte * nbytes + per_flop * flops
+        return sum(c * w for c, w in zip(self.calibration.coefficients(direction), batch_work(shape, ids)))
 
     def update_seconds(self, parameters: int) -> float:
         """Time of the whole-core update of ``parameters`` replicated core parameters."""
         return self.calibration.update_per_param * parameters
 
+    def shard_costs(self, shape: TTShape, sharding_type: str, shards: Sequence[TTShard], batch_per_rank: float,
+                    pooling: float, world_size: int) -> list[ShardCost]:
+        """One step's lookup work of each shard (``shard_layout.table_shards``) of a table.
+
+        ``batch_per_rank`` samples per rank, ``pooling`` ids per sample summed over the table's
+        features (``ids`` = B * pooling for a data-parallel replica, W * B * pooling for a
+        table-/column-wise shard, and that times ``rows of the shard / num_embeddings`` for a
+        row-wise one, ids being uniform over rows). ``update_seconds`` is the whole-core update
+        of the cores the shard shares with other ranks (``replicated_cores``).
+        """
+        replicated = replicated_cores(sharding_type, shape.d)
+        shared_params = sum(math.prod(shape.core_shapes[k]) for k in replicated if k > 0)
+        out = []
+        for shard, ids in zip(shards, shard_ids(shape, sharding_type, shards, batch_per_rank, pooling, world_size)):
+            local = shard.local_shape(shape)
+            params = shared_params + (math.prod(local.core_shapes[0]) if 0 in replicated else 0)
+            busy = ids > 0 and local.num_embeddings > 0
+            out.append(ShardCost(shard.rank, ids, self.lookup_seconds(local, ids, "fwd") if busy else 0.0,
+                                 self.lookup_seconds(local, ids, "bwd") if busy else 0.0,
+                                 self.update_seconds(params), params))
+        return out
+
+
+def shard_ids(shape: TTShape, sharding_type: str, shards: Sequence[TTShard], batch_per_rank: float, pooling: float,
+              world_size: int) -> list[float]:
+    """Ids each shard looks up per step (``TTCostModel.shard_costs``)."""
+    local_ids = batch_per_rank * pooling
+    if sharding_type == DATA_PARALLEL:
+        return [local_ids] * len(shards)
+    if sharding_type == ROW_WISE:
+        return [world_size * local_ids * s.local_shape(shape).num_embeddings / shape.num_embeddings for s in shards]
+    return [world_size * local_ids] * len(shards)
+
+
+@dataclass(frozen=True)
+class ShardCost:
+    """One step of one TT shard on its rank (seconds)."""
+
+    rank: int
+    ids: float
+    """Ids it looks up per step (an expectation for row-wise shards)."""
+    fwd_seconds: float
+    bwd_seconds: float
+    """Backward with the fused update of its own slices."""
+    update_seconds: float
+    """Reduce-and-update of the cores it shares with other ranks."""
+    replicated_parameters: int
+    """Parameters of those shared cores (their gradient is all-reduced)."""
+
 
 # ------------------------------------------------------------------------------ measuring
-# (num_embeddings, embedding_dim, tt_rank, ids): ids-bound, bytes-bound (D 64), flops-bound
-# (rank 32/64), and a small table whose ids repeat (prefix sharing).
+# (num_embeddings, embedding_dim, tt_rank, ids): ids-bound (rank 4), bytes-bound (D 64, 128),
+# flops-bound (rank 32, 64), small tables whose ids repeat (prefix sharing, few distinct rows).
 CALIBRATION_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (100_000, 16, 4, 8192),
     (100_000, 128, 4, 2048),
     (1_000_000, 16, 32, 2048),
     (1_000_000, 64, 64, 512),
     (2_000, 16, 16, 8192),
+    (2_000, 64, 16, 4096),
     (100_000, 32, 16, 2048),
+    (100_000, 64, 32, 1024),
+    (1_000_000, 16, 16, 8192),
 )
 
 
@@ -222,12 +278,14 @@ def measure_calibration(device: str = "cpu", repeats: int = 3, passes: int = 2) 
     dev = torch.device(device)
     shapes = [(make_tt_shape(rows, dim, [rank, rank]), ids) for rows, dim, rank, ids in CALIBRATION_SHAPES]
     best = [[math.inf, math.inf] for _ in shapes]
+    update = math.inf
     for _ in range(passes):  # whole passes, so that a burst of load on a shared host spoils one pass only
         for times, (shape, ids) in zip(best, shapes):
             times[:] = [min(a, b) for a, b in zip(times, _time_lookup(shape, ids, dev, repeats))]
+        update = min(update, _time_update(1 << 20, dev, repeats))
     features = [batch_work(shape, ids) for shape, ids in shapes]
     (fwd_x, fwd_err), (bwd_x, bwd_err) = (nonnegative_fit(features, [t[j] for t in best]) for j in range(2))
-    return TTKernelCalibration(dev.type, *fwd_x, *bwd_x, update_per_param=_time_update(1 << 20, dev, repeats),
+    return TTKernelCalibration(dev.type, *fwd_x, *bwd_x, update_per_param=update,
                                source=f"measured: {calibration_key(dev.type)}", fit_error=max(fwd_err, bwd_err))
 
 
@@ -267,8 +325,11 @@ def calibration(device: str = "cpu") -> TTKernelCalibration:
     key = calibration_key(device)
     path = _cache_file(key)
     if path is not None and path.is_file():
-        stored = TTKernelCalibration(**json.loads(path.read_text()))
-        if stored.source == f"measured: {key}":
+        try:
+            stored = TTKernelCalibration(**json.loads(path.read_text()))
+        except (TypeError, ValueError):  # written by another version of this module: measure again
+            stored = None
+        if stored is not None and stored.source == f"measured: {key}":
             _CALIBRATIONS[device] = stored
             return stored
     measured = measure_calibration(device)
