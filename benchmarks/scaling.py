@@ -2,9 +2,11 @@
 
 Per world size W, one torchrun job with W ranks:
   1. a gloo micro-benchmark of all_to_all_single and all_reduce at a few sizes, fitted to
-     t = alpha + bytes/beta (the link model ttdist.tools.perf_model uses to predict CPU step times);
-  2. for each TT placement (tw: every TT table table_wise; rw: every TT table row_wise; the
-     TorchRec tables wherever TorchRec's planner puts them), one DMP, trained
+     t = alpha + bytes/beta, and a compute probe (the link model and the compute slowdown of
+     ranks sharing the machine that ttdist.tools.perf_model uses to predict CPU step times);
+  2. for each TT placement (tw: every TT table table_wise; rw: every TT table row_wise; dp: every
+     TT table data_parallel; plan: every table where ttdist's planner puts it; the TorchRec tables
+     wherever the planner puts them), one DMP, trained
        weak:   B samples per rank (global batch W*B)
        strong: a fixed global batch B_g (B_g/W per rank)
      for warm-up + N steps, with the step-time breakdown of e2e_bench.py (same instrumentation,
@@ -20,7 +22,7 @@ WARNING (CPU): the ranks share this machine's cores (8 ranks on 2 cores are over
 so timings beyond W = cores measure the machine, not the method; byte counts and correctness
 hold at any W. The JSON carries the warning, the core count and the load average.
 
-  .venv/bin/python benchmarks/scaling.py [--quick] [--worlds 1,2,4,8] [--placements tw,rw]
+  .venv/bin/python benchmarks/scaling.py [--quick] [--worlds 1,2,4,8] [--placements tw,rw,dp,plan] [--modes weak]
 It re-executes itself per world size as
   OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node=W benchmarks/scaling.py --worker ...
 Writes benchmarks/results/scaling_<device>.json and scaling_<device>.png.
@@ -40,7 +42,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-PLACEMENTS = {"tw": "table_wise", "rw": "row_wise"}
+# placement -> the sharding type forced on every TT table (None: the planner's choice)
+PLACEMENTS = {"tw": "table_wise", "rw": "row_wise", "dp": "data_parallel", "plan": None}
+MODES = ("weak", "strong")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--worlds", default="1,2,4,8")
     p.add_argument("--placements", default="tw,rw")
+    p.add_argument("--modes", default=",".join(MODES), help="weak and/or strong")
     p.add_argument("--batch-per-rank", type=int, default=None, help="weak scaling B (default 1024; quick 256)")
     p.add_argument("--global-batch", type=int, default=None, help="strong scaling B_g (default 4096; quick 1024)")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 8; quick 3)")
@@ -80,9 +85,13 @@ def base_overrides(args) -> list[str]:
 
 
 def microbenchmark(world: int, quick: bool) -> dict:
-    """Median time of all_to_all_single / all_reduce at a few sizes, and the alpha/beta fit.
+    """Median time of all_to_all_single / all_reduce at a few sizes, their alpha/beta fit, and a
+    compute probe.
 
-    Each timed call follows a barrier and a little compute, as collectives do inside a step.
+    Each timed call follows the same ~1 ms of compute on every rank and no barrier, as
+    collectives do inside a step. The probe is the median time of that compute: at W ranks over
+    the 1-rank job's, the slowdown of compute when W ranks share this machine under one gloo
+    group (ttdist.tools.perf_model applies it to the predicted compute).
     """
     import torch
     import torch.distributed as dist
@@ -92,13 +101,17 @@ def microbenchmark(world: int, quick: bool) -> dict:
     sizes = [4096, 65536, 262144, 1048576]
     repeat = 5 if quick else 9
     a, b = torch.randn(96, 96), torch.randn(96, 96)
+    probe = []
 
-    def busy() -> None:  # ~1-2 ms of compute before each call, as in a training step (gloo threads go idle)
+    def busy() -> None:
+        t0 = time.perf_counter()
         for _ in range(40):
             a @ b
+        probe.append(time.perf_counter() - t0)
     a2a = getattr(dist.all_to_all_single, "__wrapped__", dist.all_to_all_single)
     ar = getattr(dist.all_reduce, "__wrapped__", dist.all_reduce)
     out = {}
+    dist.barrier()
     for kind in ("all_to_all_single", "all_reduce"):
         medians = []
         for nbytes in sizes:
@@ -106,7 +119,6 @@ def microbenchmark(world: int, quick: bool) -> dict:
             x, y = torch.ones(n), torch.empty(n)
             times = []
             for i in range(repeat + 2):
-                dist.barrier()
                 busy()
                 t0 = time.perf_counter()
                 if kind == "all_to_all_single":
@@ -118,6 +130,7 @@ def microbenchmark(world: int, quick: bool) -> dict:
             medians.append(statistics.median(times))
         out[kind] = {"bytes": [max(s // 4 // world * world, world) * 4 for s in sizes], "median_s": medians,
                      **fit_alpha_beta([max(s // 4 // world * world, world) * 4 for s in sizes], medians)}
+    out["compute_probe"] = {"what": "40 x (96x96 @ 96x96) before each timed call", "median_s": statistics.median(probe)}
     return out
 
 
@@ -136,12 +149,13 @@ def worker(args) -> None:
     entries = []
     for placement in args.placements.split(","):
         kind = PLACEMENTS[placement]
-        forced = "{" + ", ".join(f"{n}: {kind}" for n in tt_names) + "}"
-        cfg = load_config(args.config, base_overrides(args) + [f"train.sharding_types={forced}",
-                                                                f"data.batch_size={args.batch_per_rank * w}"])
+        forced = ([f"train.sharding_types={{{', '.join(f'{n}: {kind}' for n in tt_names)}}}"] if kind else [])
+        cfg = load_config(args.config, base_overrides(args) + forced + [f"data.batch_size={args.batch_per_rank * w}"])
         session = C.Session(cfg, env)
         memory = C.embedding_memory(session.dmp)
-        for mode, global_batch in (("weak", args.batch_per_rank * w), ("strong", args.global_batch)):
+        batches_of = {"weak": args.batch_per_rank * w, "strong": args.global_batch}
+        for mode in args.modes.split(","):
+            global_batch = batches_of[mode]
             data = dataclasses.replace(cfg.data, batch_size=global_batch)
             batches = C.make_batches(data, rank, w, args.warmup + args.steps, env.device)
             summary = session.run(batches, args.warmup, global_batch)
@@ -206,14 +220,16 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = result["entries"]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 7), sharex=True)
-    for col, mode in enumerate(("weak", "strong")):
+    modes = [m for m in MODES if any(e["mode"] == m for e in entries)]
+    fig, axes = plt.subplots(2, len(modes), figsize=(4.5 * len(modes), 7), sharex=True, squeeze=False)
+    for col, mode in enumerate(modes):
         for placement in sorted({e["placement"] for e in entries}):
             es = sorted((e for e in entries if e["mode"] == mode and e["placement"] == placement),
                         key=lambda e: e["world_size"])
             ws = [e["world_size"] for e in es]
-            axes[0, col].plot(ws, [e["samples_per_s"] for e in es], "o-", label=f"TT {PLACEMENTS[placement]}")
-            axes[1, col].plot(ws, [e["efficiency"] for e in es], "o-", label=f"TT {PLACEMENTS[placement]}")
+            label = f"TT {PLACEMENTS[placement] or 'planner'}"
+            axes[0, col].plot(ws, [e["samples_per_s"] for e in es], "o-", label=label)
+            axes[1, col].plot(ws, [e["efficiency"] for e in es], "o-", label=label)
         ws = sorted({e["world_size"] for e in entries})
         axes[1, col].plot(ws, [1.0] * len(ws), "k:", label="ideal")
         cores = result["setup"]["cpu_cores"]
@@ -273,6 +289,7 @@ def main(argv=None) -> None:
         for w in worlds:
             rank_dir = Path(tmp) / f"w{w}"
             wargs = ["--rank-dir", str(rank_dir), "--config", args.config, "--placements", args.placements,
+                     "--modes", args.modes,
                      "--batch-per-rank", str(args.batch_per_rank), "--global-batch", str(args.global_batch),
                      "--steps", str(args.steps), "--warmup", str(args.warmup), "--scale", str(args.scale)]
             if args.quick:
@@ -288,7 +305,7 @@ def main(argv=None) -> None:
         "setup": {"device": device, "backend": "gloo" if device == "cpu" else "nccl", "cpu_cores": cores,
                   "threads_per_rank": 1, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                   "config": args.config, "overrides": base_overrides(args), "worlds": worlds,
-                  "placements": {p: PLACEMENTS[p] for p in args.placements.split(",")},
+                  "placements": {p: PLACEMENTS[p] or "the planner's choice" for p in args.placements.split(",")},
                   "batch_per_rank": args.batch_per_rank, "global_batch": args.global_batch,
                   "steps": args.steps, "warmup_steps": args.warmup,
                   "load_average_before": load_before, "load_average_after": os.getloadavg(),

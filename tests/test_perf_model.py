@@ -20,13 +20,14 @@ def spec():
 
 @pytest.fixture(scope="module")
 def profile():
-    return pm.Profile(tt_prep_s_per_id=1e-8, tt_fwd_s_per_id=1e-6, tt_bwd_s_per_id=4e-6, ebc_prep_s_per_id=1e-8,
+    return pm.Profile(tt_prep_s_per_id=1e-8, tt_fwd_s_per_id=1e-6, tt_bwd_s_per_id=4e-6, tt_replica_s_per_element=2e-9,
+                      ebc_prep_s_per_id=1e-8,
                       ebc_fwd_s_per_id=1e-7, ebc_bwd_s_per_id=2e-7, dense_fwd_s_per_sample=2e-5,
                       dense_bwd_s_per_sample=3e-5, glue_s_per_sample=1e-6, optimizer_s_per_step=1e-3,
                       other_s_per_step=1e-3)
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("sharding", pm.SYNTHETIC_TT_SHARDINGS)
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_tt_bytes_equal_comm_volume(spec, sharding, world):
     plan = pm.Plan.synthetic(spec, world, sharding)
@@ -63,6 +64,15 @@ def test_torchrec_ebc_volume_closed_form():
     assert v["pooled_all_to_all_forward"] == 4 * 2 * 10 * (16 + 8)
     assert v["pooled_all_to_all_backward"] == 4 * 10 * (16 + 16 + 8)
     assert pm.torchrec_ebc_volume(units, world_size=1, rank=0, batch=10)["index_all_to_all"] == 0
+    rw = pm.torchrec_ebc_volume([], world_size=4, rank=2, batch=10, row_wise=[("d", 8), ("e", 16)])
+    assert rw["index_all_to_all"] == 8 * 4 * 3 + 4 * 4 * 10 * 2 + 8 * 10 * 2  # bucketised: W*B lengths per feature
+    assert rw["pooled_reduce_scatter_forward"] == 4 * 4 * 10 * 24  # partial sums of all W*B samples
+    assert rw["pooled_all_gather_backward"] == 4 * 10 * 24
+    assert rw["pooled_all_to_all_forward"] == rw["pooled_all_to_all_backward"] == 0
+    # a column-wise group beside the table-wise one: its own KJTAllToAll (splits again) and pooled all-to-all
+    both = pm.torchrec_ebc_volume(units, world_size=2, rank=1, batch=10, column_wise=[("f", 8, 1)])
+    assert both["index_all_to_all"] == v["index_all_to_all"] + 8 * 2 * 3 + 4 * 10 + 8 * 10
+    assert both["pooled_all_to_all_forward"] == v["pooled_all_to_all_forward"] + 4 * 2 * 10 * 8
 
 
 def test_counted_bytes_maps_every_record():
@@ -85,7 +95,7 @@ def test_counted_bytes_maps_every_record():
     assert pm.compare_bytes(c, model)["equal"]  # the train loop's flag all-reduce is reported, not compared
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("sharding", pm.SYNTHETIC_TT_SHARDINGS)
 def test_step_time_decreases_with_bandwidth(spec, profile, sharding):
     times = []
     for bw in (1e8, 1e9, 1e10, 1e11):
@@ -102,12 +112,89 @@ def test_step_time_increases_with_latency(spec, profile):
     assert t[0] < t[1] < t[2]
 
 
+def synthetic_plans(spec, sharding, worlds=(1, 2, 8, 64)):
+    return {w: pm.Plan.synthetic(spec, w, sharding) for w in worlds}
+
+
 @pytest.mark.parametrize("preset", list(pm.PRESETS))
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("sharding", pm.SYNTHETIC_TT_SHARDINGS)
 def test_efficiency_is_one_at_one_rank_and_at_most_one_after(spec, profile, preset, sharding):
-    pts = pm.weak_scaling(profile, spec, 256, [1, 2, 8, 64], sharding, pm.PRESETS[preset])
+    pts = pm.weak_scaling(profile, spec, 256, synthetic_plans(spec, sharding), pm.PRESETS[preset])
     assert pts[0]["efficiency"] == 1.0
     assert all(0 < p["efficiency"] <= 1.0 + 1e-12 for p in pts)
+
+
+def test_data_parallel_plan_moves_no_tt_all_to_all(spec):
+    """A DP plan's TT bytes: only the replica all-reduce of every core, whatever B and W."""
+    cores = 4 * sum(c.tt_shape().num_parameters for c in spec.tt_configs)
+    for world in (2, 8, 64):
+        for batch in (16, 4096):
+            b = pm.collective_bytes(spec, pm.Plan.synthetic(spec, world, "data_parallel"), world - 1, batch)
+            assert b["tt.replicated_grad_all_reduce"] == cores
+            assert all(v == 0 for k, v in b.items() if k.startswith("tt.") and "all_to_all" in k)
+
+
+def test_data_parallel_step_ignores_the_all_to_all_links(spec, profile):
+    """DP TT tables and no TorchRec tables: a slower all-to-all leaves the step unchanged; a slower
+    all-reduce lengthens exactly the replica + DDP all-reduce piece."""
+    tt_only = pm.ModelSpec(spec.tt_configs, [], spec.dense_param_bytes)
+    plan = pm.Plan.synthetic(tt_only, 16, "data_parallel")
+    links = pm.FittedLinks(a2a_alpha=1e-4, a2a_beta=1e9, ar_alpha=1e-4, ar_beta=1e9)
+    base = pm.step_time(profile, tt_only, plan, 512, links)
+    slow_a2a = pm.step_time(profile, tt_only, plan, 512, pm.FittedLinks(1.0, 1e3, 1e-4, 1e9))
+    assert slow_a2a["step_time_s"] == base["step_time_s"]
+    slow_ar = pm.step_time(profile, tt_only, plan, 512, pm.FittedLinks(1e-4, 1e9, 1e-4, 1e6))
+    cores = 4 * sum(c.tt_shape().num_parameters for c in spec.tt_configs)
+    extra = (cores + spec.dense_param_bytes) * (1 / 1e6 - 1 / 1e9)
+    assert slow_ar["breakdown_s"]["allreduce"] - base["breakdown_s"]["allreduce"] == pytest.approx(extra)
+    flag = 16 * 16 * (1 / 1e6 - 1 / 1e9)  # the training loop's 16-byte-per-rank flag all-reduce
+    assert slow_ar["step_time_s"] - base["step_time_s"] == pytest.approx(extra + flag)
+
+
+def test_data_parallel_compute_is_local_batch_plus_replica_step(spec, profile):
+    """Per rank: a_fwd B F_tt forward, a_bwd B F_tt + a_rep |cores| backward, at every W."""
+    tt_only = pm.ModelSpec(spec.tt_configs, [], spec.dense_param_bytes)
+    f_tt = sum(len(c.feature_names) for c in spec.tt_configs)
+    elements = sum(c.tt_shape().num_parameters for c in spec.tt_configs)
+    batch = 100
+    for world in (1, 8, 512):
+        plan = pm.Plan.synthetic(tt_only, world, "data_parallel")
+        assert pm.replicated_core_elements(tt_only, plan) == elements
+        assert pm.ids_per_rank(tt_only, plan, batch)[0] == [batch * f_tt] * world
+        parts = pm.step_time(profile, tt_only, plan, batch, pm.PRESETS["ib"])["breakdown_s"]
+        assert parts["lookup_fwd"] == pytest.approx(profile.tt_fwd_s_per_id * batch * f_tt)
+        assert parts["lookup_bwd_update"] == pytest.approx(profile.tt_bwd_s_per_id * batch * f_tt
+                                                           + profile.tt_replica_s_per_element * elements)
+        assert parts["output_a2a_fwd"] == parts["output_a2a_bwd"] == 0.0
+    tw = pm.step_time(profile, tt_only, pm.Plan.synthetic(tt_only, 1, "table_wise"), batch, pm.PRESETS["ib"])
+    assert tw["replicated_core_elements"] == 0  # table-wise cores are owned: updated inside the kernel
+
+
+def test_data_parallel_efficiency_stays_above_row_wise_at_scale(spec, profile):
+    """Weak scaling on nvlink+ib: row-wise's pooled all-to-all grows with W (W*B partial sums per
+    feature), DP's all-reduce does not; with TT tables only (table-wise TorchRec tables would look
+    up W*B ids each), DP's step barely grows past 64 GPUs while row-wise's efficiency keeps falling."""
+    tt_only = pm.ModelSpec(spec.tt_configs, [], spec.dense_param_bytes)
+    worlds = (1, 8, 64, 512)
+    links = pm.PRESETS["nvlink+ib"]
+    dp = pm.weak_scaling(profile, tt_only, 4096, synthetic_plans(tt_only, "data_parallel", worlds), links)
+    rw = pm.weak_scaling(profile, tt_only, 4096, synthetic_plans(tt_only, "row_wise", worlds), links)
+    assert [p["efficiency"] for p in rw] == sorted((p["efficiency"] for p in rw), reverse=True)
+    assert dp[-1]["efficiency"] > rw[-1]["efficiency"]
+    # from 64 to 512 GPUs DP only adds ring latency and (W-1)/W: its step grows by < 5 %
+    assert dp[-1]["step_time_s"] < 1.05 * dp[-2]["step_time_s"]
+
+
+def test_replica_step_is_timed_per_replicated_element():
+    """Profile.from_summaries: fused_update time over the replicated elements; without replicas the
+    (empty) call's time stays lookup backward time."""
+    s = {"labels_s": {"tt/lookup_bwd": 0.02, "tt/fused_update": 0.01}, "counts": {"tt/ids": 1000},
+         "batch_per_rank": 100}
+    p = pm.Profile.from_summaries([s], replicated_elements=[5000])
+    assert p.tt_replica_s_per_element == pytest.approx(0.01 / 5000)
+    assert p.tt_bwd_s_per_id == pytest.approx(0.02 / 1000)
+    q = pm.Profile.from_summaries([s], replicated_elements=[0])
+    assert q.tt_replica_s_per_element == 0.0 and q.tt_bwd_s_per_id == pytest.approx(0.03 / 1000)
 
 
 def test_one_rank_has_no_collective_cost_on_gpu_presets(spec, profile):
@@ -152,9 +239,10 @@ def test_profile_from_summaries():
                       "tt/lookup_bwd": 0.02, "tt/fused_update": 0.01, "ebc/lookup_fwd": 0.002, "ebc/lookup_bwd": 0.004,
                       "dense_fwd": 0.1, "dense_bwd": 0.2, "dense_optimizer": 0.003, "other": 0.004},
          "counts": {"tt/ids": 1000, "tt/ids_in": 500, "ebc/ids": 2000, "ebc/ids_in": 2000}, "batch_per_rank": 100}
-    p = pm.Profile.from_summaries([s, s])
+    p = pm.Profile.from_summaries([s, s], replicated_elements=[1000, 1000])
     assert p.tt_fwd_s_per_id == pytest.approx(1e-5)
-    assert p.tt_bwd_s_per_id == pytest.approx(3e-5)
+    assert p.tt_bwd_s_per_id == pytest.approx(2e-5)
+    assert p.tt_replica_s_per_element == pytest.approx(1e-5)
     assert p.tt_prep_s_per_id == pytest.approx(4e-6)
     assert p.ebc_bwd_s_per_id == pytest.approx(2e-6)
     assert p.dense_fwd_s_per_sample == pytest.approx(1e-3)

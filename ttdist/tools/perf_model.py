@@ -3,15 +3,16 @@
 Inputs
 ------
 * a **compute profile** measured on single ranks (``Profile``): per-id times of the TT lookup
-  (forward; backward + fused update), of fbgemm's TBE for the plain tables, per-id input
-  preparation, per-sample dense (MLP + interaction + loss) forward and backward, per-step
-  optimizer and loop overhead — read from ``benchmarks/results/e2e_*.json`` or from the
-  1-rank entry of ``benchmarks/results/scaling_*.json``;
-* the **plan** (which table on which rank, TT tables table-wise or row-wise) and the byte
-  count of every collective: ``ttdist.tools.comm_volume`` for the TT collection (its
-  formula, section (a)-(e)), ``torchrec_ebc_volume`` below for TorchRec's table-/column-wise
-  tables, the DDP all-reduce of the dense parameters, and the training loop's 16-byte flag
-  all-reduce;
+  (forward; backward with the in-kernel update of owned cores), per-element time of the
+  replicated cores' step (gradient gather + optimizer over every replicated core element), of
+  fbgemm's TBE for the plain tables, per-id input preparation, per-sample dense (MLP +
+  interaction + loss) forward and backward, per-step optimizer and loop overhead — pooled over
+  the 1-rank entries of a ``benchmarks/scaling.py`` JSON (``Profile.from_scaling``);
+* the **plan** (which table on which rank; TT tables table-, row-, column-wise or data-parallel,
+  TorchRec tables table-, column- or row-wise) and the byte count of every collective:
+  ``ttdist.tools.comm_volume`` for the TT collection (its formula, section (a)-(e)),
+  ``torchrec_ebc_volume`` below for TorchRec's tables, the DDP all-reduce of the dense
+  parameters, and the training loop's 16-byte flag all-reduce;
 * a **link** model: bandwidth beta (bytes/s per GPU, one direction) and latency alpha (s).
 
 Symbols: W ranks, G GPUs per node, B samples per rank, L = 1 id per sample and feature
@@ -22,10 +23,15 @@ Ids per rank (uniform hashing of ids over rows, which the synthetic data's scram
 approximates): a table-/column-wise unit on rank r looks up all W*B ids of its feature; a
 row-wise TT table gives rank r the fraction rows_r / N of its W*B ids, rows_r being the rows of
 rank r's G_1 slice (``shard_layout.table_shards``: ranks past ceil(p_1 / ceil(p_1/W)) hold no
-rows, so at W > p_1 the ids concentrate on p_1 ranks).
+rows, so at W > p_1 the ids concentrate on p_1 ranks); a data-parallel TT table gives every rank
+only its own B ids (no all-to-all); a TorchRec row-wise table gives every rank B ids per feature.
+Replicated core elements per rank (the same on every rank), E_rep = sum over TT tables of the
+cores ``shard_layout.replicated_cores`` names: G_2..G_d of row-/column-wise tables, G_1..G_d of
+data-parallel ones (nothing for table-wise); batch-independent.
 
 Per-rank compute of the pieces (a_* from the profile):
     prep_tt,r = a_prep_tt * B * F_tt           fwd_tt,r = a_fwd_tt * ids_tt,r     bwd_tt,r = a_bwd_tt * ids_tt,r
+    replica_step = a_rep * E_rep   (dense gradient gather + optimizer over every replicated element)
     prep_eb,r = a_prep_eb * B * F_eb           fwd_eb,r = a_fwd_eb * ids_eb,r     bwd_eb,r = a_bwd_eb * ids_eb,r
     glue = m_glue * B (KeyedTensor assembly, feature selection)  dense_fwd = m_fwd * B    dense_bwd = m_bwd * B
     opt = c_opt     other = c_other
@@ -33,10 +39,14 @@ Step time: the pipeline is synchronous (every collective is a barrier), so the c
     T = sum over pieces p of  X_p  +  sum over collectives c of  t_c,
     X_p = max_r x_p,r                         (own cores / GPUs per rank), or
     X_p = max(max_r x_p,r, sum_r x_p,r / cores)   (W ranks sharing `cores` CPU cores: oversubscribed)
+(times a measured compute slowdown s_W on CPU: W ranks under one gloo group on one machine run
+the same compute slower than one rank alone; the micro-benchmark's compute probe at W over 1),
 in the order: prep_tt, [TT index a2a + check all-reduce], fwd_tt, [TT pooled a2a fwd], prep_eb,
-[TBE index a2a], fwd_eb, [TBE pooled a2a fwd], glue, dense_fwd, other, [flag all-reduce], dense_bwd,
-[TBE pooled a2a bwd], bwd_eb, [TT pooled a2a bwd], bwd_tt, [TT replica all-reduce],
-[DDP all-reduce], opt. No overlap of communication with compute (ttdist runs the plain
+[TBE index a2a], fwd_eb, [TBE pooled a2a fwd / row-wise reduce-scatter], glue, dense_fwd, other,
+[flag all-reduce], dense_bwd, [TBE pooled a2a bwd / row-wise all-gather], bwd_eb, [TT pooled a2a
+bwd], bwd_tt, replica_step, [TT replica all-reduce: 4 E_rep bytes, one call], [DDP all-reduce],
+opt. A data-parallel TT table thus costs a_fwd + a_bwd per local id, a_rep per core element and
+one all-reduce of its cores whose size does not depend on B or W (ring: 2 (W-1)/W * bytes / beta). No overlap of communication with compute (ttdist runs the plain
 DMP forward, not TorchRec's pipelined train loop), so T is an upper bound for pipelined runs.
 
 Collective time (S as above, n the number of calls of that collective per step):
@@ -50,6 +60,8 @@ Collective time (S as above, n the number of calls of that collective per step):
     CPU (gloo, fitted):        t = n alpha_kind + S / beta_kind, alpha/beta fitted per world size
         by least squares on a micro-benchmark of all_to_all_single / all_reduce run in the same
         job (benchmarks/scaling.py), since loopback gloo has no datasheet.
+    TorchRec row-wise: reduce-scatter of S (forward) and all-gather to W times its input
+        (backward) timed as all-to-alls of those bytes (a ring moves (W-1)/W of them).
     W = 1: no collective except DDP's (gloo/NCCL all-reduce on one rank), taken as 0 on GPU
         and as the fitted alpha on CPU.
 
@@ -67,14 +79,16 @@ Clusters: ``nvlink+ib`` (8 GPUs per node on NVLink, nodes on HDR), ``pcie+ib`` (
 PCIe Gen4, nodes on HDR), ``ib`` (every GPU talks over HDR). All-to-alls across nodes use
 the inter-node link, as above.
 
-What the model does not know: GPU kernel times (the shipped predictions use the CPU-measured
-profile unless given a GPU one — see ``benchmarks/results/perf_model_predictions.json``'s
-notes), contention on shared links beyond the per-GPU NIC, the output-size term of row-wise
-lookups ([W*B, D] partial sums written and read per rank, not only per id), stragglers.
+What the model does not know: GPU kernel times (the shipped predictions use CPU-measured
+profiles, and a what-if that divides them by an ASSUMED factor — see
+``benchmarks/results/perf_model_predictions.json``'s assumptions), contention on shared links
+beyond the per-GPU NIC, the output-size term of row-wise lookups ([W*B, D] partial sums written
+and read per rank, not only per id), stragglers.
 
 CLI:
     python -m ttdist.tools.perf_model --validate benchmarks/results/scaling_cpu.json
-    python -m ttdist.tools.perf_model --predict [--profile benchmarks/results/e2e_cpu.json] [--batch-per-gpu B]
+    python -m ttdist.tools.perf_model --predict [--profile PROFILE_JSON ...] [--batch-per-gpu B] [--what-if-speedup X]
+(PROFILE_JSON: ``benchmarks/scaling.py --worlds 1`` of one config; defaults in DEFAULT_PROFILES.)
 """
 from __future__ import annotations
 
@@ -186,6 +200,7 @@ class Profile:
     tt_prep_s_per_id: float = 0.0
     tt_fwd_s_per_id: float = 0.0
     tt_bwd_s_per_id: float = 0.0
+    tt_replica_s_per_element: float = 0.0
     ebc_prep_s_per_id: float = 0.0
     ebc_fwd_s_per_id: float = 0.0
     ebc_bwd_s_per_id: float = 0.0
@@ -197,26 +212,36 @@ class Profile:
     source: str = ""
 
     @staticmethod
-    def from_summaries(summaries: Sequence[Mapping[str, Any]], source: str = "") -> "Profile":
-        """From the per-rank step summaries the benchmark scripts write (labels_s, counts).
+    def from_summaries(summaries: Sequence[Mapping[str, Any]], source: str = "",
+                       replicated_elements: Optional[Sequence[float]] = None) -> "Profile":
+        """From per-rank step summaries of the benchmark scripts (labels_s, counts), pooled:
+        every coefficient is the summed time over the summed count.
 
-        Only exclusive (non-collective) time enters: a rank's compute, not its waits.
+        ``replicated_elements``: per summary, the replicated core elements of its rank
+        (``replicated_core_elements``); the replicated cores' step (label ``tt/fused_update``)
+        is timed per element of them. Only exclusive (non-collective) time enters.
         """
+        reps = list(replicated_elements) if replicated_elements is not None else [0.0] * len(summaries)
         tot: dict[str, float] = {}
 
         def add(key: str, value: float) -> None:
             tot[key] = tot.get(key, 0.0) + value
 
-        for s in summaries:
+        for s, rep in zip(summaries, reps, strict=True):
             lab, cnt = s["labels_s"], s["counts"]
             for mod in ("tt", "ebc"):
                 add(f"{mod}_ids", cnt.get(f"{mod}/ids", 0.0))
                 add(f"{mod}_ids_in", cnt.get(f"{mod}/ids_in", 0.0))
                 add(f"{mod}_prep", sum(v for k, v in lab.items() if k.startswith(f"{mod}/input_dist")))
                 add(f"{mod}_fwd", lab.get(f"{mod}/lookup_fwd", 0.0))
-                add(f"{mod}_bwd", sum(lab.get(f"{mod}/{k}", 0.0)
-                                      for k in ("lookup_bwd", "fused_update", "replica_allreduce")))
+                add(f"{mod}_bwd", lab.get(f"{mod}/lookup_bwd", 0.0))
                 add("glue", sum(v for k, v in lab.items() if k.startswith((f"{mod}/output_dist", f"{mod}/output_a2a_bwd"))))
+            replica_step = lab.get("tt/fused_update", 0.0) + lab.get("tt/replica_allreduce", 0.0)
+            if rep:
+                add("replica", replica_step)
+                add("replica_elements", rep)
+            else:  # no replicated core: the step's empty call is lookup backward time
+                add("tt_bwd", replica_step)
             add("glue", lab.get("emb_glue", 0.0))
             add("samples", s["batch_per_rank"])
             add("dense_fwd", lab.get("dense_fwd", 0.0))
@@ -226,21 +251,35 @@ class Profile:
         n = len(summaries)
 
         def per(num: str, den: str) -> float:
-            return tot[num] / tot[den] if tot.get(den) else 0.0
+            return tot.get(num, 0.0) / tot[den] if tot.get(den) else 0.0
 
         return Profile(per("tt_prep", "tt_ids_in"), per("tt_fwd", "tt_ids"), per("tt_bwd", "tt_ids"),
+                       per("replica", "replica_elements"),
                        per("ebc_prep", "ebc_ids_in"), per("ebc_fwd", "ebc_ids"), per("ebc_bwd", "ebc_ids"),
                        per("dense_fwd", "samples"), per("dense_bwd", "samples"), per("glue", "samples"),
                        tot["opt"] / n, tot["other"] / n, source)
 
     @staticmethod
-    def from_json(path: str | Path) -> "Profile":
-        """From an e2e JSON (its TT run) or a scaling JSON (its 1-rank weak entry of the first placement)."""
-        data = json.loads(Path(path).read_text())
-        if data.get("benchmark") == "e2e":
-            return Profile.from_summaries(data["runs"]["tt"]["rank_summaries"], f"{path}: runs.tt")
-        entry = next(e for e in data["entries"] if e["world_size"] == 1 and e["mode"] == "weak")
-        return Profile.from_summaries(entry["rank_summaries"], f"{path}: world_size 1, {entry['placement']}, weak")
+    def from_scaling(data: Mapping[str, Any], spec: "ModelSpec", mode: str = "weak", source: str = "") -> "Profile":
+        """Pooled over the 1-rank entries of ``mode`` of a scaling JSON (every placement it ran)."""
+        entries = [e for e in data["entries"] if e["world_size"] == 1 and e["mode"] == mode]
+        if not entries:
+            raise ValueError(f"{source or 'the scaling JSON'} has no 1-rank {mode} entry to take a profile from; "
+                             "run benchmarks/scaling.py with --worlds including 1")
+        summaries, reps = [], []
+        for e in entries:
+            rep = replicated_core_elements(spec, Plan.from_summary(spec, e["plan"], 1))
+            summaries += e["rank_summaries"]
+            reps += [rep] * len(e["rank_summaries"])
+        placements = ", ".join(e["placement"] for e in entries)
+        return Profile.from_summaries(summaries, f"{source}: 1-rank {mode} entries ({placements}), pooled", reps)
+
+
+def scaled_profile(profile: Profile, speedup: float) -> Profile:
+    """Every compute time divided by ``speedup`` (a what-if, e.g. GPU kernels vs one CPU thread)."""
+    values = {k: (v / speedup if isinstance(v, float) else v) for k, v in asdict(profile).items()}
+    values["source"] = f"{profile.source}, every time / {speedup:g} (ASSUMED, not measured)"
+    return Profile(**values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,31 +325,39 @@ def dlrm_dense_param_bytes(dense_sizes: Sequence[int], over_sizes: Sequence[int]
 
 @dataclass
 class Plan:
-    """Where every table lives. ``tt``: {table: ParameterSharding}; ``eb_units``: one
-    (feature, dim, rank) per TorchRec table shard (table_wise: one; column_wise: one per shard)."""
+    """Where every table lives. ``tt``: {table: ParameterSharding}; TorchRec tables:
+    ``eb_units`` one (feature, dim, rank) per table-wise feature, ``eb_column_wise`` one
+    (feature, shard dim, rank) per column-wise shard, ``eb_row_wise`` one (feature, dim) per
+    row-wise feature (TorchRec runs one input and one output dist per sharding type)."""
 
     world_size: int
     tt: dict
     eb_units: list = field(default_factory=list)
+    eb_column_wise: list = field(default_factory=list)
+    eb_row_wise: list = field(default_factory=list)
+
+    def eb_groups(self) -> list[str]:
+        """The TorchRec sharding types present (one KJTAllToAll each)."""
+        return [k for k, units in (("table_wise", self.eb_units), ("column_wise", self.eb_column_wise),
+                                   ("row_wise", self.eb_row_wise)) if units]
 
     @staticmethod
     def synthetic(spec: ModelSpec, world_size: int, tt_sharding: str) -> "Plan":
-        """TT tables all ``tt_sharding`` (table_wise: table i on rank i mod W, the best spread);
-        TorchRec tables table-wise, greedily on the least-loaded rank counting TT tables too."""
+        """TT tables all ``tt_sharding`` (table_wise: table i on rank i mod W, the best spread;
+        row_wise / data_parallel: every rank); TorchRec tables table-wise, greedily on the
+        least-loaded rank counting table-wise TT tables too."""
         from torchrec.distributed.types import ParameterSharding
 
         from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL
 
+        if tt_sharding not in SYNTHETIC_TT_SHARDINGS:
+            raise ValueError(f"synthetic plans are {' / '.join(SYNTHETIC_TT_SHARDINGS)}, got {tt_sharding!r}")
         tt = {}
         load = [0] * world_size
         for i, c in enumerate(spec.tt_configs):
+            ranks = [i % world_size] if tt_sharding == "table_wise" else list(range(world_size))
             if tt_sharding == "table_wise":
-                ranks = [i % world_size]
                 load[ranks[0]] += 1
-            elif tt_sharding == "row_wise":
-                ranks = list(range(world_size))
-            else:
-                raise ValueError(f"synthetic plans are table_wise or row_wise, got {tt_sharding!r}")
             tt[c.name] = ParameterSharding(sharding_type=tt_sharding, compute_kernel=TT_COMPUTE_KERNEL, ranks=ranks)
         units = []
         for c in spec.eb_configs:
@@ -321,11 +368,11 @@ class Plan:
 
     @staticmethod
     def from_summary(spec: ModelSpec, summary: Mapping[str, Mapping[str, Any]], world_size: int) -> "Plan":
-        """From ``benchmarks/_common.plan_summary`` (the plan a run used)."""
+        """From ``summarize_plan`` (the plan a run used, as the benchmarks store it)."""
         from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
         from torchrec.distributed.types import ParameterSharding
 
-        tt, units = {}, []
+        tt, units, column_wise, row_wise = {}, [], [], []
         tt_names = {c.name for c in spec.tt_configs}
         for c in spec.eb_configs + spec.tt_configs:
             p = summary[c.name]
@@ -340,28 +387,85 @@ class Plan:
             elif p["sharding_type"] == "table_wise":
                 units += [(f, c.embedding_dim, p["ranks"][0]) for f in c.feature_names]
             elif p["sharding_type"] == "column_wise":
-                units += [(f, s["sizes"][1], s["rank"]) for f in c.feature_names for s in shards]
+                column_wise += [(f, s["sizes"][1], s["rank"]) for f in c.feature_names for s in shards]
+            elif p["sharding_type"] == "row_wise":
+                row_wise += [(f, c.embedding_dim) for f in c.feature_names]
             else:
-                raise NotImplementedError(f"TorchRec {p['sharding_type']} tables are not modelled (table {c.name})")
-        return Plan(world_size, tt, units)
+                raise NotImplementedError(f"TorchRec {p['sharding_type']} tables are not modelled (table {c.name}); "
+                                          "ttdist plans TorchRec tables table-, column- or row-wise")
+        return Plan(world_size, tt, units, column_wise, row_wise)
+
+    def sharding_counts(self) -> dict[str, dict[str, int]]:
+        """How many TT / TorchRec tables (features) each sharding type holds."""
+        tt: dict[str, int] = {}
+        for ps in self.tt.values():
+            tt[ps.sharding_type] = tt.get(ps.sharding_type, 0) + 1
+        eb = {"table_wise": len(self.eb_units), "column_wise_shards": len(self.eb_column_wise),
+              "row_wise": len(self.eb_row_wise)}
+        return {"tt": tt, "torchrec": eb}
 
 
-def torchrec_ebc_volume(units: Sequence[tuple], world_size: int, rank: int, batch: int, pooling: float = 1.0,
+SYNTHETIC_TT_SHARDINGS = ("table_wise", "row_wise", "data_parallel")
+
+
+def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int) -> Plan:
+    """What ttdist's planner picks for ``cfg``'s model on ``world_size`` GPUs: ``make_planner`` with
+    ``Topology(world_size=W, compute_device="cuda")`` (TorchRec's defaults otherwise) and the
+    training's constraints (``ttdist.model.plan_constraints``); the model is built on meta."""
+    import torch
+    from torchrec.distributed.planner import Topology
+
+    from ttdist.distributed import make_planner
+    from ttdist.model import build_model, build_sharders, plan_constraints
+    from ttdist.modules.optim import OptimType
+
+    model = build_model(cfg, torch.device("meta"))
+    planner = make_planner(Topology(world_size=world_size, compute_device="cuda"), batch_size=batch_per_rank,
+                           constraints=plan_constraints(cfg, "cuda"),
+                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
+    return Plan.from_summary(spec, summarize_plan(planner.plan(model, build_sharders(cfg))), world_size)
+
+
+def replicated_core_elements(spec: ModelSpec, plan: Plan) -> int:
+    """Core elements every rank holds a replica of (G_2..G_d of row-/column-wise TT tables, all
+    cores of data-parallel ones): what the replicated cores' step reads and updates per step."""
+    from ttdist.distributed.shard_layout import replicated_cores
+
+    return sum(math.prod(c.tt_shape().core_shapes[k]) for c in spec.tt_configs
+               for k in replicated_cores(plan.tt[c.name].sharding_type, c.tt_shape().d))
+
+
+def torchrec_ebc_volume(units: Sequence[tuple], world_size: int, rank: int, batch: int,
+                        row_wise: Sequence[tuple] = (), column_wise: Sequence[tuple] = (), pooling: float = 1.0,
                         values_bytes: int = 8, lengths_bytes: int = 4, emb_bytes: int = 4) -> dict:
-    """Bytes rank ``rank`` hands to TorchRec's table-/column-wise EBC collectives per step.
+    """Bytes rank ``rank`` hands to TorchRec's EBC collectives per step (unweighted).
 
-    The same structure as comm_volume (a)-(b) for ttdist's table/column-wise group (TorchRec's
-    KJTAllToAll and PooledEmbeddingsAllToAll, unweighted): with U the (feature, D_u, rank) units,
+    Table-wise units and column-wise units U (feature, D_u, rank), each kind its own KJTAllToAll
+    and PooledEmbeddingsAllToAll, as comm_volume (a)-(b):
         index   8 W * 3 (splits) + e_l B |U| + e_v L B |U|
         pooled  forward e_o W B sum_{u on rank} D_u,  backward e_o B sum_u D_u
-    and nothing at W = 1.
+    Row-wise features F_rw (feature, D): a second KJTAllToAll of bucketised ids, then
+    TorchRec's reduce-scatter of the partial sums forward and all-gather backward:
+        index   8 W * 3 + e_l W B |F_rw| + e_v L B |F_rw|
+        reduce-scatter forward e_o W B sum D,   all-gather backward e_o B sum D
+    Nothing at W = 1.
     """
-    if world_size == 1 or not units:
-        return {"index_all_to_all": 0, "pooled_all_to_all_forward": 0, "pooled_all_to_all_backward": 0}
-    n = len(units)
-    return {"index_all_to_all": 8 * world_size * 3 + lengths_bytes * batch * n + values_bytes * pooling * batch * n,
-            "pooled_all_to_all_forward": emb_bytes * world_size * batch * sum(d for _, d, r in units if r == rank),
-            "pooled_all_to_all_backward": emb_bytes * batch * sum(d for _, d, _ in units)}
+    keys = ("index_all_to_all", "pooled_all_to_all_forward", "pooled_all_to_all_backward",
+            "pooled_reduce_scatter_forward", "pooled_all_gather_backward")
+    out = dict.fromkeys(keys, 0)
+    if world_size == 1:
+        return out
+    w, m = world_size, len(row_wise)
+    for group in (g for g in (units, column_wise) if g):
+        n = len(group)
+        out["index_all_to_all"] += 8 * w * 3 + lengths_bytes * batch * n + values_bytes * pooling * batch * n
+        out["pooled_all_to_all_forward"] += emb_bytes * w * batch * sum(d for _, d, r in group if r == rank)
+        out["pooled_all_to_all_backward"] += emb_bytes * batch * sum(d for _, d, _ in group)
+    if row_wise:
+        out["index_all_to_all"] += 8 * w * 3 + lengths_bytes * w * batch * m + values_bytes * pooling * batch * m
+        out["pooled_reduce_scatter_forward"] = emb_bytes * w * batch * sum(d for _, d in row_wise)
+        out["pooled_all_gather_backward"] = emb_bytes * batch * sum(d for _, d in row_wise)
+    return out
 
 
 def collective_bytes(spec: ModelSpec, plan: Plan, rank: int, batch: int) -> dict[str, float]:
@@ -379,13 +483,11 @@ def collective_bytes(spec: ModelSpec, plan: Plan, rank: int, batch: int) -> dict
             out[f"tt.pooled_all_to_all_backward.{g}"] = v["pooled_all_to_all_backward"][g]
         out["tt.replicated_grad_all_reduce"] = v["replicated_grad_all_reduce"]
         out["tt.input_check_all_reduce"] = v["input_check_all_reduce"]
-    e = torchrec_ebc_volume(plan.eb_units, w, rank, batch)
+    e = torchrec_ebc_volume(plan.eb_units, w, rank, batch, plan.eb_row_wise, plan.eb_column_wise)
     for k, b in e.items():
         out[f"ebc.{k}"] = b
     out["ddp_all_reduce"] = spec.dense_param_bytes
     return out
-
-
 def counted_bytes(collectives: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Counted per-step bytes (benchmarks' ``"<label>|<kind>"`` records) under collective_bytes' keys.
 
@@ -482,36 +584,43 @@ def ids_per_rank(spec: ModelSpec, plan: Plan, batch: int) -> tuple[list[float], 
         else:
             for s in shards:
                 tt[s.rank] += nf * w * batch
-    for _, _, r in plan.eb_units:
+    for _, _, r in plan.eb_units + plan.eb_column_wise:
         eb[r] += w * batch
+    for r in range(w):
+        eb[r] += len(plan.eb_row_wise) * batch
     return tt, eb
 
 
 def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: Cluster | FittedLinks,
-              cores: Optional[int] = None, calls: Optional[Mapping[str, int]] = None) -> dict:
+              cores: Optional[int] = None, calls: Optional[Mapping[str, int]] = None,
+              compute_slowdown: float = 1.0) -> dict:
     """Predicted step time and its pieces (module docstring). ``cores``: CPU cores the W ranks
-    share (None: one device each). ``calls``: collective calls per step (default: ttdist's)."""
+    share (None: one device each). ``calls``: collective calls per step (default: ttdist's).
+    ``compute_slowdown``: every compute piece times this (CPU ranks sharing a machine: measured)."""
     w = plan.world_size
     p = profile
     tt_ids, eb_ids = ids_per_rank(spec, plan, batch)
     f_tt = sum(len(c.feature_names) for c in spec.tt_configs)
     f_eb = sum(len(c.feature_names) for c in spec.eb_configs)
+    replicas = replicated_core_elements(spec, plan)
 
     def piece(per_rank: Sequence[float]) -> float:
         worst = max(per_rank)
-        return max(worst, sum(per_rank) / cores) if cores else worst
+        return compute_slowdown * (max(worst, sum(per_rank) / cores) if cores else worst)
 
     def uniform(x: float) -> float:
         return piece([x] * w)
 
     per_rank_bytes = [collective_bytes(spec, plan, r, batch) for r in range(w)]
     byts = {k: max(b[k] for b in per_rank_bytes) for k in per_rank_bytes[0]}
-    has_tt, has_eb = bool(spec.tt_configs), bool(spec.eb_configs)
     tt_groups = {("row_wise" if ps.sharding_type == "row_wise" else "table_column_wise")
                  for ps in plan.tt.values() if ps.sharding_type != "data_parallel"}
-    default_calls = {"tt_index": 3 * len(tt_groups), "tt_pooled": len(tt_groups), "tt_check": int(byts.get("tt.input_check_all_reduce", 0) > 0),
+    eb_groups = plan.eb_groups()
+    default_calls = {"tt_index": 3 * len(tt_groups), "tt_pooled": len(tt_groups),
+                     "tt_check": int(byts.get("tt.input_check_all_reduce", 0) > 0),
                      "tt_replica": int(byts.get("tt.replicated_grad_all_reduce", 0) > 0),
-                     "eb_index": 3 * int(has_eb), "eb_pooled": int(has_eb), "flag": int(w > 1),
+                     "eb_index": 3 * len(eb_groups), "eb_pooled": len(set(eb_groups) - {"row_wise"}),
+                     "eb_row_wise": int("row_wise" in eb_groups), "flag": int(w > 1),
                      "ddp": max(1, math.ceil(spec.dense_param_bytes / 25e6))}
     n = {**default_calls, **(calls or {})}
 
@@ -526,34 +635,41 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         + ar(byts.get("tt.input_check_all_reduce", 0), n["tt_check"] * (w > 1))
         + a2a(byts["ebc.index_all_to_all"], n["eb_index"]),
         "lookup_fwd": piece([p.tt_fwd_s_per_id * x for x in tt_ids]) + piece([p.ebc_fwd_s_per_id * x for x in eb_ids]),
+        # TorchRec's row-wise reduce-scatter moves (W-1)/W of its input over a ring, as an all-to-all
         "output_a2a_fwd": a2a(tt_sum("tt.pooled_all_to_all_forward"), n["tt_pooled"])
-        + a2a(byts["ebc.pooled_all_to_all_forward"], n["eb_pooled"]),
+        + a2a(byts["ebc.pooled_all_to_all_forward"], n["eb_pooled"])
+        + a2a(byts["ebc.pooled_reduce_scatter_forward"], n["eb_row_wise"]),
         "emb_glue": uniform(p.glue_s_per_sample * batch),
         "dense_fwd": uniform(p.dense_fwd_s_per_sample * batch),
         "dense_bwd": uniform(p.dense_bwd_s_per_sample * batch),
+        # ... and its all-gather (W-1)/W of its W-times-larger output
         "output_a2a_bwd": a2a(tt_sum("tt.pooled_all_to_all_backward"), n["tt_pooled"])
-        + a2a(byts["ebc.pooled_all_to_all_backward"], n["eb_pooled"]),
+        + a2a(byts["ebc.pooled_all_to_all_backward"], n["eb_pooled"])
+        + a2a(w * byts["ebc.pooled_all_gather_backward"], n["eb_row_wise"]),
         "lookup_bwd_update": piece([p.tt_bwd_s_per_id * x for x in tt_ids])
-        + piece([p.ebc_bwd_s_per_id * x for x in eb_ids]),
+        + uniform(p.tt_replica_s_per_element * replicas) + piece([p.ebc_bwd_s_per_id * x for x in eb_ids]),
         "allreduce": ar(byts.get("tt.replicated_grad_all_reduce", 0), n["tt_replica"])
         + ar(byts["ddp_all_reduce"], n["ddp"]),
         "dense_optimizer": uniform(p.optimizer_s_per_step),
         "other": uniform(p.other_s_per_step) + ar(16 * w, n["flag"]),
     }
     return {"step_time_s": sum(parts.values()), "breakdown_s": parts, "max_rank_bytes": byts,
-            "tt_ids_per_rank_max": max(tt_ids), "ebc_ids_per_rank_max": max(eb_ids) if eb_ids else 0}
+            "tt_ids_per_rank_max": max(tt_ids), "ebc_ids_per_rank_max": max(eb_ids),
+            "replicated_core_elements": replicas}
 
 
-def weak_scaling(profile: Profile, spec: ModelSpec, batch: int, worlds: Sequence[int], tt_sharding: str,
-                 links: Cluster) -> list[dict]:
-    """Predicted step time and efficiency T(1)/T(W) at fixed ``batch`` per rank."""
-    t1 = step_time(profile, spec, Plan.synthetic(spec, 1, tt_sharding), batch, links)["step_time_s"]
+def weak_scaling(profile: Profile, spec: ModelSpec, batch: int, plans: Mapping[int, Plan], links: Cluster) -> list[dict]:
+    """Predicted step time and efficiency T(1)/T(W) at fixed ``batch`` per rank, one point per
+    plan of ``plans`` ({W: Plan}, which must hold W = 1)."""
+    if 1 not in plans:
+        raise ValueError("weak_scaling needs the 1-rank plan (its step time is the efficiency's reference)")
+    t1 = step_time(profile, spec, plans[1], batch, links)["step_time_s"]
     out = []
-    for w in worlds:
-        r = step_time(profile, spec, Plan.synthetic(spec, w, tt_sharding), batch, links)
+    for w in sorted(plans):
+        r = step_time(profile, spec, plans[w], batch, links)
         out.append({"world_size": w, "step_time_s": r["step_time_s"], "efficiency": t1 / r["step_time_s"],
                     "samples_per_s": w * batch / r["step_time_s"], "breakdown_s": r["breakdown_s"],
-                    "tt_ids_per_rank_max": r["tt_ids_per_rank_max"]})
+                    "tt_ids_per_rank_max": r["tt_ids_per_rank_max"], "plan": plans[w].sharding_counts()})
     return out
 
 
@@ -568,119 +684,175 @@ def _config_of(setup: Mapping[str, Any], extra: Sequence[str] = ()):
     return load_config(setup["config"], list(setup["overrides"]) + list(extra))
 
 
+def _compute_slowdown(links: Mapping[str, Any], links_1: Mapping[str, Any]) -> float:
+    """The micro-benchmark's compute probe at W ranks over the same probe at 1 rank (1.0 without one)."""
+    if "compute_probe" not in links or "compute_probe" not in links_1:
+        return 1.0
+    return links["compute_probe"]["median_s"] / links_1["compute_probe"]["median_s"]
+
+
 def validate(scaling_json: str | Path) -> dict:
     """Predicted vs measured bytes (exact) and step times of every entry of a scaling JSON.
 
     Bytes: ``collective_bytes`` from the entry's plan, per rank, vs the counted bytes.
-    Times: ``step_time`` with the profile of the 1-rank entry of the same placement and mode,
-    the links fitted by that world size's micro-benchmark, and the machine's cores shared by
-    the ranks. The 1-rank prediction is in-sample (its own profile).
+    Times: ``step_time`` with the profile pooled over the JSON's 1-rank entries of the same mode
+    (every placement), the links fitted by that world size's micro-benchmark, its compute probe
+    over the 1-rank job's (ranks sharing a machine run slower), and the cores shared by the ranks.
     """
     data = json.loads(Path(scaling_json).read_text())
     setup = data["setup"]
     cores = setup["cpu_cores"] if setup["device"] == "cpu" else None
     spec = ModelSpec.from_config(_config_of(setup))
+    entries = data["entries"]
+    profiles = {m: Profile.from_scaling(data, spec, m, str(scaling_json)) for m in sorted({e["mode"] for e in entries})}
+    links_1 = next(e["links"] for e in entries if e["world_size"] == 1)
     rows = []
-    for e in sorted(data["entries"], key=lambda e: (e["placement"], e["mode"], e["world_size"])):
+    for e in sorted(entries, key=lambda e: (e["placement"], e["mode"], e["world_size"])):
         w = e["world_size"]
         plan = Plan.from_summary(spec, e["plan"], w)
-        bytes_ok, mismatches = True, []
+        mismatches = []
         for r, counted in enumerate(e["bytes_per_rank"]):
             predicted = collective_bytes(spec, plan, r, e["batch_per_rank"])
             for k in (set(predicted) | set(counted)) - set(NOT_MODELLED):
                 c = counted.get(k, {}).get("counted", 0)
                 if c != predicted.get(k, 0):
-                    bytes_ok = False
                     mismatches.append({"rank": r, "collective": k, "counted": c, "predicted": predicted.get(k, 0)})
-        base = next(b for b in data["entries"] if b["world_size"] == 1 and b["placement"] == e["placement"]
-                    and b["mode"] == e["mode"])
-        profile = Profile.from_summaries(base["rank_summaries"], "1-rank entry")
-        links = FittedLinks.from_json(e["links"])
-        pred = step_time(profile, spec, plan, e["batch_per_rank"], links, cores=cores)
+        slowdown = _compute_slowdown(e["links"], links_1)
+        pred = step_time(profiles[e["mode"]], spec, plan, e["batch_per_rank"], FittedLinks.from_json(e["links"]),
+                         cores=cores, compute_slowdown=slowdown)
         rows.append({"placement": e["placement"], "mode": e["mode"], "world_size": w,
+                     "plan": plan.sharding_counts(), "compute_slowdown": slowdown,
                      "measured_step_s": e["step_time_s"], "predicted_step_s": pred["step_time_s"],
                      "relative_error": pred["step_time_s"] / e["step_time_s"] - 1,
                      "measured_breakdown_s": e["breakdown_s"], "predicted_breakdown_s": pred["breakdown_s"],
-                     "bytes_equal": bytes_ok, "byte_mismatches": mismatches})
-    in_range = [r for r in rows if 1 < r["world_size"] <= 4]
-    return {"scaling_json": str(scaling_json), "rows": rows, "bytes_all_equal": all(r["bytes_equal"] for r in rows),
-            "mean_abs_relative_error_w2_w4": (sum(abs(r["relative_error"]) for r in in_range) / len(in_range)
-                                              if in_range else None),
-            "max_abs_relative_error_w2_w4": max((abs(r["relative_error"]) for r in in_range), default=None),
-            "note": ("W=1 is in-sample (the profile comes from it). W > cores: the ranks share the cores "
-                     "(model: a piece takes max(slowest rank, total work / cores)). Links: alpha/beta fitted per W "
-                     "by the scaling job's micro-benchmark."),
+                     "bytes_equal": not mismatches, "byte_mismatches": mismatches})
+    at_2 = {f"{r['placement']} {r['mode']}": abs(r["relative_error"]) for r in rows if r["world_size"] == 2}
+    return {"scaling_json": str(scaling_json), "command": data.get("command"), "rows": rows,
+            "bytes_all_equal": all(r["bytes_equal"] for r in rows),
+            "abs_relative_error_w2": at_2, "max_abs_relative_error_w2": max(at_2.values(), default=None),
+            "profiles": {m: asdict(p) for m, p in profiles.items()},
+            "note": ("Profile: pooled over the 1-rank entries of the same mode (all placements), so the 1-rank rows "
+                     "are nearly in-sample. W > 1: compute times the micro-benchmark's compute probe at W ranks over "
+                     "the probe at 1 rank; collectives with alpha/beta fitted per W by the same micro-benchmark "
+                     "(calls made after equal compute, no barrier, as in a step). W > cores: the ranks share the "
+                     "cores (a piece takes max(slowest rank, total work / cores))."),
             "load_average": [setup.get("load_average_before"), setup.get("load_average_after")]}
 
 
 def print_validation(v: dict) -> None:
     print(f"validation against {v['scaling_json']} (load average before/after the run: {v['load_average']})")
-    print(f"{'placement':<10}{'mode':<8}{'W':>3}{'measured ms':>13}{'predicted ms':>14}{'error':>9}{'bytes equal':>13}")
+    print(f"{'placement':<10}{'mode':<8}{'W':>3}{'measured ms':>13}{'predicted ms':>14}{'error':>9}{'slowdown':>10}"
+          f"{'bytes equal':>13}  TT plan")
     for r in v["rows"]:
         print(f"{r['placement']:<10}{r['mode']:<8}{r['world_size']:>3}{r['measured_step_s'] * 1e3:>13.1f}"
-              f"{r['predicted_step_s'] * 1e3:>14.1f}{r['relative_error'] * 100:>8.0f}%{str(r['bytes_equal']):>13}")
-    if v["mean_abs_relative_error_w2_w4"] is not None:
-        print(f"step time error over W = 2..4: mean |error| {v['mean_abs_relative_error_w2_w4'] * 100:.0f}%, "
-              f"max {v['max_abs_relative_error_w2_w4'] * 100:.0f}%")
+              f"{r['predicted_step_s'] * 1e3:>14.1f}{r['relative_error'] * 100:>8.1f}%{r['compute_slowdown']:>10.2f}"
+              f"{str(r['bytes_equal']):>13}  {r['plan']['tt']}")
+    if v["max_abs_relative_error_w2"] is not None:
+        print(f"step time |error| at W = 2: max {v['max_abs_relative_error_w2'] * 100:.1f}% ("
+              + ", ".join(f"{k} {e * 100:.1f}%" for k, e in v["abs_relative_error_w2"].items()) + ")")
     print(f"bytes: counted == predicted on every rank of every entry: {v['bytes_all_equal']}")
     print(v["note"])
 
 
-def scaled_profile(profile: Profile, speedup: float) -> Profile:
-    """Every compute time divided by ``speedup`` (a what-if, e.g. GPU kernels vs one CPU thread)."""
-    values = {k: (v / speedup if isinstance(v, float) else v) for k, v in asdict(profile).items()}
-    values["source"] = f"{profile.source}, every time / {speedup:g} (ASSUMED, not measured)"
-    return Profile(**values)
+PLAN_KINDS = ("row_wise", "table_wise", "data_parallel", "planner")
 
 
-def predict(profile_json: str | Path, batch_per_gpu: int, worlds: Sequence[int] = (1, 8, 64, 512),
-            presets: Sequence[str] = tuple(PRESETS), scale: Optional[float] = None,
-            what_if_speedup: Optional[float] = None) -> dict:
-    """Weak-scaling predictions, TT table-wise vs row-wise, for every preset cluster.
-
-    ``what_if_speedup``: also predict with every measured compute time divided by this factor
-    (an assumption standing in for GPU kernels; labelled as such in the output).
-    """
+def config_predictions(profile_json: str | Path, batch_per_gpu: int, worlds: Sequence[int], presets: Sequence[str],
+                       scale: Optional[float] = None, what_if_speedup: Optional[float] = None) -> dict:
+    """Weak-scaling predictions of the model a profile JSON ran (its config and overrides), for
+    every plan kind of PLAN_KINDS (all TT tables one sharding type, or the planner's plan) and
+    every preset cluster; with ``what_if_speedup``, again with every compute time divided by it."""
     data = json.loads(Path(profile_json).read_text())
-    profile = Profile.from_json(profile_json)
     setup = data["setup"]
     extra = [f"data.cardinality_scale={scale}"] if scale else []
     cfg = _config_of(setup, extra)
     spec = ModelSpec.from_config(cfg)
-    out = {"profile": asdict(profile), "profile_device": setup["device"], "batch_per_gpu": batch_per_gpu,
-           "model": {"config": setup["config"], "overrides": list(setup["overrides"]) + extra,
-                     "tt_tables": [c.name for c in spec.tt_configs], "tt_shapes": {c.name: list(c.tt_shape().p)
-                                                                                   for c in spec.tt_configs},
+    profile = Profile.from_scaling(data, spec, "weak", str(profile_json))
+    all_worlds = sorted({1, *worlds})
+    plans = {kind: {w: planner_plan(cfg, spec, w, batch_per_gpu) if kind == "planner" else Plan.synthetic(spec, w, kind)
+                    for w in all_worlds} for kind in PLAN_KINDS}
+
+    def predictions(prof: Profile) -> dict:
+        return {f"{name}/{kind}": weak_scaling(prof, spec, batch_per_gpu, plans[kind], PRESETS[name])
+                for name in presets for kind in PLAN_KINDS}
+
+    core_bytes = 4 * sum(c.tt_shape().num_parameters for c in spec.tt_configs)
+    out = {"config": setup["config"], "overrides": list(setup["overrides"]) + extra, "profile_json": str(profile_json),
+           "profile_setup": {k: setup.get(k) for k in ("device", "batch_per_rank", "steps", "load_average_before",
+                                                       "load_average_after")} | {"command": data.get("command")},
+           "profile": asdict(profile),
+           "model": {"tt_tables": [c.name for c in spec.tt_configs],
+                     "tt_shapes": {c.name: {"p": list(c.tt_shape().p), "q": list(c.tt_shape().q),
+                                            "ranks": list(c.tt_shape().ranks)} for c in spec.tt_configs},
+                     "tt_core_bytes": core_bytes, "torchrec_tables": len(spec.eb_configs),
                      "dense_param_bytes": spec.dense_param_bytes},
-           "presets": {n: {"intra": asdict(c.intra), "inter": asdict(c.inter), "gpus_per_node": c.gpus_per_node}
-                       for n, c in PRESETS.items() if n in presets},
-           "predictions": {}}
-    for name in presets:
-        for sharding in ("table_wise", "row_wise"):
-            out["predictions"][f"{name}/{sharding}"] = weak_scaling(profile, spec, batch_per_gpu, worlds, sharding,
-                                                                    PRESETS[name])
+           "plans": {kind: {w: p.sharding_counts() for w, p in by_w.items()} for kind, by_w in plans.items()},
+           "predictions": predictions(profile)}
     if what_if_speedup:
-        fast = scaled_profile(profile, what_if_speedup)
-        out["what_if"] = {"compute_speedup": what_if_speedup, "profile": asdict(fast),
-                          "note": f"ASSUMPTION, not a measurement: every measured compute time divided by "
-                                  f"{what_if_speedup:g} to show how the links weigh next to faster (GPU-like) "
-                                  "compute. Byte counts are unchanged.",
-                          "predictions": {f"{name}/{sh}": weak_scaling(fast, spec, batch_per_gpu, worlds, sh,
-                                                                       PRESETS[name])
-                                          for name in presets for sh in ("table_wise", "row_wise")}}
-    out["notes"] = [
-        "Weak scaling: batch_per_gpu samples per GPU; efficiency = T(1)/T(W).",
-        f"Compute profile measured on {setup['device']} ({profile.source}); with a CPU profile the per-id and "
-        "per-sample times are CPU times, so absolute step times are not GPU step times and communication weighs "
-        "less than it would next to GPU kernels. Rerun with a GPU-measured e2e/scaling JSON for GPU numbers.",
-        "table_wise: TT table i on GPU i mod W (the best spread); TorchRec tables greedily on the least-loaded GPU. "
-        "A table-wise table's GPU looks up all W*B ids of its feature, so past W = #tables the busiest GPU's "
-        "lookup work grows as W.",
-        "row_wise: ids spread in proportion to each GPU's rows (uniform hashing); only ceil(p_1/ceil(p_1/W)) GPUs "
-        "hold rows of a table, and the pooled all-to-all carries W*B partial sums per feature per GPU.",
-        "No compute/communication overlap (an upper bound for pipelined training).",
-    ]
+        out["what_if"] = {"compute_speedup": what_if_speedup, "profile": asdict(scaled_profile(profile, what_if_speedup)),
+                          "predictions": predictions(scaled_profile(profile, what_if_speedup))}
     return out
+
+
+def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Sequence[int] = (1, 8, 64, 512),
+            presets: Sequence[str] = tuple(PRESETS), scale: Optional[float] = None,
+            what_if_speedup: Optional[float] = None) -> dict:
+    """``config_predictions`` of every profile JSON (one per model config), with the assumptions."""
+    configs = {Path(json.loads(Path(p).read_text())["setup"]["config"]).stem:
+               config_predictions(p, batch_per_gpu, worlds, presets, scale, what_if_speedup) for p in profile_jsons}
+    assumptions = [
+        f"Weak scaling: {batch_per_gpu} samples per GPU at every W; efficiency = T(1)/T(W) of the same plan kind.",
+        "Compute: per-id / per-sample / per-element times measured on one CPU rank (1 thread) of each config's model "
+        "(profile_json, pooled over its tw/rw/dp 1-rank runs); "
+        + (f"the what-if divides every one by {what_if_speedup:g} (ASSUMED GPU-speed compute, not measured)."
+           if what_if_speedup else "no GPU-speed what-if."),
+        "Links: " + "; ".join(f"{n}: intra {c.intra.bandwidth / 1e9:g} GB/s {c.intra.latency * 1e6:g} us, inter "
+                              f"{c.inter.bandwidth / 1e9:g} GB/s {c.inter.latency * 1e6:g} us, {c.gpus_per_node} GPU(s) "
+                              "per node" for n, c in PRESETS.items() if n in presets) + " (module docstring: sources).",
+        "Plans: row_wise / table_wise / data_parallel put every TT table on that sharding type (TorchRec tables "
+        "table-wise, least-loaded rank); planner = ttdist.distributed.make_planner with Topology(world_size=W, "
+        "compute_device='cuda') and the training's constraints, at the same per-GPU batch.",
+        "Ids hash uniformly over rows (row-wise shards get ids in proportion to their rows); 1 id per sample and feature.",
+        "No overlap of communication with compute (an upper bound for pipelined training); no stragglers, no link "
+        "contention beyond the per-GPU NIC.",
+    ]
+    return {"batch_per_gpu": batch_per_gpu, "worlds": sorted({1, *worlds}), "what_if_speedup": what_if_speedup,
+            "presets": {n: {"intra": asdict(c.intra), "inter": asdict(c.inter), "gpus_per_node": c.gpus_per_node}
+                        for n, c in PRESETS.items() if n in presets},
+            "assumptions": assumptions, "configs": configs}
+
+
+def efficiency_table(pred: dict, worlds: Sequence[int] = (64, 512)) -> list[dict]:
+    """One row per (config, preset/plan kind): efficiency at ``worlds``, measured and what-if compute."""
+    rows = []
+    for name, c in pred["configs"].items():
+        for key, pts in c["predictions"].items():
+            row = {"config": name, "preset/plan": key}
+            for w in worlds:
+                row[f"E{w}"] = next(p["efficiency"] for p in pts if p["world_size"] == w)
+                if "what_if" in c:
+                    row[f"E{w}_what_if"] = next(p["efficiency"] for p in c["what_if"]["predictions"][key]
+                                                if p["world_size"] == w)
+            rows.append(row)
+    return rows
+
+
+def print_predictions(pred: dict) -> None:
+    print("assumptions:")
+    for a in pred["assumptions"]:
+        print(f"  - {a}")
+    worlds = pred["worlds"]
+    for name, c in pred["configs"].items():
+        print(f"\n{name} ({c['config']}; TT cores {c['model']['tt_core_bytes'] / 2**20:.1f} MiB; profile {c['profile_json']})")
+        print("  planner's TT plan: " + ", ".join(f"W={w}: {p['tt']}" for w, p in c["plans"]["planner"].items()))
+        for label, preds in (("measured CPU compute", c["predictions"]),
+                             (f"what-if compute / {pred['what_if_speedup']:g} (ASSUMED)", c.get("what_if", {}).get("predictions"))):
+            if not preds:
+                continue
+            print(f"  {label}:")
+            print(f"  {'preset/plan':<26}" + "".join(f"{'W=' + str(w):>22}" for w in worlds))
+            for key, pts in preds.items():
+                print(f"  {key:<26}" + "".join(f"{p['step_time_s'] * 1e3:>10.2f} ms E={p['efficiency']:<6.3f}" for p in pts))
 
 
 def plot_predictions(pred: dict, path: Path) -> None:
@@ -689,29 +861,38 @@ def plot_predictions(pred: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    presets = list(pred["presets"])
-    fig, axes = plt.subplots(1, len(presets), figsize=(4 * len(presets), 3.8), sharey=True)
-    for ax, name in zip(axes if len(presets) > 1 else [axes], presets):
-        for color, sharding in zip(("tab:blue", "tab:orange"), ("table_wise", "row_wise")):
-            pts = pred["predictions"][f"{name}/{sharding}"]
-            ax.plot([p["world_size"] for p in pts], [p["efficiency"] for p in pts], "o-", color=color,
-                    label=f"TT {sharding} (measured compute)")
-            if "what_if" in pred:
-                pts = pred["what_if"]["predictions"][f"{name}/{sharding}"]
-                ax.plot([p["world_size"] for p in pts], [p["efficiency"] for p in pts], "s--", color=color, alpha=0.6,
-                        label=f"TT {sharding}, compute / {pred['what_if']['compute_speedup']:g} (assumed)")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("GPUs")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    (axes[0] if len(presets) > 1 else axes).set_ylabel("predicted weak-scaling efficiency")
-    fig.suptitle(f"ttdist.tools.perf_model, {pred['batch_per_gpu']} samples/GPU, compute profile from "
-                 f"{pred['profile_device']}", fontsize=9)
+    configs, presets = list(pred["configs"]), list(pred["presets"])
+    fig, axes = plt.subplots(len(configs), len(presets), figsize=(4 * len(presets), 3.6 * len(configs)),
+                             sharey=True, squeeze=False)
+    colors = dict(zip(PLAN_KINDS, ("tab:orange", "tab:blue", "tab:green", "tab:red")))
+    for i, name in enumerate(configs):
+        c = pred["configs"][name]
+        for j, preset in enumerate(presets):
+            ax = axes[i, j]
+            for kind in PLAN_KINDS:
+                pts = c["predictions"][f"{preset}/{kind}"]
+                ax.plot([p["world_size"] for p in pts], [p["efficiency"] for p in pts], "o-", color=colors[kind],
+                        label=f"TT {kind} (CPU compute)")
+                if "what_if" in c:
+                    pts = c["what_if"]["predictions"][f"{preset}/{kind}"]
+                    ax.plot([p["world_size"] for p in pts], [p["efficiency"] for p in pts], "s--", color=colors[kind],
+                            alpha=0.6, label=f"TT {kind}, compute / {pred['what_if_speedup']:g} (assumed)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{name}, {preset}", fontsize=10)
+            ax.set_xlabel("GPUs")
+            ax.grid(alpha=0.3, which="both")
+        axes[i, 0].set_ylabel("predicted weak-scaling efficiency")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"ttdist.tools.perf_model, {pred['batch_per_gpu']} samples/GPU; compute profiles measured on one "
+                 "CPU rank", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+DEFAULT_PROFILES = ("benchmarks/results/perf_model_profile_criteo_kaggle.json",
+                    "benchmarks/results/perf_model_profile_criteo_terabyte.json")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -720,8 +901,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--validate", metavar="SCALING_JSON", help="predicted vs measured bytes and step times")
     p.add_argument("--validation-out", default=None, help="write the validation JSON here")
     p.add_argument("--predict", action="store_true", help="weak-scaling predictions at --worlds GPUs")
-    p.add_argument("--profile", default="benchmarks/results/scaling_cpu.json",
-                   help="compute profile: a scaling JSON (its 1-rank entry) or an e2e JSON (its TT run)")
+    p.add_argument("--profile", action="append", default=None,
+                   help="a scaling JSON with 1-rank entries of one config's model (repeatable; default: "
+                        + ", ".join(DEFAULT_PROFILES) + ")")
     p.add_argument("--batch-per-gpu", type=int, default=4096)
     p.add_argument("--worlds", default="1,8,64,512")
     p.add_argument("--scale", type=float, default=None, help="cardinality scale of the modelled tables "
@@ -732,6 +914,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     if not args.validate and not args.predict:
         p.error("give --validate SCALING_JSON and/or --predict")
+    v = None
     if args.validate:
         v = validate(args.validate)
         print_validation(v)
@@ -739,27 +922,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             Path(args.validation_out).write_text(json.dumps(v, indent=2))
             print(f"wrote {args.validation_out}")
     if args.predict:
-        pred = predict(args.profile, args.batch_per_gpu, [int(x) for x in args.worlds.split(",")], scale=args.scale,
-                       what_if_speedup=args.what_if_speedup)
-        if args.validate:
-            pred["validation"] = {k: v[k] for k in ("scaling_json", "bytes_all_equal", "mean_abs_relative_error_w2_w4",
-                                                    "max_abs_relative_error_w2_w4", "load_average")}
-            pred["validation"]["rows"] = [{k: r[k] for k in ("placement", "mode", "world_size", "measured_step_s",
-                                                             "predicted_step_s", "relative_error", "bytes_equal")}
-                                          for r in v["rows"]]
+        pred = predict(args.profile or DEFAULT_PROFILES, args.batch_per_gpu, [int(x) for x in args.worlds.split(",")],
+                       scale=args.scale, what_if_speedup=args.what_if_speedup)
+        pred["efficiency"] = efficiency_table(pred)
+        if v is not None:
+            pred["validation"] = {k: v[k] for k in ("scaling_json", "bytes_all_equal", "abs_relative_error_w2",
+                                                    "max_abs_relative_error_w2", "load_average")}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(pred, indent=2))
         png = out.with_suffix(".png")
         plot_predictions(pred, png)
-        print(f"\n{'preset/sharding':<24}" + "".join(f"{'W=' + str(w):>22}" for w in args.worlds.split(",")))
-        for key, pts in pred["predictions"].items():
-            print(f"{key:<24}" + "".join(f"{p['step_time_s'] * 1e3:>10.1f} ms E={p['efficiency']:<6.3f}" for p in pts))
-        if "what_if" in pred:
-            print(f"what-if (ASSUMED compute / {pred['what_if']['compute_speedup']:g}):")
-            for key, pts in pred["what_if"]["predictions"].items():
-                print(f"{key:<24}" + "".join(f"{p['step_time_s'] * 1e3:>10.2f} ms E={p['efficiency']:<6.3f}"
-                                             for p in pts))
+        print_predictions(pred)
         print(f"wrote {out} and {png}")
 
 
