@@ -28,20 +28,11 @@ from ttdist.distributed import (TT_COMPUTE_KERNEL, DefaultPlannerPerfEstimator, 
                                 install_default_planner_support)
 from ttdist.distributed.planner import DefaultPlannerPerfEstimatorFactory, TTPerfEstimator, tt_shard_bytes
 from ttdist.distributed.shard_layout import table_shards
-from ttdist.distributed.tt_costs import set_calibration
 from ttdist.modules.optim import OptimType
 
 logging.getLogger("torchrec").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", module="torchrec")
 OPTIMIZERS = ["exact_sgd", "exact_adagrad", "exact_row_wise_adagrad"]
-
-
-@pytest.fixture(autouse=True)
-def fixed_calibration():
-    """The default planner's TT cost model: test_tt_costs's calibration, no timing."""
-    set_calibration(MODEL.calibration)
-    yield
-    set_calibration(None, "cpu")
 
 
 def assert_tt_charged_real_bytes(module, charged: dict, world_size: int, optimizer: str) -> int:

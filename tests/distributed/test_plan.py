@@ -312,6 +312,25 @@ def test_compress_to_budget_compresses_the_largest_table_first_at_the_highest_ra
     assert _fits(tighter.configs, 1 * MB)
 
 
+def test_compress_to_budget_replicates_compressed_tables_when_links_are_slow():
+    """On slow links (20 MB/s) the planner makes the compressed table data-parallel: at TT rank 16
+    its cores (~130 KB, all-reduced) cost less than the pooled all-to-all (2 x 4096 x 16 x 4
+    bytes each way), and its replicas fit the budget, so each rank holds one. On TorchRec's
+    default links the compressed table is sharded instead. ("mid" is left out: dense and
+    table-wise on the other rank, it balances a table-wise "big" better than replicas on both.)"""
+    tables = [t for t in BUDGET_TABLES if t.name != "mid"]
+    slow = Topology(world_size=2, compute_device="cpu", intra_host_bw=2e4, inter_host_bw=2e4)
+    result = tt_budget.compress_to_budget(tables, slow, 8 * MB, rank_ladder=(16,), batch_size=4096)
+    tt = {c.name: c for c in result.configs if isinstance(c, TTEmbeddingBagConfig)}
+    assert "big" in tt and set(result.plan.plan["tt"]) == set(tt)
+    assert {ps.sharding_type for ps in result.plan.plan["tt"].values()} == {"data_parallel"}
+    replicas = sum(4 * c.tt_shape().num_parameters for c in tt.values())
+    assert min(result.storage_per_rank) >= replicas and max(result.storage_per_rank) <= 8 * MB
+    fast = tt_budget.compress_to_budget(tables, Topology(world_size=2, compute_device="cpu"), 8 * MB,
+                                        rank_ladder=(16,), batch_size=4096)
+    assert "data_parallel" not in {ps.sharding_type for ps in fast.plan.plan["tt"].values()}
+
+
 def test_compress_to_budget_impossible_budget_names_the_required_bytes():
     tables = [t for t in BUDGET_TABLES if t.name in ("big", "mid")]
     with pytest.raises(tt_budget.BudgetError) as info:

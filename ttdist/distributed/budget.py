@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from ttdist.distributed.embeddingbag import TTEmbeddingBagCollectionSharder
 from ttdist.distributed.planner import make_planner
 from ttdist.distributed.plan_bytes import element_size
+from ttdist.distributed.tt_costs import TTCostModel
 from ttdist.modules.collection import AnyTableConfig, MixedEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
 
@@ -80,7 +81,7 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
                        rank_ladder: Sequence[int] = (4, 8, 16, 32, 64), *, batch_size: int = 512,
                        num_cores: int = 3, optimizer: OptimType = OptimType.EXACT_SGD,
                        tt_options: Optional[Mapping[str, Any]] = None, constraints=None, sharders=None,
-                       module_fqn: str = "") -> BudgetResult:
+                       module_fqn: str = "", cost_model: Optional[TTCostModel] = None) -> BudgetResult:
     """Dense or TT per table, and the TT rank, so that the model fits ``hbm_per_rank`` bytes per rank.
 
     The rule (greedy, largest table first):
@@ -90,8 +91,11 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
        each rank's memory set to ``hbm_per_rank`` (HBM on cuda/mtia, DDR on cpu). Storage is
        TorchRec's estimate for dense tables and the real TT bytes for TT tables
        (``TTStorageEstimator``: the cores of each shard, ``TTShape.num_parameters``, plus
-       optimizer state). If the plan fits, stop. (The plan is skipped when the weights alone,
-       summed over tables, exceed ``world_size * hbm_per_rank``.)
+       optimizer state). The planner chooses each table's sharding type by estimated time under
+       that memory: a TT table may be data-parallel (a full replica of its cores and optimizer
+       state on every rank, no all-to-all) where the replicas fit and are cheaper, or table-,
+       row- or column-wise (``TTPerfEstimator``). If the plan fits, stop. (The plan is skipped
+       when the weights alone, summed over tables, exceed ``world_size * hbm_per_rank``.)
     3. Otherwise compress by one step the table holding the most bytes now (weights:
        rows * dim * element size dense, 4 * TT parameters): a dense table becomes TT at the
        highest ladder rank whose cores are smaller than the dense table (never if none is); a TT
@@ -115,6 +119,7 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
             EmbeddingBagCollectionSharder()]``.
         module_fqn: where the MixedEmbeddingBagCollection sits in the model (e.g.
             ``"sparse_arch.embedding_bag_collection"``); prefixes the plan's module paths.
+        cost_model: the TT kernel's cost for the planner (default: calibrated, ``tt_costs``).
     """
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
@@ -151,7 +156,8 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
         return s + 1 if s + 1 < len(ladder) else None
 
     def attempt(configs: list[AnyTableConfig]):
-        planner = make_planner(topo, batch_size=batch_size, constraints=constraints, optimizer=optimizer)
+        planner = make_planner(topo, batch_size=batch_size, constraints=constraints, optimizer=optimizer,
+                               cost_model=cost_model)
         model = MixedEmbeddingBagCollection(configs, device=torch.device("meta"))
         try:
             return planner, planner.plan(model, sharders)
@@ -180,7 +186,7 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
                 return BudgetResult(configs, plan, _rank_storage(planner, world, on_hbm), steps)
         movable = [i for i in range(len(tables)) if next_state(i) is not None]
         if not movable:
-            required = _required_bytes(configs, topo, batch_size, constraints, optimizer, sharders, on_hbm)
+            required = _required_bytes(configs, topo, batch_size, constraints, optimizer, sharders, on_hbm, cost_model)
             smallest = [c.name for c in configs if isinstance(c, TTEmbeddingBagConfig)]
             left = ""
             if available[0]:
@@ -202,9 +208,10 @@ def compress_to_budget(tables: Sequence[EmbeddingBagConfig], topology: Topology,
                      f"({_weight_bytes(config(i, state[i]))} bytes)")
 
 
-def _required_bytes(configs, topo, batch_size, constraints, optimizer, sharders, on_hbm) -> int:
+def _required_bytes(configs, topo, batch_size, constraints, optimizer, sharders, on_hbm, cost_model) -> int:
     """Sum over tables of the smallest total storage of any of its sharding options."""
-    planner = make_planner(topo, batch_size=batch_size, constraints=constraints, optimizer=optimizer)
+    planner = make_planner(topo, batch_size=batch_size, constraints=constraints, optimizer=optimizer,
+                           cost_model=cost_model)
     options = planner._enumerator.enumerate(MixedEmbeddingBagCollection(configs, device=torch.device("meta")), sharders)
     best: dict[str, int] = {}
     for o in options:
