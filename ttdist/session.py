@@ -58,7 +58,7 @@ def build_session(cfg: Config, env: DistEnv, run_dir: Optional[Path] = None, pro
     with progress.phase("planning (the planner's broadcast of the plan)"):
         plan = build_plan(model, cfg, env)
     if run_dir is not None and env.rank == 0:
-        save_and_print_plan(plan, model, cfg, run_dir)
+        save_and_print_plan(plan, model, cfg, run_dir, env.device.type)
     with progress.phase("model sharding (DistributedModelParallel / DDP set-up)"):
         dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                        device=env.device, plan=plan, sharders=build_sharders(cfg))
@@ -82,13 +82,18 @@ def build_plan(model: torch.nn.Module, cfg: Config, env: DistEnv) -> ShardingPla
     return planner.collective_plan(model, build_sharders(cfg), dist.group.WORLD)
 
 
-def save_and_print_plan(plan: ShardingPlan, model: torch.nn.Module, cfg: Config, run_dir: Path) -> None:
-    """plan.yaml (hand-editable, reloadable with train.plan_path) and a table on stdout."""
+def save_and_print_plan(plan: ShardingPlan, model: torch.nn.Module, cfg: Config, run_dir: Path,
+                        device_type: str = "cpu") -> None:
+    """plan.yaml (hand-editable, reloadable with train.plan_path) and a table on stdout, with the
+    lookup load per rank (the TT time from the kernel's calibration on ``device_type``)."""
     from ttdist.distributed.plan_bytes import format_plan
+    from ttdist.distributed.tt_costs import cost_model
     from ttdist.plan import save_plan
 
     save_plan(plan, run_dir / "plan.yaml")
-    print(format_plan(plan, model, dist.get_world_size(), OptimType.parse(cfg.optim.embedding_optimizer)), flush=True)
+    world = dist.get_world_size()
+    print(format_plan(plan, model, world, OptimType.parse(cfg.optim.embedding_optimizer), cfg.data.batch_size // world,
+                      cost_model(device_type)), flush=True)
 
 
 def build_optimizer(model: DistributedModelParallel, cfg: OptimConfig) -> KeyedOptimizer:
