@@ -1,6 +1,6 @@
 // torch binding of the CUDA kernels: tensor checks, the current stream, temporary memory from
 // torch's caching allocator, the deferred error checks (csrc/error_checks.h), and
-// TORCH_LIBRARY_IMPL(ttdist, CUDA) for the four ops whose schemas csrc/ops.cpp defines. Compiled
+// TORCH_LIBRARY_IMPL(ttdist, CUDA) for the five ops whose schemas csrc/ops.cpp defines. Compiled
 // only when torch has CUDA (setup.py defines TTDIST_WITH_CUDA). The kernels themselves
 // (tt_kernels.cu) see raw pointers only, and no op here waits for the device.
 #include <ATen/ATen.h>
@@ -195,30 +195,55 @@ cuda::LookupProblem make_problem(at::TensorList cores, at::IntArrayRef table_num
   return lp;
 }
 
-// int64 contiguous indices / offsets and accumulation-type weights on the cores' device.
+void check_weights(const std::optional<Tensor>& per_sample_weights, const Tensor& indices, const at::Device& device) {
+  if (!per_sample_weights.has_value() || !per_sample_weights->defined()) return;
+  check_on(*per_sample_weights, device, "per_sample_weights");
+  TORCH_CHECK(per_sample_weights->numel() == indices.numel(), "ttdist: per_sample_weights has ",
+              per_sample_weights->numel(), " entries but there are ", indices.numel(), " indices");
+}
+
+// The `prepared` argument of an op: null when none was given. Checked on the host only, without
+// reading device memory: a 1-D int64 tensor on the cores' device whose length is the one
+// tt_prepare gives this call (cuda::prepared_words, a function of the call's sizes). Raises
+// ValueError before the op enqueues anything.
+const Tensor* prepared_for(const std::optional<Tensor>& prepared, const cuda::LookupProblem& lp,
+                           const at::Device& device) {
+  if (!prepared.has_value() || !prepared->defined()) return nullptr;
+  const Tensor& t = *prepared;
+  TORCH_CHECK_VALUE(t.device() == device && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(),
+                    "ttdist: `prepared` must be the contiguous 1-D int64 tensor tt_prepare returned on ", device,
+                    " for this call; got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  raise_if_error(cuda::check_prepared(lp, t.numel()));
+  return &t;
+}
+
+// int64 contiguous indices / offsets and accumulation-type weights on the cores' device. With a
+// preparation the op reads no indices (they are in it), so they are not converted.
 struct Inputs {
   Tensor indices, offsets, weights;
   cuda::LookupInputs raw;
 };
 
 Inputs make_inputs(const Tensor& indices, const Tensor& offsets, const std::optional<Tensor>& per_sample_weights,
-                   const Tensor& core0, const Call& call) {
+                   const Tensor& core0, const Call& call, const Tensor* prepared = nullptr) {
   const at::Device device = core0.device();
   check_on(indices, device, "indices");
   check_on(offsets, device, "offsets");
+  check_weights(per_sample_weights, indices, device);
   Inputs in;
-  in.indices = indices.to(at::kLong).contiguous();
   in.offsets = offsets.to(at::kLong).contiguous();
-  in.raw.indices = in.indices.data_ptr<int64_t>();
   in.raw.offsets = in.offsets.data_ptr<int64_t>();
+  if (prepared != nullptr) {
+    in.raw.prepared = prepared->data_ptr<int64_t>();
+    in.raw.prepared_words = prepared->numel();
+  } else {
+    in.indices = indices.to(at::kLong).contiguous();
+    in.raw.indices = in.indices.data_ptr<int64_t>();
+  }
   in.raw.errors = call.record();
   in.raw.call = call.number();
   if (per_sample_weights.has_value() && per_sample_weights->defined()) {
-    const Tensor& w = *per_sample_weights;
-    check_on(w, device, "per_sample_weights");
-    TORCH_CHECK(w.numel() == indices.numel(), "ttdist: per_sample_weights has ", w.numel(),
-                " entries but there are ", indices.numel(), " indices");
-    in.weights = w.to(at::toOpMathType(core0.scalar_type())).contiguous();
+    in.weights = per_sample_weights->to(at::toOpMathType(core0.scalar_type())).contiguous();
     in.raw.per_sample_weights = in.weights.data_ptr();
   }
   return in;
@@ -251,17 +276,40 @@ void alert_not_deterministic(const char* op) {
                                             "the CPU op is deterministic");
 }
 
-Tensor tt_forward_cuda(at::TensorList cores, at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+// The device part of the preparation, once per batch, for autograd to save (ttdist/ops.py): one
+// int64 tensor, sized on the host, filled on the stream; the host does not wait.
+Tensor tt_prepare_cuda(at::TensorList cores, at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
                        at::IntArrayRef pooling_modes, const Tensor& indices, const Tensor& offsets,
                        const std::optional<Tensor>& per_sample_weights, at::OptionalIntArrayRef table_num_rows) {
   TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
   c10::cuda::CUDAGuard guard(cores[0].device());
   const cuda::LookupProblem lp =
       make_problem(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, table_num_rows);
+  int64_t words = 0;
+  raise_if_error(cuda::prepared_words(lp, &words));
+  check_weights(per_sample_weights, indices, cores[0].device());  // checked now, used by the ops
+  Call call(cores[0].device());
+  const Inputs in = make_inputs(indices, offsets, std::nullopt, cores[0], call);
+  Tensor prepared = at::empty({words}, indices.options().dtype(at::kLong));
+  TorchAllocator alloc(cores[0].device());
+  raise_if_error(cuda::tt_prepare(lp, in.raw, prepared.data_ptr<int64_t>(), words, alloc, current_stream()));
+  call.finish();
+  return prepared;
+}
+
+Tensor tt_forward_cuda(at::TensorList cores, at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
+                       at::IntArrayRef pooling_modes, const Tensor& indices, const Tensor& offsets,
+                       const std::optional<Tensor>& per_sample_weights, at::OptionalIntArrayRef table_num_rows,
+                       const std::optional<Tensor>& prepared) {
+  TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
+  c10::cuda::CUDAGuard guard(cores[0].device());
+  const cuda::LookupProblem lp =
+      make_problem(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, table_num_rows);
   int64_t batch = 0, total_dim = 0;
   raise_if_error(cuda::check_lookup_problem(lp, &batch, &total_dim));
+  const Tensor* saved = prepared_for(prepared, lp, cores[0].device());
   Call call(cores[0].device());
-  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0], call);
+  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0], call, saved);
   Tensor out = at::empty({batch, total_dim}, cores[0].options());
   TorchAllocator alloc(cores[0].device());
   raise_if_error(cuda::tt_forward(lp, in.raw, out.data_ptr(), alloc, current_stream()));
@@ -273,7 +321,7 @@ std::vector<Tensor> tt_backward_cuda(const Tensor& grad_output, at::TensorList c
                                      at::IntArrayRef feature_table_map, at::IntArrayRef pooling_modes,
                                      const Tensor& indices, const Tensor& offsets,
                                      const std::optional<Tensor>& per_sample_weights,
-                                     at::OptionalIntArrayRef table_num_rows) {
+                                     at::OptionalIntArrayRef table_num_rows, const std::optional<Tensor>& prepared) {
   TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
   alert_not_deterministic("ttdist::tt_backward");
   c10::cuda::CUDAGuard guard(cores[0].device());
@@ -281,9 +329,10 @@ std::vector<Tensor> tt_backward_cuda(const Tensor& grad_output, at::TensorList c
       make_problem(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, table_num_rows);
   int64_t batch = 0, total_dim = 0;
   raise_if_error(cuda::check_lookup_problem(lp, &batch, &total_dim));
+  const Tensor* saved = prepared_for(prepared, lp, cores[0].device());
   const Tensor go = grad_output_for(grad_output, cores[0], batch, total_dim);
   Call call(cores[0].device());
-  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0], call);
+  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0], call, saved);
   std::vector<Tensor> grads;
   std::vector<void*> ptrs;
   for (const auto& c : cores) {
@@ -300,7 +349,8 @@ void tt_backward_fused_cuda(const Tensor& grad_output, at::TensorList cores, at:
                             at::IntArrayRef table_num_cores, at::IntArrayRef feature_table_map,
                             at::IntArrayRef pooling_modes, const Tensor& indices, const Tensor& offsets,
                             const std::optional<Tensor>& per_sample_weights, int64_t optimizer, double learning_rate,
-                            double eps, at::OptionalIntArrayRef table_num_rows) {
+                            double eps, at::OptionalIntArrayRef table_num_rows,
+                            const std::optional<Tensor>& prepared) {
   TORCH_CHECK(!cores.empty(), "ttdist: no cores given");
   alert_not_deterministic("ttdist::tt_backward_fused_");
   c10::cuda::CUDAGuard guard(cores[0].device());
@@ -310,9 +360,10 @@ void tt_backward_fused_cuda(const Tensor& grad_output, at::TensorList cores, at:
       make_problem(cores, table_num_cores, feature_table_map, pooling_modes, indices, offsets, table_num_rows);
   int64_t batch = 0, total_dim = 0;
   raise_if_error(cuda::check_lookup_problem(lp, &batch, &total_dim));
+  const Tensor* saved = prepared_for(prepared, lp, cores[0].device());
   const Tensor go = grad_output_for(grad_output, cores[0], batch, total_dim);
   Call call(cores[0].device());
-  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0], call);
+  const Inputs in = make_inputs(indices, offsets, per_sample_weights, cores[0], call, saved);
   std::vector<void*> states;
   for (const auto& s : optimizer_states) states.push_back(optimizer == 0 ? nullptr : s.data_ptr());
   TorchAllocator alloc(cores[0].device());
@@ -347,6 +398,7 @@ void sparse_row_update_cuda(const Tensor& weight, const Tensor& optimizer_state,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ttdist, CUDA, m) {
+  m.impl("tt_prepare", &tt_prepare_cuda);
   m.impl("tt_forward", &tt_forward_cuda);
   m.impl("tt_backward", &tt_backward_cuda);
   m.impl("tt_backward_fused_", &tt_backward_fused_cuda);

@@ -183,15 +183,13 @@ struct PlanView {
   int64_t* row_off;      // offset (elements) of table t's rows in the row buffers
 };
 
-struct PrepStatus {
-  unsigned long long first_bad;    // smallest position with an out-of-range index (~0 if none)
-  unsigned long long bad_count;    // number of out-of-range indices
-  unsigned long long bad_offsets;  // 1 if offsets are not 0 .. N non-decreasing
-  unsigned long long num_unique;   // unique (table, row) keys incl. the invalid sentinel
-  unsigned long long valid_unique; // unique rows over all tables
-  unsigned long long total_chunks; // block-program items
-  unsigned long long rowbuf_elems; // elements of a row buffer (all unique rows)
-  unsigned long long pad0;
+// Counts of the sorted index (part of what tt_prepare saves). Zeroed before the preparation, so
+// the first bad position is kept flipped (~j: the smallest j has the largest ~j, and 0 is none).
+struct IndexStatus {
+  unsigned long long first_bad_flipped;  // ~(smallest position with an out-of-range index); 0: none
+  unsigned long long bad_count;          // number of out-of-range indices
+  unsigned long long bad_offsets;        // 1 if offsets are not 0 .. N non-decreasing
+  unsigned long long num_unique;         // unique (table, row) keys incl. the invalid sentinel
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -243,7 +241,7 @@ struct CheckOffsetsOp {
   const int64_t* offsets;
   int64_t nbags;
   int64_t num_indices;
-  PrepStatus* status;
+  IndexStatus* status;
   TTD_HD void operator()(int64_t x) const {
     const int64_t o = offsets[x];
     const bool bad = o < 0 || o > num_indices || (x == 0 && o != 0) || (x == nbags && o != num_indices) ||
@@ -265,7 +263,7 @@ struct PositionsOp {
   uint64_t* keys;
   int64_t* positions;
   int64_t* bag_of;
-  PrepStatus* status;
+  IndexStatus* status;
   TTD_HD void operator()(int64_t j) const {
     const int64_t fb = find_segment(offsets, nbags, j);
     const int64_t f = fb / batch;
@@ -275,7 +273,7 @@ struct PositionsOp {
     if (row >= 0 && row < tab.valid_rows) {
       key = static_cast<uint64_t>(tab.key_base) + static_cast<uint64_t>(row);
     } else {
-      atomic_min_u64(&status->first_bad, static_cast<unsigned long long>(j));
+      atomic_max_u64(&status->first_bad_flipped, ~static_cast<unsigned long long>(j));
       atomic_add_u64(&status->bad_count, 1ull);
     }
     keys[j] = key;
@@ -302,7 +300,7 @@ struct ScatterUniqueOp {
   int64_t* unique_of;  // [N] original position -> unique id
   uint64_t* ukey;      // [U] unique keys (ascending)
   int64_t* useg;       // [U + 1] first sorted position of each unique key
-  PrepStatus* status;
+  IndexStatus* status;
   TTD_HD void operator()(int64_t n) const {
     const int64_t u = uid1[n] - 1;
     unique_of[order[n]] = sorted_keys[n] == key_space ? -1 : u;
@@ -318,16 +316,18 @@ struct ScatterUniqueOp {
 };
 
 // One thread: per-table unique ranges, chunk counts (R rows per chunk) and row-buffer offsets.
+// Reads the sorted index only; what depends on R goes to this op's plan.
 struct PlanOp {
   const TableDesc* tables;
   int64_t num_tables;
   int64_t chunk_rows;
   const uint64_t* ukey;
   uint64_t key_space;
+  const IndexStatus* index;
   PlanView plan;
-  PrepStatus* status;
+  unsigned long long* total_chunks;  // block-program items of this op
   TTD_HD void operator()(int64_t) const {
-    const int64_t U = static_cast<int64_t>(status->num_unique);
+    const int64_t U = static_cast<int64_t>(index->num_unique);
     for (int64_t t = 0; t <= num_tables; ++t) {
       const uint64_t base = t < num_tables ? static_cast<uint64_t>(tables[t].key_base) : key_space;
       plan.ubegin[t] = lower_bound_u64(ukey, U, base);
@@ -342,9 +342,7 @@ struct PlanOp {
     }
     plan.chunk_begin[num_tables] = chunks;
     plan.row_off[num_tables] = row_off;
-    status->valid_unique = static_cast<unsigned long long>(plan.ubegin[num_tables]);
-    status->total_chunks = static_cast<unsigned long long>(chunks);
-    status->rowbuf_elems = static_cast<unsigned long long>(row_off);
+    *total_chunks = static_cast<unsigned long long>(chunks);
   }
 };
 
@@ -1084,7 +1082,7 @@ struct CheckDuplicatesOp {
 // unless an earlier call's error is still there (stream order: no atomics needed).
 // ---------------------------------------------------------------------------------------------
 struct ReportLookupErrorsOp {
-  const PrepStatus* status;
+  const IndexStatus* status;
   const int64_t* indices;
   const int64_t* bag_of;
   const FeatureDesc* features;
@@ -1102,7 +1100,7 @@ struct ReportLookupErrorsOp {
       return;
     }
     if (status->bad_count == 0) return;
-    const int64_t j = static_cast<int64_t>(status->first_bad);
+    const int64_t j = static_cast<int64_t>(~status->first_bad_flipped);
     const int64_t f = bag_of[j] / batch;
     const TableDesc& tab = tables[features[f].table];
     record->code = kErrIndex;

@@ -244,85 +244,186 @@ inline Status plan_chunks(std::vector<TableDesc>& tables, bool backward, size_t 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Preparation: descriptors to the device, validation, sort by (table, row), unique rows, plan.
-// Device arrays are sized by host bounds (U <= N unique rows); the counts live in `status`.
+// Preparation, in two parts.
+//  * The sorted index of a batch: validation (recorded in the caller's ErrorRecord), sort by
+//    (table, row), unique rows, their segments of positions, the bag of every position. It
+//    depends only on indices, offsets, the feature -> table map and the tables' row counts, so
+//    tt_prepare builds it once per batch into one int64 buffer that autograd saves for the
+//    backward; an op not given one builds it into temporary memory.
+//  * The plan of one op: descriptors (the scratch layout depends on the op's R, the cores may have
+//    moved) and PlanOp (chunks of R unique rows), recomputed from the index's unique keys.
+// Device arrays are sized by host bounds (U <= N unique rows); the counts live in device memory.
 // ---------------------------------------------------------------------------------------------
+
+// The sorted index: device arrays inside one int64 buffer, in this order.
+struct SortedIndex {
+  IndexStatus* status = nullptr;  // counts and bad input
+  uint64_t* ukey = nullptr;       // [N] first U: unique keys, ascending
+  int64_t* order = nullptr;       // [N] sorted position -> original position
+  int64_t* bag_of = nullptr;      // [N] position -> bag f * B + b
+  int64_t* unique_of = nullptr;   // [N] position -> unique id (-1: out-of-range index)
+  int64_t* useg = nullptr;        // [N + 1] first U + 1: first sorted position of each unique key, then N
+};
+
+constexpr int64_t kIndexStatusWords = static_cast<int64_t>(sizeof(IndexStatus) / sizeof(int64_t));
+static_assert(sizeof(IndexStatus) % sizeof(int64_t) == 0, "IndexStatus must be whole int64 words");
+
+inline int64_t index_words(int64_t N) { return kIndexStatusWords + 5 * N + 1; }
+
+inline SortedIndex index_view(int64_t* words, int64_t N) {
+  SortedIndex ix;
+  ix.status = reinterpret_cast<IndexStatus*>(words);
+  int64_t* a = words + kIndexStatusWords;
+  ix.ukey = reinterpret_cast<uint64_t*>(a);
+  ix.order = a + N;
+  ix.bag_of = a + 2 * N;
+  ix.unique_of = a + 3 * N;
+  ix.useg = a + 4 * N;
+  return ix;
+}
+
+// Words of the buffer tt_prepare fills: the sorted index, then 0 .. kPreparedTagRange - 1 unused
+// words (the tag). The tag is a hash of what the index depends on besides N (F, B, T, C, each
+// table's cores and rows, the feature -> table map), so the length alone, which the host knows
+// without reading device memory, tells a preparation made for another call apart: exactly when
+// only N differs, and otherwise unless the tags collide (about 1 in kPreparedTagRange).
+constexpr int64_t kPreparedTagRange = 4096;  // at most 32 KB of padding per saved batch
+constexpr uint64_t kPreparedFormat = 1;      // change with the layout: older buffers stop matching
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64's finaliser
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+inline int64_t prepared_words(const Problem& pb) {
+  uint64_t h = mix64(kPreparedFormat);
+  const auto add = [&h](int64_t v) { h = mix64(h ^ static_cast<uint64_t>(v)); };
+  for (int64_t v : {pb.F, pb.B, pb.T, pb.C}) add(v);
+  for (const TableDesc& t : pb.tables) {
+    add(t.d);
+    add(t.num_rows);
+    add(t.valid_rows);
+  }
+  for (const FeatureDesc& f : pb.features) add(f.table);
+  return index_words(pb.N) + static_cast<int64_t>(h % static_cast<uint64_t>(kPreparedTagRange));
+}
+
+// What one op runs on: its descriptors and plan, and the sorted index (built here or saved).
 struct Prepared {
   TableDesc* tables = nullptr;
   FeatureDesc* features = nullptr;
   CoreDesc* cores = nullptr;
   int64_t* slice_base = nullptr;
-  uint64_t* ukey = nullptr;
-  int64_t* order = nullptr;
-  int64_t* bag_of = nullptr;
-  int64_t* unique_of = nullptr;
-  int64_t* useg = nullptr;
+  SortedIndex index;
   PlanView plan{};
-  PrepStatus* status = nullptr;  // device: unique rows, chunks, row-buffer size, bad input
-  int64_t unique_bound = 0;      // >= valid unique rows (N)
-  int64_t chunk_bound = 0;       // >= chunks (ceil(N / R) + T)
-  int64_t rowbuf_bound = 0;      // >= row-buffer elements (N * max D + 4 T)
+  unsigned long long* total_chunks = nullptr;  // device: chunks of this op's plan
+  int64_t unique_bound = 0;  // >= valid unique rows (N)
+  int64_t chunk_bound = 0;   // >= chunks (ceil(N / R) + T)
+  int64_t rowbuf_bound = 0;  // >= row-buffer elements (N * max D + 4 T)
 };
 
 template <class Exec>
 inline void* alloc_bytes(Exec& ex, size_t bytes) { return ex.alloc(std::max<size_t>(bytes, 16)); }
 
+// Descriptors, the plan arrays and the zeroed chunk count: one upload.
 template <class Exec>
-Status prepare(Exec& ex, const Problem& pb, const LookupInputs& in, int chunk_rows, Prepared* pr) {
-  if (in.errors == nullptr) return invalid("no error record given");
-  const int64_t N = pb.N, T = pb.T;
-  // Descriptors and the zeroed status: one upload.
+void upload_descriptors(Exec& ex, const Problem& pb, Prepared* pr) {
+  const int64_t T = pb.T;
   auto align = [](size_t x) { return (x + 255) / 256 * 256; };
   const size_t o_tab = 0, o_feat = align(o_tab + sizeof(TableDesc) * T),
                o_core = align(o_feat + sizeof(FeatureDesc) * pb.F), o_sb = align(o_core + sizeof(CoreDesc) * pb.C),
-               o_st = align(o_sb + sizeof(int64_t) * (pb.C + 1)), total = align(o_st + sizeof(PrepStatus));
+               o_plan = align(o_sb + sizeof(int64_t) * (pb.C + 1)), o_chunks = align(o_plan + sizeof(int64_t) * 3 * (T + 1)),
+               total = align(o_chunks + sizeof(unsigned long long));
   std::vector<unsigned char> blob(total, 0);
   std::memcpy(blob.data() + o_tab, pb.tables.data(), sizeof(TableDesc) * T);
   std::memcpy(blob.data() + o_feat, pb.features.data(), sizeof(FeatureDesc) * pb.F);
   std::memcpy(blob.data() + o_core, pb.cores.data(), sizeof(CoreDesc) * pb.C);
   std::memcpy(blob.data() + o_sb, pb.slice_base.data(), sizeof(int64_t) * (pb.C + 1));
-  PrepStatus init{};
-  init.first_bad = ~0ull;
-  std::memcpy(blob.data() + o_st, &init, sizeof(PrepStatus));
   unsigned char* dev = static_cast<unsigned char*>(alloc_bytes(ex, total));
   ex.upload(dev, blob.data(), total);
   pr->tables = reinterpret_cast<TableDesc*>(dev + o_tab);
   pr->features = reinterpret_cast<FeatureDesc*>(dev + o_feat);
   pr->cores = reinterpret_cast<CoreDesc*>(dev + o_core);
   pr->slice_base = reinterpret_cast<int64_t*>(dev + o_sb);
-  pr->status = reinterpret_cast<PrepStatus*>(dev + o_st);
+  int64_t* plan = reinterpret_cast<int64_t*>(dev + o_plan);
+  pr->plan = PlanView{plan, plan + (T + 1), plan + 2 * (T + 1)};
+  pr->total_chunks = reinterpret_cast<unsigned long long*>(dev + o_chunks);
+}
+
+// The sorted index of the batch into `ix`, and the first bad input into the caller's record.
+template <class Exec>
+void build_index(Exec& ex, const Problem& pb, const LookupInputs& in, const Prepared& desc, const SortedIndex& ix) {
+  const int64_t N = pb.N;
+  ex.zero(ix.status, sizeof(IndexStatus));
+  ex.for_each(pb.nbags + 1, CheckOffsetsOp{in.offsets, pb.nbags, N, ix.status});
+  if (N > 0 && pb.nbags > 0) {
+    const size_t n8 = sizeof(int64_t) * static_cast<size_t>(N);
+    uint64_t* keys = static_cast<uint64_t*>(alloc_bytes(ex, n8));
+    uint64_t* skeys = static_cast<uint64_t*>(alloc_bytes(ex, n8));
+    int64_t* pos = static_cast<int64_t*>(alloc_bytes(ex, n8));
+    int64_t* head = static_cast<int64_t*>(alloc_bytes(ex, n8));
+    int64_t* uid1 = static_cast<int64_t*>(alloc_bytes(ex, n8));
+    ex.for_each(N, PositionsOp{in.indices, in.offsets, pb.nbags, pb.B, desc.features, desc.tables, pb.key_space, keys,
+                               pos, ix.bag_of, ix.status});
+    ex.sort_pairs(keys, skeys, pos, ix.order, N, pb.key_bits);
+    ex.for_each(N, HeadFlagsOp{skeys, head});
+    ex.inclusive_sum(head, uid1, N);
+    ex.for_each(N, ScatterUniqueOp{pb.key_space, skeys, ix.order, head, uid1, N, ix.unique_of, ix.ukey, ix.useg,
+                                   ix.status});
+  }
+  ex.for_each(1, ReportLookupErrorsOp{ix.status, in.indices, ix.bag_of, desc.features, desc.tables,
+                                      std::max<int64_t>(pb.B, 1), N, in.call, in.errors});
+}
+
+inline Status check_prepared_words(const Problem& pb, int64_t words) {
+  const int64_t want = prepared_words(pb);
+  if (words == want) return Status::Ok();
+  return invalid("`prepared` does not match this call: it has " + str(words) + " entries, a preparation of these " +
+                 str(pb.N) + " indices, " + str(pb.F) + " features x " + str(pb.B) + " bags and " + str(pb.T) +
+                 " tables has " + str(want) + "; pass the tensor tt_prepare returned on CUDA for the same indices, "
+                 "offsets, feature_table_map and tables (or none)");
+}
+
+// Host checks of an op's inputs, before it enqueues anything.
+inline Status check_lookup_inputs(const Problem& pb, const LookupInputs& in) {
+  if (in.errors == nullptr) return invalid("no error record given");
+  if (in.prepared != nullptr) return check_prepared_words(pb, in.prepared_words);
+  if (pb.N > 0 && in.indices == nullptr) return invalid("no indices given");
+  return Status::Ok();
+}
+
+// tt_prepare: the sorted index into `words` (prepared_words(pb) int64 of device memory).
+template <class Exec>
+Status prepare_index(Exec& ex, const Problem& pb, const LookupInputs& in, int64_t* words, int64_t num_words) {
+  LookupInputs unprepared = in;  // a preparation's inputs are those of an op without one
+  unprepared.prepared = nullptr;
+  Status s = check_lookup_inputs(pb, unprepared);
+  if (s.ok()) s = check_prepared_words(pb, num_words);
+  if (!s.ok()) return s;
+  Prepared desc;
+  upload_descriptors(ex, pb, &desc);
+  build_index(ex, pb, in, desc, index_view(words, pb.N));
+  return ex.status();
+}
+
+// An op's preparation: descriptors, the sorted index (in.prepared's, else built here), the plan.
+// The inputs have passed check_lookup_inputs.
+template <class Exec>
+Status prepare(Exec& ex, const Problem& pb, const LookupInputs& in, int chunk_rows, Prepared* pr) {
+  const int64_t N = pb.N, T = pb.T;
+  upload_descriptors(ex, pb, pr);
   pr->unique_bound = N;
   pr->chunk_bound = (N + chunk_rows - 1) / chunk_rows + T;
   pr->rowbuf_bound = N * pb.max_dim + 4 * T;
-
-  const size_t n8 = sizeof(int64_t) * static_cast<size_t>(N);
-  uint64_t* keys = static_cast<uint64_t*>(alloc_bytes(ex, n8));
-  uint64_t* skeys = static_cast<uint64_t*>(alloc_bytes(ex, n8));
-  int64_t* pos = static_cast<int64_t*>(alloc_bytes(ex, n8));
-  int64_t* head = static_cast<int64_t*>(alloc_bytes(ex, n8));
-  int64_t* uid1 = static_cast<int64_t*>(alloc_bytes(ex, n8));
-  pr->order = static_cast<int64_t*>(alloc_bytes(ex, n8));
-  pr->bag_of = static_cast<int64_t*>(alloc_bytes(ex, n8));
-  pr->unique_of = static_cast<int64_t*>(alloc_bytes(ex, n8));
-  pr->ukey = static_cast<uint64_t*>(alloc_bytes(ex, n8));
-  pr->useg = static_cast<int64_t*>(alloc_bytes(ex, n8 + 8));
-  int64_t* plan = static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * 3 * (T + 1)));
-  pr->plan = PlanView{plan, plan + (T + 1), plan + 2 * (T + 1)};
-  PrepStatus* st = pr->status;
-
-  ex.for_each(pb.nbags + 1, CheckOffsetsOp{in.offsets, pb.nbags, N, st});
-  if (N > 0 && pb.nbags > 0) {
-    ex.for_each(N, PositionsOp{in.indices, in.offsets, pb.nbags, pb.B, pr->features, pr->tables, pb.key_space, keys,
-                               pos, pr->bag_of, st});
-    ex.sort_pairs(keys, skeys, pos, pr->order, N, pb.key_bits);
-    ex.for_each(N, HeadFlagsOp{skeys, head});
-    ex.inclusive_sum(head, uid1, N);
-    ex.for_each(N, ScatterUniqueOp{pb.key_space, skeys, pr->order, head, uid1, N, pr->unique_of, pr->ukey, pr->useg,
-                                   st});
+  if (in.prepared != nullptr) {
+    pr->index = index_view(const_cast<int64_t*>(in.prepared), N);  // read only from here on
+  } else {
+    pr->index = index_view(static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * index_words(N))), N);
+    build_index(ex, pb, in, *pr, pr->index);
   }
-  ex.for_each(1, PlanOp{pr->tables, T, chunk_rows, pr->ukey, pb.key_space, pr->plan, st});
-  ex.for_each(1, ReportLookupErrorsOp{st, in.indices, pr->bag_of, pr->features, pr->tables, std::max<int64_t>(pb.B, 1),
-                                      N, in.call, in.errors});
+  ex.for_each(1, PlanOp{pr->tables, T, chunk_rows, pr->index.ukey, pb.key_space, pr->index.status, pr->plan,
+                        pr->total_chunks});
   return ex.status();
 }
 
@@ -332,8 +433,10 @@ Status prepare(Exec& ex, const Problem& pb, const LookupInputs& in, int chunk_ro
 template <typename scalar_t, class Exec>
 Status forward_impl(Exec& ex, Problem pb, const LookupInputs& in, scalar_t* out, const DriverOptions& opt = {}) {
   using acc_t = typename AccOf<scalar_t>::type;
+  Status s = check_lookup_inputs(pb, in);
+  if (!s.ok()) return s;
   ChunkPlan cp;
-  Status s = plan_chunks(pb.tables, false, sizeof(acc_t), pb.N, ex.sm_count(), ex.smem_optin(), opt, &cp);
+  s = plan_chunks(pb.tables, false, sizeof(acc_t), pb.N, ex.sm_count(), ex.smem_optin(), opt, &cp);
   if (!s.ok()) return s;
   Prepared pr;
   s = prepare(ex, pb, in, cp.rows, &pr);
@@ -341,18 +444,19 @@ Status forward_impl(Exec& ex, Problem pb, const LookupInputs& in, scalar_t* out,
   acc_t* rows = nullptr;
   if (pb.N > 0) {
     rows = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * pr.rowbuf_bound));
-    RowsProgram<scalar_t> prog{ChunkSetup{pr.tables, pb.T, pr.plan, pr.ukey, cp.rows}, pr.cores, rows};
-    ex.run_program(prog, pr.chunk_bound, &pr.status->total_chunks, cp.smem_bytes, cp.global_scratch_elems);
+    RowsProgram<scalar_t> prog{ChunkSetup{pr.tables, pb.T, pr.plan, pr.index.ukey, cp.rows}, pr.cores, rows};
+    ex.run_program(prog, pr.chunk_bound, pr.total_chunks, cp.smem_bytes, cp.global_scratch_elems);
   }
   if (pb.nbags > 0 && pb.total_dim > 0)
-    ex.for_each(pb.nbags * kWarp, PoolOp<scalar_t>{pb.N, in.offsets, pr.unique_of,
+    ex.for_each(pb.nbags * kWarp, PoolOp<scalar_t>{pb.N, in.offsets, pr.index.unique_of,
                                                    static_cast<const acc_t*>(in.per_sample_weights), pr.features,
                                                    pr.plan, rows, out, pb.B, pb.total_dim});
   return ex.status();
 }
 
 // Row gradients and core gradients into the accumulators named by pb.cores[c].grad (zeroed by
-// the caller); marks touched slices when `touched` is given.
+// the caller); marks touched slices when `touched` is given. The inputs have passed
+// check_lookup_inputs.
 template <typename scalar_t, class Exec>
 Status core_grads_impl(Exec& ex, Problem& pb, const LookupInputs& in, const scalar_t* grad_output,
                        unsigned char* touched, const DriverOptions& opt, Prepared* prepared) {
@@ -366,21 +470,21 @@ Status core_grads_impl(Exec& ex, Problem& pb, const LookupInputs& in, const scal
   const int64_t U = pr.unique_bound;
   acc_t* grad_rows = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * pr.rowbuf_bound));
   const RowSlot slot{pr.tables, pb.T, pr.plan};
-  const RowGradSum<scalar_t> sum{pr.features, pr.order, pr.bag_of, in.offsets,
+  const RowGradSum<scalar_t> sum{pr.features, pr.index.order, pr.index.bag_of, in.offsets,
                                  static_cast<const acc_t*>(in.per_sample_weights), grad_output, pb.B, pb.total_dim};
   // Hot rows in pieces: at most N / kHotPositions pieces of full rows plus one partial piece per hot row.
   int64_t* pieces = static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * U));
   int64_t* piece_end = static_cast<int64_t*>(alloc_bytes(ex, sizeof(int64_t) * U));
-  ex.for_each(U, PieceCountOp{pr.plan, pb.T, pr.useg, pieces});
+  ex.for_each(U, PieceCountOp{pr.plan, pb.T, pr.index.useg, pieces});
   ex.inclusive_sum(pieces, piece_end, U);
   const int64_t piece_bound = 2 * (pb.N / kHotPositions) + 1;
   acc_t* partials = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * piece_bound * pb.max_dim));
-  ex.for_each(U * kWarp, GradRowsOp<scalar_t>{slot, sum, pr.useg, grad_rows});
+  ex.for_each(U * kWarp, GradRowsOp<scalar_t>{slot, sum, pr.index.useg, grad_rows});
   ex.for_each(piece_bound * kWarp,
-              GradPiecesOp<scalar_t>{slot, sum, pr.useg, piece_end, U, pb.max_dim, partials});
+              GradPiecesOp<scalar_t>{slot, sum, pr.index.useg, piece_end, U, pb.max_dim, partials});
   ex.for_each(U * kWarp, ReduceHotRowsOp<acc_t>{slot, piece_end, pb.max_dim, partials, grad_rows});
-  CoreGradProgram<scalar_t> prog{ChunkSetup{pr.tables, pb.T, pr.plan, pr.ukey, cp.rows}, pr.cores, grad_rows, touched};
-  ex.run_program(prog, pr.chunk_bound, &pr.status->total_chunks, cp.smem_bytes, cp.global_scratch_elems);
+  CoreGradProgram<scalar_t> prog{ChunkSetup{pr.tables, pb.T, pr.plan, pr.index.ukey, cp.rows}, pr.cores, grad_rows, touched};
+  ex.run_program(prog, pr.chunk_bound, pr.total_chunks, cp.smem_bytes, cp.global_scratch_elems);
   return ex.status();
 }
 
@@ -388,6 +492,8 @@ template <typename scalar_t, class Exec>
 Status backward_impl(Exec& ex, Problem pb, const LookupInputs& in, const scalar_t* grad_output,
                      const std::vector<void*>& core_grads, const DriverOptions& opt = {}) {
   using acc_t = typename AccOf<scalar_t>::type;
+  Status s = check_lookup_inputs(pb, in);
+  if (!s.ok()) return s;
   const int64_t total = pb.core_elem_off[pb.C];
   const bool direct = sizeof(acc_t) == sizeof(scalar_t);  // float / double: accumulate in place
   acc_t* flat = nullptr;
@@ -402,7 +508,7 @@ Status backward_impl(Exec& ex, Problem pb, const LookupInputs& in, const scalar_
     for (int64_t c = 0; c < pb.C; ++c) pb.cores[c].grad = flat + pb.core_elem_off[c];
   }
   Prepared pr;
-  Status s = core_grads_impl<scalar_t>(ex, pb, in, grad_output, nullptr, opt, &pr);
+  s = core_grads_impl<scalar_t>(ex, pb, in, grad_output, nullptr, opt, &pr);
   if (!s.ok()) return s;
   if (!direct)
     for (int64_t c = 0; c < pb.C; ++c) {
@@ -419,6 +525,8 @@ Status backward_fused_impl(Exec& ex, Problem pb, const LookupInputs& in, const s
   using acc_t = typename AccOf<scalar_t>::type;
   if (optimizer != kOptSGD && optimizer != kOptAdagrad && optimizer != kOptRowwiseAdagrad)
     return invalid("unknown optimizer code " + str(optimizer));
+  Status s = check_lookup_inputs(pb, in);
+  if (!s.ok()) return s;
   const int64_t total = pb.core_elem_off[pb.C];
   acc_t* flat = static_cast<acc_t*>(alloc_bytes(ex, sizeof(acc_t) * total));
   ex.zero(flat, sizeof(acc_t) * total);
@@ -430,7 +538,7 @@ Status backward_fused_impl(Exec& ex, Problem pb, const LookupInputs& in, const s
   unsigned char* touched = static_cast<unsigned char*>(alloc_bytes(ex, static_cast<size_t>(slices)));
   ex.zero(touched, static_cast<size_t>(slices));
   Prepared pr;
-  Status s = core_grads_impl<scalar_t>(ex, pb, in, grad_output, touched, opt, &pr);
+  s = core_grads_impl<scalar_t>(ex, pb, in, grad_output, touched, opt, &pr);
   if (!s.ok()) return s;
   // Every slice of every core is an item (a grid-stride loop over all of them), so no touched
   // slice is missed whatever p_k is; untouched slices return at once.

@@ -22,6 +22,29 @@ Status check_lookup_problem(const LookupProblem& problem, int64_t* batch, int64_
   return s;
 }
 
+Status prepared_words(const LookupProblem& problem, int64_t* words) {
+  Problem pb;
+  Status s = build_problem(problem, &pb);
+  if (s.ok()) *words = prepared_words(pb);
+  return s;
+}
+
+Status check_prepared(const LookupProblem& problem, int64_t words) {
+  Problem pb;
+  Status s = build_problem(problem, &pb);
+  return s.ok() ? check_prepared_words(pb, words) : s;
+}
+
+Status tt_prepare(const LookupProblem& problem, const LookupInputs& inputs, int64_t* prepared, int64_t words,
+                  Allocator& alloc, cudaStream_t stream) {
+  Problem pb;
+  Status s = build_problem(problem, &pb);
+  if (!s.ok()) return s;
+  GpuExec ex(alloc, stream);
+  if (!ex.status().ok()) return ex.status();
+  return prepare_index(ex, pb, inputs, prepared, words);
+}
+
 Status tt_forward(const LookupProblem& problem, const LookupInputs& inputs, void* output, Allocator& alloc,
                   cudaStream_t stream) {
   Problem pb;

@@ -111,10 +111,26 @@ struct LookupInputs {
   const void* per_sample_weights = nullptr;  // [N] in the accumulation type, or null
   ErrorRecord* errors = nullptr;             // the caller's record (device memory); required
   int64_t call = 0;                          // the caller's number of this call (in messages)
+  // The ops only: tt_prepare's buffer for this problem and batch (device, read only), or null to
+  // prepare here. With it the op reads neither indices (may be null) nor records bad input again.
+  const int64_t* prepared = nullptr;
+  int64_t prepared_words = 0;  // its length (int64 entries), checked against prepared_words()
 };
 
 // Host-side validation of shapes and sizes; on success sets batch B and the output width.
 Status check_lookup_problem(const LookupProblem& problem, int64_t* batch, int64_t* total_dim);
+
+// Length (int64 entries) of the buffer tt_prepare fills for `problem`: a function of the
+// problem's sizes, so a buffer made for another call is told apart on the host (docs/cuda.md).
+Status prepared_words(const LookupProblem& problem, int64_t* words);
+// Ok if a buffer of `words` entries can be tt_prepare's for `problem`; else kInvalidArgument.
+Status check_prepared(const LookupProblem& problem, int64_t words);
+
+// The device part of the ops' preparation, done once per batch: validation (bad input recorded as
+// by the ops), sort by (table, row), unique rows. `prepared`: device, prepared_words() int64;
+// inputs.per_sample_weights is not read. Pass it as inputs.prepared to the three ops below.
+Status tt_prepare(const LookupProblem& problem, const LookupInputs& inputs, int64_t* prepared, int64_t words,
+                  Allocator& alloc, cudaStream_t stream);
 
 // output: (B, total_dim) in the core dtype; every element is written.
 Status tt_forward(const LookupProblem& problem, const LookupInputs& inputs, void* output, Allocator& alloc,
