@@ -10,8 +10,11 @@
 //
 // What this checks without a GPU: all index math (digits, trie, prefix reuse, scratch layout,
 // row-buffer offsets, pooling, segment reduction, slice gradients, optimizer updates, touched
-// slices), the host planning (chunk sizes, shared vs global scratch), validation errors, and
-// that every phase returns the same "more" on every thread (barrier uniformity). What it cannot
+// slices), the host planning (chunk sizes, shared vs global scratch), validation errors, the ops
+// run from a saved preparation (tt_prepare's buffer: bitwise the results of the ops that prepare
+// for themselves, no sort, no second error report, the buffer left unchanged), the host-side
+// rejection of a preparation made for another call, and that every phase returns the same
+// "more" on every thread (barrier uniformity). What it cannot
 // check: CUDA launches, CUB, warp shuffles (group_sum has a host branch), real concurrency.
 //
 // Build and run (no GPU needed; .ci/compile_cuda.sh does this):
@@ -205,6 +208,8 @@ struct CpuExec {
   std::vector<std::pair<unsigned char*, size_t>> blocks;
   std::vector<std::unique_ptr<unsigned char[]>> owned;
   Status st;
+  int64_t enqueued = 0;  // copies, kernels, sorts and scans the driver asked for
+  int64_t sorts = 0;     // sort_pairs: the preparation's sort by (table, row)
 
   void* alloc(size_t bytes) {
     owned.emplace_back(new unsigned char[bytes + kCanary]);
@@ -220,9 +225,15 @@ struct CpuExec {
         if (b.first[b.second + i] != 0xA5) return false;
     return true;
   }
-  void upload(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+  void upload(void* dst, const void* src, size_t n) {
+    ++enqueued;
+    std::memcpy(dst, src, n);
+  }
   void finish() {}
-  void zero(void* p, size_t n) { std::memset(p, 0, n); }
+  void zero(void* p, size_t n) {
+    ++enqueued;
+    std::memset(p, 0, n);
+  }
 
   std::vector<int64_t> permutation(int64_t n) {
     std::vector<int64_t> v(n);
@@ -234,12 +245,14 @@ struct CpuExec {
 
   template <class Op>
   void for_each(int64_t n, const Op& op) {
+    ++enqueued;
     for (int64_t i : permutation(n)) op(i);
   }
 
   template <class Prog>
   void run_program(const Prog& prog, int64_t max_items, const unsigned long long* count, size_t smem_bytes,
                    int64_t global_scratch_elems) {
+    ++enqueued;
     using scratch_t = typename Prog::scratch_t;
     using Shared = typename Prog::Shared;
     const int nt = Prog::kThreads == kChunkThreads ? chunk_threads : Prog::kThreads;
@@ -289,6 +302,8 @@ struct CpuExec {
   }
 
   void sort_pairs(const uint64_t* kin, uint64_t* kout, const int64_t* vin, int64_t* vout, int64_t n, int bits) {
+    ++enqueued;
+    ++sorts;
     std::vector<int64_t> idx(n);
     std::iota(idx.begin(), idx.end(), 0);
     for (int64_t i = 0; i < n; ++i)
@@ -300,10 +315,14 @@ struct CpuExec {
     }
   }
   void sort_keys(const int64_t* in, int64_t* out, int64_t n) {
+    ++enqueued;
     std::copy(in, in + n, out);
     std::sort(out, out + n);
   }
-  void inclusive_sum(const int64_t* in, int64_t* out, int64_t n) { std::partial_sum(in, in + n, out); }
+  void inclusive_sum(const int64_t* in, int64_t* out, int64_t n) {
+    ++enqueued;
+    std::partial_sum(in, in + n, out);
+  }
   int sm_count() const { return sms; }
   size_t smem_optin() const { return optin; }
   Status status() const { return st; }
@@ -354,21 +373,41 @@ class CudaMallocAllocator final : public Allocator {
 struct DeviceExec {
   std::unique_ptr<CudaMallocAllocator> allocator{new CudaMallocAllocator};
   std::unique_ptr<GpuExec> gpu{new GpuExec(*allocator, nullptr)};
+  int64_t enqueued = 0;  // copies, kernels, sorts and scans the driver asked for
+  int64_t sorts = 0;     // sort_pairs: the preparation's sort by (table, row)
   void* alloc(size_t bytes) { return gpu->alloc(bytes); }
-  void upload(void* dst, const void* src, size_t n) { gpu->upload(dst, src, n); }
-  void zero(void* p, size_t n) { gpu->zero(p, n); }
+  void upload(void* dst, const void* src, size_t n) {
+    ++enqueued;
+    gpu->upload(dst, src, n);
+  }
+  void zero(void* p, size_t n) {
+    ++enqueued;
+    gpu->zero(p, n);
+  }
   template <class Op>
-  void for_each(int64_t n, const Op& op) { gpu->for_each(n, op); }
+  void for_each(int64_t n, const Op& op) {
+    ++enqueued;
+    gpu->for_each(n, op);
+  }
   template <class Prog>
   void run_program(const Prog& prog, int64_t max_items, const unsigned long long* count, size_t smem_bytes,
                    int64_t global_scratch_elems) {
+    ++enqueued;
     gpu->run_program(prog, max_items, count, smem_bytes, global_scratch_elems);
   }
   void sort_pairs(const uint64_t* kin, uint64_t* kout, const int64_t* vin, int64_t* vout, int64_t n, int bits) {
+    ++enqueued;
+    ++sorts;
     gpu->sort_pairs(kin, kout, vin, vout, n, bits);
   }
-  void sort_keys(const int64_t* in, int64_t* out, int64_t n) { gpu->sort_keys(in, out, n); }
-  void inclusive_sum(const int64_t* in, int64_t* out, int64_t n) { gpu->inclusive_sum(in, out, n); }
+  void sort_keys(const int64_t* in, int64_t* out, int64_t n) {
+    ++enqueued;
+    gpu->sort_keys(in, out, n);
+  }
+  void inclusive_sum(const int64_t* in, int64_t* out, int64_t n) {
+    ++enqueued;
+    gpu->inclusive_sum(in, out, n);
+  }
   int sm_count() const { return gpu->sm_count(); }
   size_t smem_optin() const { return gpu->smem_optin(); }
   Status status() const { return gpu->status(); }
@@ -687,6 +726,7 @@ struct RunOptions {
   DriverOptions drv;
   int order = 2, grid = 3, chunk_threads = kChunkThreads, sms = 4;
   size_t optin = 96 * 1024;
+  bool saved = false;  // run the op from tt_prepare's buffer (SavedPreparation), not its own preparation
 };
 
 RunOptions random_options(std::mt19937_64& rng) {
@@ -718,13 +758,55 @@ CpuExec make_exec(std::mt19937_64& rng, const RunOptions& o) {
 }
 #endif
 
+// tt_prepare's buffer for a case, made by an executor of its own in memory the host reads too.
+// Guard words behind it catch a write past its end; a copy taken after the preparation catches an
+// op that writes into it (forward and backward share one buffer).
+class SavedPreparation {
+ public:
+  // Prepares dev's batch and points dev.in at the buffer, and its indices at nothing: an op given
+  // a preparation must not read them.
+  template <typename T>
+  bool attach(std::mt19937_64& rng, const RunOptions& o, const Problem& pb, Device<T>& dev, const char* what) {
+    words_ = prepared_words(pb);
+    buf_.assign(words_ + kGuardWords, kFill);
+    auto ex = make_exec(rng, o);
+    const Status s = prepare_index(ex, pb, dev.in, buf_.data(), words_);
+    ex.finish();
+    EXPECT(s.ok(), "%s: tt_prepare: %s", what, s.message.c_str());
+    EXPECT(ex.canaries_intact(), "%s: tt_prepare: buffer overrun", what);
+    EXPECT(std::all_of(buf_.begin() + words_, buf_.end(), [](int64_t w) { return w == kFill; }),
+           "%s: tt_prepare wrote past its %lld words", what, (long long)words_);
+    snapshot_.assign(buf_.begin(), buf_.end());
+    dev.in.prepared = buf_.data();
+    dev.in.prepared_words = words_;
+    dev.in.indices = nullptr;
+    return s.ok();
+  }
+  bool intact() const { return std::equal(snapshot_.begin(), snapshot_.end(), buf_.begin()); }
+  const int64_t* data() const { return buf_.data(); }
+  int64_t words() const { return words_; }
+
+ private:
+  static constexpr int64_t kGuardWords = 64;
+  static constexpr int64_t kFill = 0x5A5A5A5A5A5A5A5All;
+  Buf<int64_t> buf_;
+  std::vector<int64_t> snapshot_;
+  int64_t words_ = 0;
+};
+
+// An op sorts the batch once when it prepares for itself, never when it is given a preparation.
+int64_t expected_sorts(const Problem& pb, const RunOptions& o) { return !o.saved && pb.N > 0 && pb.nbags > 0 ? 1 : 0; }
+
+// Each check returns what the op computed (as doubles), for comparing two runs.
 template <typename T>
-void check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, const char* what) {
+std::vector<double> check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, const char* what) {
   Device<T> dev(c);
   Problem pb;
   Status s = build_problem(dev.lp, &pb);
   EXPECT(s.ok(), "%s: build_problem: %s", what, s.message.c_str());
-  if (!s.ok()) return;
+  if (!s.ok()) return {};
+  SavedPreparation saved;
+  if (o.saved && !saved.attach(rng, o, pb, dev, what)) return {};
   auto ex = make_exec(rng, o);
   Buf<T> out(c.B * pb.total_dim);
   std::memset(static_cast<void*>(out.data()), 0xCD, sizeof(T) * out.size());  // every element must be written
@@ -738,13 +820,18 @@ void check_forward(std::mt19937_64& rng, const Case& c, const RunOptions& o, con
   EXPECT(err <= tol_of<T>(), "%s %s forward: relative error %.3g (R=%d)", what, name_of<T>(), err, o.drv.chunk_rows);
   EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
   EXPECT(dev.clean(), "%s: an error was recorded for valid input: %s", what, describe_error(dev.errors[0]).c_str());
+  EXPECT(!o.saved || saved.intact(), "%s: forward wrote into the saved preparation", what);
+  EXPECT(ex.sorts == expected_sorts(pb, o), "%s: forward sorted %lld times (saved: %d)", what, (long long)ex.sorts, o.saved);
+  return got;
 }
 
 template <typename T>
-void check_backward(std::mt19937_64& rng, const Case& c, const RunOptions& o, const char* what) {
+std::vector<double> check_backward(std::mt19937_64& rng, const Case& c, const RunOptions& o, const char* what) {
   Device<T> dev(c);
   Problem pb;
-  if (!build_problem(dev.lp, &pb).ok()) return;
+  if (!build_problem(dev.lp, &pb).ok()) return {};
+  SavedPreparation saved;
+  if (o.saved && !saved.attach(rng, o, pb, dev, what)) return {};
   std::vector<double> go_d(c.B * pb.total_dim);
   Buf<T> go;
   for (auto& v : go_d) {
@@ -772,14 +859,19 @@ void check_backward(std::mt19937_64& rng, const Case& c, const RunOptions& o, co
   EXPECT(err <= tol_of<T>(), "%s %s backward: relative error %.3g (R=%d)", what, name_of<T>(), err, o.drv.chunk_rows);
   EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
   EXPECT(dev.clean(), "%s: an error was recorded for valid input: %s", what, describe_error(dev.errors[0]).c_str());
+  EXPECT(!o.saved || saved.intact(), "%s: backward wrote into the saved preparation", what);
+  EXPECT(ex.sorts == expected_sorts(pb, o), "%s: backward sorted %lld times (saved: %d)", what, (long long)ex.sorts, o.saved);
+  return got;
 }
 
 template <typename T>
-void check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int opt, const char* what) {
+std::vector<double> check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int opt, const char* what) {
   using acc_t = typename AccOf<T>::type;
   Device<T> dev(c);
   Problem pb;
-  if (!build_problem(dev.lp, &pb).ok()) return;
+  if (!build_problem(dev.lp, &pb).ok()) return {};
+  SavedPreparation saved;
+  if (o.saved && !saved.attach(rng, o, pb, dev, what)) return {};
   std::vector<double> go_d(c.B * pb.total_dim);
   Buf<T> go;
   for (auto& v : go_d) {
@@ -844,7 +936,37 @@ void check_fused(std::mt19937_64& rng, const Case& c, const RunOptions& o, int o
          name_of<T>(), opt, err_s);
   EXPECT(ex.canaries_intact(), "%s: buffer overrun", what);
   EXPECT(dev.clean(), "%s: an error was recorded for valid input: %s", what, describe_error(dev.errors[0]).c_str());
+  EXPECT(!o.saved || saved.intact(), "%s: the fused step wrote into the saved preparation", what);
+  EXPECT(ex.sorts == expected_sorts(pb, o), "%s: the fused step sorted %lld times (saved: %d)", what, (long long)ex.sorts, o.saved);
   (void)beyond;
+  got.insert(got.end(), got_s.begin(), got_s.end());
+  return got;
+}
+
+// The ops run from one saved preparation (tt_prepare once; forward, backward and the fused step
+// each from its buffer, with their own R) give bitwise the results of the ops that prepare for
+// themselves. Thread orders are fixed (ascending or descending), so both runs add in one order.
+template <typename T>
+void check_saved_matches_unsaved(std::mt19937_64& rng, const Case& c, const char* what) {
+  RunOptions o = random_options(rng);
+  o.order = static_cast<int>(rand_int(rng, 0, 1));
+  RunOptions saved = o;
+  saved.saved = true;
+  const int opt = static_cast<int>(rand_int(rng, 0, 2));
+  const uint64_t seed = rng();
+  const std::string saved_what = std::string(what) + " (saved)";
+  const char* names[] = {"forward", "backward", "fused step"};
+  for (int op = 0; op < 3; ++op) {
+    std::mt19937_64 rng_unsaved(seed), rng_saved(seed);  // the same grad_output, lr, states
+    const auto run = [&](std::mt19937_64& r, const RunOptions& ro, const char* w) {
+      return op == 0 ? check_forward<T>(r, c, ro, w) : op == 1 ? check_backward<T>(r, c, ro, w)
+                                                               : check_fused<T>(r, c, ro, opt, w);
+    };
+    const std::vector<double> unsaved_result = run(rng_unsaved, o, what);
+    const std::vector<double> saved_result = run(rng_saved, saved, saved_what.c_str());
+    EXPECT(saved_result == unsaved_result, "%s %s %s: the result from a saved preparation differs from the op's own",
+           what, name_of<T>(), names[op]);
+  }
 }
 
 template <typename T>
@@ -936,6 +1058,7 @@ void random_cases(std::mt19937_64& rng, int count) {
     check_forward<T>(rng, c, random_options(rng), what);
     check_backward<T>(rng, c, random_options(rng), what);
     check_fused<T>(rng, c, random_options(rng), static_cast<int>(rand_int(rng, 0, 2)), what);
+    if (it % 2 == 0) check_saved_matches_unsaved<T>(rng, c, what);  // every other case: the emulator's run time
   }
 }
 
@@ -953,6 +1076,7 @@ void fbtt_case(std::mt19937_64& rng) {
   check_forward<float>(rng, c, o, "fbtt");
   check_backward<float>(rng, c, o, "fbtt");
   for (int opt = 0; opt < 3; ++opt) check_fused<float>(rng, c, o, opt, "fbtt");
+  check_saved_matches_unsaved<float>(rng, c, "fbtt");
   // Planning on an H100-like device: shared memory, not global scratch.
   Device<float> dev(c);
   Problem pb;
@@ -984,6 +1108,135 @@ Case drop_positions(const Case& c, const std::set<int64_t>& drop) {
     out.offsets.push_back(static_cast<int64_t>(out.indices.size()));
   }
   return out;
+}
+
+// A preparation made for another call (other N, B, F, feature map, T or C) is rejected on the
+// host, before the op enqueues anything; so is a missing one's indices, and a wrong-sized buffer
+// for tt_prepare.
+void mismatched_preparations(std::mt19937_64& rng, const Case& c, const TableSpec& s) {
+  Device<float> dev(c);
+  Problem pb;
+  build_problem(dev.lp, &pb);
+  SavedPreparation saved;
+  saved.attach(rng, RunOptions{}, pb, dev, "mismatch");
+  TableSpec three_cores = s;  // as many rows (12), one core more
+  three_cores.p = {3, 2, 2};
+  three_cores.q = {2, 1, 2};
+  three_cores.r = {1, 3, 2, 1};
+  // c's indices (same N) in F x B bags of other tables; every feature reads table 0 (12 rows).
+  const auto rebagged = [&](const std::vector<TableSpec>& tables, int64_t F, int64_t B) {
+    Case out = make_case<float>(rng, tables, F, B, 0, false, 0.0, std::vector<int64_t>(F, 0));
+    const int64_t N = static_cast<int64_t>(c.indices.size());
+    out.indices = c.indices;
+    out.offsets.clear();
+    for (int64_t x = 0; x <= F * B; ++x) out.offsets.push_back(x * N / (F * B));
+    return out;
+  };
+  const std::vector<std::pair<const char*, Case>> others = {
+      {"one index less", drop_positions(c, {0})},
+      {"other B", rebagged({s}, 2, c.B + 1)},
+      {"other F", rebagged({s}, 3, c.B)},
+      {"other T", rebagged({s, s}, 2, c.B)},
+      {"other C", rebagged({three_cores}, 2, c.B)},
+  };
+  for (const auto& other : others) {
+    Device<float> od(other.second);
+    Problem opb;
+    EXPECT(build_problem(od.lp, &opb).ok(), "%s: build_problem", other.first);
+    od.in.prepared = saved.data();
+    od.in.prepared_words = saved.words();
+    std::vector<Buf<float>> bufs;
+    std::vector<void*> ptrs;
+    for (const auto& core : other.second.cores) {
+      bufs.emplace_back(core.size());
+      ptrs.push_back(bufs.back().data());
+    }
+    Buf<float> out(std::max<int64_t>(1, other.second.B * opb.total_dim));
+    for (int op = 0; op < 3; ++op) {
+      auto ex = make_exec(rng, RunOptions{});
+      const Status st = op == 0   ? forward_impl<float>(ex, opb, od.in, out.data())
+                        : op == 1 ? backward_impl<float>(ex, opb, od.in, out.data(), ptrs)
+                                  : backward_fused_impl<float>(ex, opb, od.in, out.data(), ptrs, 0, 0.1, 0.0);
+      EXPECT(st.code == Status::kInvalidArgument && st.message.find("`prepared` does not match this call") != std::string::npos &&
+                 ex.enqueued == 0,
+             "%s, op %d: a mismatched preparation was accepted or work was enqueued (%lld): %s", other.first, op,
+             (long long)ex.enqueued, st.message.c_str());
+    }
+  }
+  Buf<int64_t> buffer(saved.words() + 1);
+  auto ex = make_exec(rng, RunOptions{});
+  Status st = prepare_index(ex, pb, dev.in, buffer.data(), saved.words() + 1);
+  EXPECT(st.code == Status::kInvalidArgument && ex.enqueued == 0, "tt_prepare into a wrong-sized buffer: %s",
+         st.message.c_str());
+  dev.in.prepared = nullptr;  // and no indices either (attach cleared them)
+  Buf<float> out(c.B * pb.total_dim);
+  st = forward_impl<float>(ex, pb, dev.in, out.data());
+  EXPECT(st.code == Status::kInvalidArgument && ex.enqueued == 0, "forward without indices: %s", st.message.c_str());
+}
+
+// The length of a preparation tells calls apart on the host: always when only N differs; when B,
+// F, the feature map, a table's valid rows or the tables differ, unless the tags collide, about
+// once in kPreparedTagRange.
+void prepared_length_cases(std::mt19937_64& rng) {
+  const auto shapes = [](const std::vector<TableSpec>& tables, const std::vector<int64_t>& ftm, int64_t B,
+                         int64_t N) {
+    LookupProblem lp;
+    for (const auto& t : tables) {
+      for (int64_t k = 0; k < t.d(); ++k) {
+        lp.core_shapes.push_back({t.p[k], t.r[k], t.q[k], t.r[k + 1]});
+        lp.cores.push_back(nullptr);  // build_problem reads shapes only
+      }
+      lp.table_num_cores.push_back(t.d());
+    }
+    lp.feature_table_map = ftm;
+    lp.pooling_modes.assign(ftm.size(), 0);
+    lp.num_indices = N;
+    lp.num_offsets = static_cast<int64_t>(ftm.size()) * B + 1;
+    return lp;
+  };
+  const auto words = [](const LookupProblem& lp) {
+    Problem pb;
+    const Status s = build_problem(lp, &pb);
+    EXPECT(s.ok(), "prepared_length_cases: %s", s.message.c_str());
+    return prepared_words(pb);
+  };
+  int trials = 0, collisions = 0;
+  for (int it = 0; it < 600; ++it) {
+    std::vector<TableSpec> tables;
+    for (int64_t t = 0, T = rand_int(rng, 1, 3); t < T; ++t) tables.push_back(random_table(rng, rand_int(rng, 1, 4)));
+    std::vector<int64_t> ftm;
+    for (int64_t f = 0, F = rand_int(rng, 1, 4); f < F; ++f) ftm.push_back(rand_int(rng, 0, tables.size() - 1));
+    const int64_t B = rand_int(rng, 1, 300), N = rand_int(rng, 0, 5000);
+    const LookupProblem base = shapes(tables, ftm, B, N);
+    const int64_t w = words(base);
+    EXPECT(words(shapes(tables, ftm, B, N + rand_int(rng, 1, 1000))) != w, "only N differs, same length");
+    std::vector<LookupProblem> others = {shapes(tables, ftm, B + rand_int(rng, 1, 50), N)};
+    std::vector<int64_t> more = ftm;
+    more.push_back(0);
+    others.push_back(shapes(tables, more, B, N));
+    std::vector<TableSpec> extra = tables;
+    extra.push_back(random_table(rng, rand_int(rng, 1, 4)));
+    others.push_back(shapes(extra, ftm, B, N));
+    if (tables.size() > 1) {
+      std::vector<int64_t> moved = ftm;
+      moved[0] = (moved[0] + 1) % static_cast<int64_t>(tables.size());
+      others.push_back(shapes(tables, moved, B, N));
+    }
+    if (tables[0].rows() > 1) {
+      LookupProblem fewer_rows = base;
+      fewer_rows.table_num_rows.clear();
+      for (const auto& t : tables) fewer_rows.table_num_rows.push_back(t.rows());
+      fewer_rows.table_num_rows[0] -= 1;
+      others.push_back(fewer_rows);
+    }
+    for (const auto& other : others) {
+      ++trials;
+      collisions += words(other) == w;
+    }
+  }
+  EXPECT(trials > 2000 && collisions <= 6, "prepared lengths: %d collisions in %d calls that differ (expected ~%.1f)",
+         collisions, trials, trials / static_cast<double>(kPreparedTagRange));
+  std::printf("  prepared lengths: %d collisions in %d differing calls of equal N\n", collisions, trials);
 }
 
 // Bad input never stops a call or makes it read out of bounds: bad indices are excluded from the
@@ -1049,6 +1302,31 @@ void error_cases(std::mt19937_64& rng) {
     for (const auto& r : ref) want.insert(want.end(), r.begin(), r.end());
     EXPECT(rel_err(g, want) <= 1e-5, "backward with bad indices: error %.3g", rel_err(g, want));
     EXPECT(ex2.canaries_intact(), "bad indices (backward): buffer overrun");
+    // Saved: tt_prepare records the bad index (its call); the ops run from its buffer record
+    // nothing more and leave the same positions out.
+    dev.errors[0] = ErrorRecord{};
+    dev.in.call = 9;
+    SavedPreparation saved;
+    saved.attach(rng, RunOptions{}, pb, dev, "bad index (saved)");
+    EXPECT(dev.errors[0].code == kErrIndex && dev.errors[0].position == 1 && dev.errors[0].call == 9 &&
+               dev.errors[0].count == static_cast<int64_t>(drop.size()),
+           "tt_prepare did not record the bad index: %s", describe_error(dev.errors[0]).c_str());
+    dev.errors[0] = ErrorRecord{};
+    dev.in.call = 10;
+    Buf<float> out_saved(out.size()), g0s(g0.size()), g1s(g1.size());
+    auto ex3 = make_exec(rng, RunOptions{});
+    const Status fs = forward_impl<float>(ex3, pb, dev.in, out_saved.data());
+    std::vector<void*> grads_saved = {g0s.data(), g1s.data()};
+    const Status bs = backward_impl<float>(ex3, pb, dev.in, go.data(), grads_saved);
+    ex3.finish();
+    EXPECT(fs.ok() && bs.ok() && dev.clean(), "ops from a saved preparation of bad indices: %s %s, recorded %s",
+           fs.message.c_str(), bs.message.c_str(), describe_error(dev.errors[0]).c_str());
+    EXPECT(std::equal(out.begin(), out.end(), out_saved.begin()), "forward with bad indices: saved != unsaved");
+    std::vector<double> gs;
+    for (float v : g0s) gs.push_back(v);
+    for (float v : g1s) gs.push_back(v);
+    EXPECT(rel_err(gs, want) <= 1e-5, "backward with bad indices (saved): error %.3g", rel_err(gs, want));
+    EXPECT(saved.intact() && ex3.canaries_intact(), "bad indices (saved): buffer overrun or preparation changed");
   }
   // Offsets that decrease / do not end at N / do not start at 0.
   for (int variant = 0; variant < 3; ++variant) {
@@ -1066,7 +1344,20 @@ void error_cases(std::mt19937_64& rng) {
     EXPECT(st.ok() && dev.errors[0].code == kErrOffsets && dev.errors[0].limit == static_cast<int64_t>(c.indices.size()),
            "bad offsets variant %d not recorded: %s", variant, describe_error(dev.errors[0]).c_str());
     EXPECT(ex.canaries_intact(), "bad offsets variant %d: buffer overrun", variant);
+    // Saved: recorded by tt_prepare, and the op from its buffer reads within bounds.
+    dev.errors[0] = ErrorRecord{};
+    SavedPreparation saved;
+    saved.attach(rng, RunOptions{}, pb, dev, "bad offsets (saved)");
+    EXPECT(dev.errors[0].code == kErrOffsets, "tt_prepare: bad offsets variant %d not recorded", variant);
+    dev.errors[0] = ErrorRecord{};
+    auto ex2 = make_exec(rng, RunOptions{});
+    const Status ss = forward_impl<float>(ex2, pb, dev.in, out.data());
+    ex2.finish();
+    EXPECT(ss.ok() && dev.clean() && ex2.canaries_intact() && saved.intact(),
+           "bad offsets variant %d (saved): %s, recorded %s", variant, ss.message.c_str(),
+           describe_error(dev.errors[0]).c_str());
   }
+  mismatched_preparations(rng, c, s);
   // Host validation.
   Device<float> dev(c);
   LookupProblem lp = dev.lp;
@@ -1100,6 +1391,7 @@ void edge_cases(std::mt19937_64& rng) {
     check_forward<float>(rng, c, RunOptions{}, "empty");
     check_backward<float>(rng, c, RunOptions{}, "empty");
     check_fused<float>(rng, c, RunOptions{}, 2, "empty");
+    check_saved_matches_unsaved<float>(rng, c, "empty");
   }
   // One table read by several features, some tables unused.
   TableSpec s2 = s;
@@ -1113,6 +1405,8 @@ void edge_cases(std::mt19937_64& rng) {
   check_forward<float>(rng, hot, RunOptions{}, "hot rows");
   check_backward<float>(rng, hot, RunOptions{}, "hot rows");
   check_fused<float>(rng, hot, RunOptions{}, 2, "hot rows");
+  check_saved_matches_unsaved<float>(rng, hot, "hot rows");
+  check_saved_matches_unsaved<float>(rng, c, "shared tables");
   check_backward<double>(rng, make_case<double>(rng, {s2}, 1, 300, 3, false, 0.95), RunOptions{}, "hot rows fp64");
   // Many bags, a persistent grid of one block, every R.
   Case big = make_case<float>(rng, {s2}, 1, 700, 3, true, 0.1);
@@ -1146,6 +1440,7 @@ int main(int argc, char** argv) {
 #endif
   std::printf("%s: seed %llu, %d random cases per dtype\n", mode, (unsigned long long)seed, count);
   error_cases(rng);
+  prepared_length_cases(rng);
   edge_cases(rng);
   random_cases<float>(rng, count);
   random_cases<double>(rng, count / 2);
