@@ -79,7 +79,7 @@ def test_nonnegative_fit_recovers_coefficients():
 
 @pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
 def test_shard_costs_count_ids_and_replicas(sharding_type):
-    shape, world, batch = make_tt_shape(100_000, 16, [8, 8]), 4, 256
+    shape, world, batch = make_tt_shape(100_000, 16, [8, 8], tt_q_shapes=[4, 2, 2]), 4, 256  # q_1 = 4: 4 CW shards
     ranks = [2] if sharding_type == TABLE_WISE else list(range(world))
     shards = table_shards("t", shape, sharding_type, ranks, world)
     costs = MODEL.shard_costs(shape, sharding_type, shards, batch, 1.0, world)
