@@ -498,6 +498,114 @@ def test_deterministic_mode_raises_for_the_atomic_backward():
 
 
 # ---------------------------------------------------------------------------------------------
+# A saved preparation: tt_prepare once per batch, the three ops given it as `prepared` (as
+# ttdist/ops.py's autograd runs them).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ops_from_a_saved_preparation_match_the_ops_without(mode):
+    """Forward, backward and the fused step from one preparation equal the ops that prepare for
+    themselves, with other cores in the backward than in the forward; the preparation is unchanged."""
+    code, weighted = MODES[mode]
+    pb = Problem(SHAPES[3], [0, 1, 0], [code, 0, code], batch=37, dtype=torch.float32, weighted=weighted, seed=60)
+    cores, tnc, ftm, modes, idx, off, w = pb.args(DEVICE)
+    prepared = torch.ops.ttdist.tt_prepare(cores, tnc, ftm, modes, idx, off, w)
+    assert prepared.dtype == torch.int64 and prepared.dim() == 1 and prepared.device == idx.device
+    unchanged = prepared.clone()
+    out = torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx, off, w, prepared=prepared)
+    assert torch.equal(out, torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx, off, w))  # deterministic
+    assert_rel(out, pb.reference(), REF_TOL[torch.float32], "forward vs reference")
+    # A fused step of another table between forward and backward moves the cores, not the batch.
+    moved = [c * 1.5 for c in cores]
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(61)).to(DEVICE)
+    grads = torch.ops.ttdist.tt_backward(go, moved, tnc, ftm, modes, idx, off, w, prepared=prepared)
+    expected = torch.ops.ttdist.tt_backward(go, moved, tnc, ftm, modes, idx, off, w)
+    for k, (g, e) in enumerate(zip(grads, expected)):
+        assert e.abs().max() > 0
+        assert_rel(g, e, TOL[torch.float32], f"core {k} gradient")  # CUDA's atomics vary the last bits
+    opt = OptimType.EXACT_ROWWISE_ADAGRAD
+    states = [s.to(DEVICE) for s in make_states(pb.cores, opt, torch.Generator().manual_seed(62))]
+    stepped = []
+    for given in (prepared, None):
+        new_cores, new_states = [c.clone() for c in moved], [s.clone() for s in states]
+        torch.ops.ttdist.tt_backward_fused_(go, new_cores, new_states, tnc, ftm, modes, idx, off, w, opt.code, 0.2,
+                                            1e-6, prepared=given)
+        stepped.append((new_cores, new_states))
+    (cores_a, states_a), (cores_b, states_b) = stepped
+    for k in range(len(cores)):
+        assert not torch.equal(cores_b[k], moved[k])
+        assert_rel(cores_a[k], cores_b[k], TOL[torch.float32], f"core {k} after the fused step")
+        assert_rel(states_a[k], states_b[k], 1e-5, f"state {k} after the fused step")
+    assert torch.equal(prepared, unchanged)
+
+
+@cuda_only
+def test_a_preparation_for_another_call_raises_value_error():
+    """Told apart on the host by the tensor's device, dtype, shape and length (a function of N and
+    of a tag of F, B, T, C, the tables and the feature map), before the op enqueues anything."""
+    pb = Problem(SHAPES[2], [0, 0], [0, 0], batch=9, dtype=torch.float32, seed=63)  # both features read table 0
+    cores, tnc, ftm, modes, idx, off, w = pb.args(DEVICE)
+    prepared = torch.ops.ttdist.tt_prepare(cores, tnc, ftm, modes, idx, off, w)
+    n = idx.numel()
+
+    def spread(bags, count=n):  # offsets of `count` indices over `bags` bags
+        return (torch.arange(bags + 1) * count // bags).to(DEVICE)
+
+    one_more_core = cores[:2] + [torch.ones(1, 1, 1, 1, device=DEVICE)] + cores[2:]  # table 0: same rows, 3 cores
+    other_calls = {
+        "one index less": (cores, tnc, ftm, modes, idx[:-1], spread(18, n - 1), prepared),
+        "other B": (cores, tnc, ftm, modes, idx, spread(20), prepared),
+        "other F": (cores, tnc, [0, 0, 0], [0, 0, 0], idx, spread(27), prepared),
+        "other T": (cores[:2], [2], ftm, modes, idx, off, prepared),
+        "other C": (one_more_core, [3, 2], ftm, modes, idx, off, prepared),
+        "int32": (cores, tnc, ftm, modes, idx, off, prepared.int()),
+        "on the CPU": (cores, tnc, ftm, modes, idx, off, prepared.cpu()),
+        "2-D": (cores, tnc, ftm, modes, idx, off, prepared.view(1, -1)),
+        "not from tt_prepare": (cores, tnc, ftm, modes, idx, off, torch.zeros(5, dtype=torch.int64, device=DEVICE)),
+    }
+    for what, (cs, tn, fm, md, ix, of, given) in other_calls.items():
+        batch = (of.numel() - 1) // len(fm)
+        go = torch.ones(batch, 8 * len(fm), device=DEVICE)
+        with pytest.raises(ValueError, match="`prepared`"):
+            torch.ops.ttdist.tt_forward(cs, tn, fm, md, ix, of, None, prepared=given)
+        with pytest.raises(ValueError, match="`prepared`"):
+            torch.ops.ttdist.tt_backward(go, cs, tn, fm, md, ix, of, None, prepared=given)
+        stepped, no_states = [c.clone() for c in cs], [torch.zeros(0, device=DEVICE)] * len(cs)
+        with pytest.raises(ValueError, match="`prepared`"):
+            torch.ops.ttdist.tt_backward_fused_(go, stepped, no_states, tn, fm, md, ix, of, None, 0, 0.5, 0.0,
+                                                prepared=given)
+        assert all(torch.equal(a, b) for a, b in zip(stepped, cs)), f"{what}: the fused step ran"
+    torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx, off, w, prepared=prepared)  # the matching call runs
+    synchronize()
+
+
+@cuda_only
+def test_prepare_and_the_ops_from_it_never_make_the_host_wait():
+    pb = Problem(SHAPES[3], [0, 1], [0, 1], batch=512, dtype=torch.float32, seed=64)
+    cores, tnc, ftm, modes, idx, off, w = pb.args(DEVICE)
+    opt = OptimType.EXACT_ADAGRAD
+    states = [s.to(DEVICE) for s in make_states(pb.cores, opt, torch.Generator().manual_seed(65))]
+    go = torch.ones(pb.batch, 28, device=DEVICE)  # D = 12 + 16
+
+    def step():
+        prepared = torch.ops.ttdist.tt_prepare(cores, tnc, ftm, modes, idx, off, w)
+        torch.ops.ttdist.tt_forward(cores, tnc, ftm, modes, idx, off, w, prepared=prepared)
+        torch.ops.ttdist.tt_backward(go, cores, tnc, ftm, modes, idx, off, w, prepared=prepared)
+        torch.ops.ttdist.tt_backward_fused_(go, cores, states, tnc, ftm, modes, idx, off, w, opt.code, 0.01, 1e-8,
+                                            prepared=prepared)
+
+    step()  # first call: allocations, pinned staging
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # torch's own sync points raise
+    try:
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU work ahead of the ops
+        step()
+        assert not torch.cuda.current_stream().query(), "tt_prepare or an op given `prepared` made the host wait"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check_errors(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
 # The modules on the GPU.
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sparse", [False, True])
