@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="data.cardinality_scale (default: the config's, demo 0.05; quick 0.02)")
     p.add_argument("--threads-per-rank", type=int, default=1)
     p.add_argument("--set", action="append", default=[], metavar="key.sub=value", help="more config overrides")
+    p.add_argument("--tt-sharding", choices=["table_wise", "row_wise", "column_wise", "data_parallel"],
+                   help="the tt variant's TT tables all of this sharding type (default: the planner's choice)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/e2e_<device>.json)")
     p.add_argument("--report", metavar="JSON", help="print the tables of a saved result, redraw its chart, exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -81,6 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch = args.batch or 1024
         args.scale = args.scale or 0.02
     return args
+
+
+def tt_sharding_overrides(args) -> list[str]:
+    """train.sharding_types for every TT table of the config (--tt-sharding), tt variant only."""
+    if not args.tt_sharding:
+        return []
+    from ttdist.config import load_config
+
+    cfg = load_config(args.config, overrides(args))
+    return [f"train.sharding_types.t_cat_{t}={args.tt_sharding}" for t in cfg.tt_table_indices()]
 
 
 def overrides(args) -> list[str]:
@@ -118,7 +130,8 @@ def worker(args) -> None:
     from ttdist.tools.perf_model import compare_bytes, counted_bytes
 
     variants = list(VARIANTS) if args.phase == "timing" else [args.variant]
-    cfgs = {v: load_config(args.config, overrides(args) + VARIANTS[v]) for v in variants}
+    cfgs = {v: load_config(args.config, overrides(args) + VARIANTS[v] + (tt_sharding_overrides(args) if v == "tt" else []))
+            for v in variants}
     env = C.init_worker(cfgs[variants[0]])
     out = {"rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(), "variants": {}}
     sessions, memory, rss_growth = {}, {}, {}
@@ -280,6 +293,7 @@ def main(argv=None) -> None:
     common += (["--batch", str(args.batch)] if args.batch else []) + (["--scale", str(args.scale)] if args.scale else [])
     for s in args.set:
         common += ["--set", s]
+    common += ["--tt-sharding", args.tt_sharding] if args.tt_sharding else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("timing", None)] + [("memory", v) for v in VARIANTS]
@@ -297,7 +311,7 @@ def main(argv=None) -> None:
         "setup": {"device": device, "backend": "nccl" if device == "cuda" else "gloo", "world_size": args.ranks,
                   "threads_per_rank": args.threads_per_rank, "cpu_cores": os.cpu_count(),
                   "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                  "config": args.config, "overrides": overrides(args), "global_batch": tt["global_batch"],
+                  "config": args.config, "overrides": overrides(args), "tt_overrides": tt_sharding_overrides(args), "global_batch": tt["global_batch"],
                   "steps": args.steps, "warmup_steps": args.warmup, "memory_steps": args.memory_steps,
                   "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "command": f".venv/bin/python benchmarks/e2e_bench.py {' '.join(a for a in (argv or sys.argv[1:]))}".strip(),
