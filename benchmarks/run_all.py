@@ -39,18 +39,38 @@ class Bench:
     outputs: list[str] = field(default_factory=list)
 
 
+PERF_CONFIGS = ("criteo_kaggle", "criteo_terabyte")
+SCALING_PLACEMENTS = ["--worlds", "1,2", "--placements", "plan,dp,tw,rw"]
+
+
+def perf_profile_bench(config: str) -> Bench:
+    """One CPU rank of a config's model (synthetic data, full size): the perf model's compute profile.
+    The synthetic ids are drawn over the model's table rows (model.max_rows applied)."""
+    sys.path.insert(0, str(ROOT))
+    from ttdist.config import load_config
+
+    rows = load_config(ROOT / "configs" / f"{config}.yaml", ["data.cardinality_scale=1.0"]).table_rows()
+    out = f"perf_model_profile_{config}.json"
+    cmd = ["benchmarks/scaling.py", "--config", f"configs/{config}.yaml", "--worlds", "1", "--placements", "tw,rw,dp",
+           "--modes", "weak", "--scale", "1.0", "--set", "data.name=synthetic",
+           "--set", f"data.num_embeddings_per_feature=[{', '.join(map(str, rows))}]", "--out", f"benchmarks/results/{out}"]
+    return Bench(f"perf_profile_{config}", "benchmarks/scaling.py", cmd + ["--steps", "3", "--warmup", "1"], cmd,
+                 [out, out.replace(".json", ".png")])
+
+
 def benches() -> list[Bench]:
     scaling = "benchmarks/results/scaling_cpu.json"
     perf = ["-m", "ttdist.tools.perf_model", "--validate", scaling, "--validation-out",
-            "benchmarks/results/perf_model_validation.json", "--predict", "--profile", scaling, "--scale", "1.0",
-            "--what-if-speedup", "100"]
+            "benchmarks/results/perf_model_validation.json", "--predict", "--what-if-speedup", "100",
+            *(a for c in PERF_CONFIGS for a in ("--profile", f"benchmarks/results/perf_model_profile_{c}.json"))]
     return [
         Bench("kernel", "benchmarks/tt_kernel_bench.py", ["benchmarks/tt_kernel_bench.py", "--device", "cpu", "--quick"],
               ["benchmarks/tt_kernel_bench.py", "--device", "cpu"], ["tt_kernel_cpu.json"]),
         Bench("e2e", "benchmarks/e2e_bench.py", ["benchmarks/e2e_bench.py", "--quick"], ["benchmarks/e2e_bench.py"],
               ["e2e_cpu.json", "e2e_cpu_breakdown.png"]),
-        Bench("scaling", "benchmarks/scaling.py", ["benchmarks/scaling.py", "--quick"], ["benchmarks/scaling.py"],
-              ["scaling_cpu.json", "scaling_cpu.png"]),
+        Bench("scaling", "benchmarks/scaling.py", ["benchmarks/scaling.py", "--quick", *SCALING_PLACEMENTS],
+              ["benchmarks/scaling.py", *SCALING_PLACEMENTS, "--repeat", "3"], ["scaling_cpu.json", "scaling_cpu.png"]),
+        *(perf_profile_bench(c) for c in PERF_CONFIGS),
         Bench("perf_model", "ttdist/tools/perf_model.py", perf, perf,
               ["perf_model_validation.json", "perf_model_predictions.json", "perf_model_predictions.png"]),
         Bench("compression", "benchmarks/compression_sweep.py", ["benchmarks/compression_sweep.py", "--quick"],
@@ -290,29 +310,33 @@ def section_scaling(name: str, d: dict) -> str:
 def section_perf(name_v: str, v: Optional[dict], name_p: str, p: Optional[dict]) -> str:
     out = []
     if v:
-        rows = [[r["placement"], r["mode"], r["world_size"], ms(r["measured_step_s"]), ms(r["predicted_step_s"]),
-                 f"{100 * r['relative_error']:+.1f} %", num(r["bytes_equal"])]
+        rows = [[r["placement"], r["mode"], r["world_size"], ", ".join(f"{k} {n}" for k, n in r["plan"]["tt"].items()),
+                 ms(r["measured_step_s"]), ms(r["predicted_step_s"]), f"{100 * r['relative_error']:+.1f} %",
+                 num(r["compute_slowdown"]), num(r["bytes_equal"])]
                 for r in sorted(v["rows"], key=lambda r: (r["placement"], r["mode"], r["world_size"]))]
-        out += [f"Validation against `{v['scaling_json']}` (from `{name_v}`): bytes counted == predicted on every "
-                f"row: {num(v['bytes_all_equal'])}; mean |relative error| of the step time at 2-4 ranks "
-                f"{100 * v['mean_abs_relative_error_w2_w4']:.1f} %, max {100 * v['max_abs_relative_error_w2_w4']:.1f} %.",
+        worst = v.get("max_abs_relative_error_w2")
+        out += [f"Validation against `{v['scaling_json']}` (from `{name_v}`; measured by `{v.get('command')}`): bytes "
+                f"counted == predicted on every rank of every row: {num(v['bytes_all_equal'])}; largest |relative "
+                f"error| of the step time at 2 ranks: " + (f"{100 * worst:.1f} %." if worst is not None else "-"),
                 "", f"> {v['note']}" if v.get("note") else "", "",
-                table(["placement", "mode", "ranks", "measured step ms", "predicted step ms", "error",
-                       "bytes equal"], rows), ""]
-    if p:
-        worlds = [x["world_size"] for x in next(iter(p["predictions"].values()))]
-        rows = [[k, *(f"{ms(x['step_time_s'])} ms, E={num(x['efficiency'])}" for x in pts)]
-                for k, pts in p["predictions"].items()]
-        out += [f"Predictions (from `{name_p}`): weak scaling at {p['batch_per_gpu']} samples per GPU, compute "
-                f"profile measured on `{p['profile_device']}` ({p['profile'].get('source', '')}). These are model "
-                f"outputs, not measurements.", "",
-                table(["preset / sharding", *(f"W={w}" for w in worlds)], rows)]
-        if "what_if" in p:
-            rows = [[k, *(f"{ms(x['step_time_s'])} ms, E={num(x['efficiency'])}" for x in pts)]
-                    for k, pts in p["what_if"]["predictions"].items()]
-            out += ["", f"What-if: {p['what_if']['note']}", "",
-                    table(["preset / sharding", *(f"W={w}" for w in worlds)], rows)]
-        out += ["", "Notes of the model:", ""] + [f"- {n}" for n in p.get("notes", [])]
+                table(["placement", "mode", "ranks", "TT plan", "measured step ms", "predicted step ms", "error",
+                       "compute slowdown", "bytes equal"], rows), ""]
+    if p and "configs" in p:
+        out += [f"Predictions (from `{name_p}`): weak scaling at {p['batch_per_gpu']} samples per GPU. These are model "
+                "outputs, not measurements. Assumptions:", ""] + [f"- {a}" for a in p["assumptions"]] + [""]
+        worlds = p["worlds"]
+        for name, c in p["configs"].items():
+            out += [f"**{name}** (`{c['config']}`; TT cores {c['model']['tt_core_bytes'] / 2**20:.1f} MiB; compute "
+                    f"profile `{c['profile_json']}`).", ""]
+            for label, part in (("measured CPU compute", c),
+                                (f"what-if: compute / {p['what_if_speedup']:g} (ASSUMED GPU speed)", c.get("what_if"))):
+                if part:
+                    rows = [[k, *(f"{ms(x['step_time_s'])} ms, E={num(x['efficiency'])}" for x in pts)]
+                            for k, pts in part["predictions"].items()]
+                    plans = "; ".join(f"{w}: {', '.join(f'{k} {n}' for k, n in plan['tt'].items())}"
+                                      for w, plan in part["planner_plans"].items())
+                    out += [f"{label} (the planner's TT plan per W: {plans}):", "",
+                            table(["preset / TT plan", *(f"W={w}" for w in worlds)], rows), ""]
     return "\n".join(out)
 
 
@@ -427,11 +451,12 @@ def generate_readme() -> tuple[str, list[str]]:
         "| TT lookup kernel | `python benchmarks/tt_kernel_bench.py --device cpu [--quick]` | tt_kernel_cpu.json |",
         f"| end-to-end step, TT vs dense | `{(e2e or {}).get('command', '.venv/bin/python benchmarks/e2e_bench.py [--quick]')}` "
         "| e2e_cpu.json, e2e_cpu_breakdown.png |",
-        f"| scaling 1-8 ranks | `{(scaling or {}).get('command', '.venv/bin/python benchmarks/scaling.py [--quick]')}` "
+        f"| scaling, CPU ranks | `{(scaling or {}).get('command', '.venv/bin/python benchmarks/scaling.py [--quick]')}` "
         "| scaling_cpu.json, scaling_cpu.png |",
-        "| perf model | `python -m ttdist.tools.perf_model --validate benchmarks/results/scaling_cpu.json --validation-out "
-        "benchmarks/results/perf_model_validation.json --predict --profile benchmarks/results/scaling_cpu.json "
-        "--scale 1.0 --what-if-speedup 100` | perf_model_validation.json, perf_model_predictions.json, .png |",
+        "| perf model: compute profiles | " + "; ".join(f"`{' '.join(perf_profile_bench(c).full)}`" for c in PERF_CONFIGS)
+        + " | " + ", ".join(perf_profile_bench(c).outputs[0] for c in PERF_CONFIGS) + " |",
+        f"| perf model | `python {' '.join(next(b for b in benches() if b.name == 'perf_model').full)}` "
+        "| perf_model_validation.json, perf_model_predictions.json, .png |",
         "| compression sweep | `python benchmarks/compression_sweep.py [--quick]` "
         "| compression_sweep[_quick].json, .png |",
         "",

@@ -57,7 +57,10 @@ def _element(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _layout_from_plan(configs: Sequence[TTEmbeddingBagConfig], plan: Mapping[str, Any], world_size: int):
+def plan_layout(configs: Sequence[TTEmbeddingBagConfig], plan: Mapping[str, Any], world_size: int
+                ) -> tuple[list[str], list[list[Any]]]:
+    """(sharding type, ``shard_layout.table_shards``) of every table of plan info: what
+    ``comm_volume(..., layout=)`` takes to skip rebuilding it per rank."""
     kinds, shards = [], []
     for c in configs:
         ps = plan[c.name]
@@ -157,7 +160,8 @@ def comm_volume(source: Union[nn.Module, PlanInfo], batch_size_per_rank: int,
                 pooling_factors: Union[float, Mapping[str, float]] = 1.0, *, world_size: Optional[int] = None,
                 rank: Optional[int] = None, is_weighted: bool = False, values_dtype: torch.dtype = torch.int64,
                 lengths_dtype: torch.dtype = torch.int32, embedding_dtype: torch.dtype = torch.float32,
-                dense_bytes: Optional[int] = None, raise_on_every_rank: bool = False) -> dict[str, Any]:
+                dense_bytes: Optional[int] = None, raise_on_every_rank: bool = False,
+                layout: Optional[tuple[list[str], list[list[Any]]]] = None) -> dict[str, Any]:
     """Per-step bytes this rank hands to each collective (formulas: module docstring).
 
     Args:
@@ -171,6 +175,8 @@ def comm_volume(source: Union[nn.Module, PlanInfo], batch_size_per_rank: int,
         dense_bytes: (d) for plan info, or to override the DDP count.
         raise_on_every_rank: (e) for plan info: whether the sharder was built with
             ``raise_on_every_rank`` (a module source: read from the module).
+        layout: for plan info, ``plan_layout(configs, plan, world_size)`` computed once (every
+            rank's call of a large plan otherwise rebuilds it).
 
     Returns ``{"index_all_to_all": {group: {splits, lengths, values, weights, total}},
     "pooled_all_to_all_forward": {group: bytes}, "pooled_all_to_all_backward": {group: bytes},
@@ -195,7 +201,7 @@ def comm_volume(source: Union[nn.Module, PlanInfo], batch_size_per_rank: int,
         configs, plan = source
         if world_size is None or rank is None:
             raise ValueError("comm_volume of plan info needs world_size and rank")
-        kinds, shards = _layout_from_plan(configs, plan, world_size)
+        kinds, shards = layout or plan_layout(configs, plan, world_size)
         parts.append(_module_volume(configs, kinds, shards, world_size, rank, batch_size_per_rank,
                                     pooling_for(configs), is_weighted, raise_on_every_rank=raise_on_every_rank,
                                     **sizes))

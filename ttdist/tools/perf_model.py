@@ -408,22 +408,41 @@ class Plan:
 SYNTHETIC_TT_SHARDINGS = ("table_wise", "row_wise", "data_parallel")
 
 
-def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int) -> Plan:
+def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, cpu_speedup: float = 1.0) -> Plan:
     """What ttdist's planner picks for ``cfg``'s model on ``world_size`` GPUs: ``make_planner`` with
-    ``Topology(world_size=W, compute_device="cuda")`` (TorchRec's defaults otherwise) and the
-    training's constraints (``ttdist.model.plan_constraints``); the model is built on meta."""
+    ``Topology(world_size=W, compute_device="cuda", local_world_size=min(W, 8))`` (8 GPUs per node,
+    as the presets; TorchRec's default puts all W on one host, and its to_sharding_plan then fails
+    at W = 512 with "Invalid device string: 'cuda:-28'") and the training's constraints
+    (``ttdist.model.plan_constraints``); the model is built on meta.
+
+    Without a GPU here, the planner's TT kernel costs for cuda are this host's CPU calibration
+    (``tt_costs.calibration("cpu")``) divided by ``cpu_speedup`` — the same assumption as the
+    predictions it is used in."""
+    import dataclasses
+
     import torch
     from torchrec.distributed.planner import Topology
 
-    from ttdist.distributed import make_planner
+    from ttdist.distributed import make_planner, tt_costs
     from ttdist.model import build_model, build_sharders, plan_constraints
     from ttdist.modules.optim import OptimType
 
-    model = build_model(cfg, torch.device("meta"))
-    planner = make_planner(Topology(world_size=world_size, compute_device="cuda"), batch_size=batch_per_rank,
-                           constraints=plan_constraints(cfg, "cuda"),
-                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
-    return Plan.from_summary(spec, summarize_plan(planner.plan(model, build_sharders(cfg))), world_size)
+    if not torch.cuda.is_available():
+        cpu = tt_costs.calibration("cpu")
+        scaled = {f.name: getattr(cpu, f.name) / cpu_speedup for f in dataclasses.fields(cpu)
+                  if f.name.endswith(tuple(f"_per_{u}" for u in ("id", "row", "byte", "flop", "param")))}
+        tt_costs.set_calibration(dataclasses.replace(cpu, device="cuda", **scaled,
+                                                     source=f"{cpu.source}, / {cpu_speedup:g} (ASSUMED cuda)"))
+    try:
+        model = build_model(cfg, torch.device("meta"))
+        planner = make_planner(Topology(world_size=world_size, compute_device="cuda", local_world_size=min(world_size, 8)),
+                               batch_size=batch_per_rank,
+                               constraints=plan_constraints(cfg, "cuda"),
+                               optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
+        return Plan.from_summary(spec, summarize_plan(planner.plan(model, build_sharders(cfg))), world_size)
+    finally:
+        if not torch.cuda.is_available():
+            tt_costs.set_calibration(None, "cuda")
 
 
 def replicated_core_elements(spec: ModelSpec, plan: Plan) -> int:
@@ -468,15 +487,17 @@ def torchrec_ebc_volume(units: Sequence[tuple], world_size: int, rank: int, batc
     return out
 
 
-def collective_bytes(spec: ModelSpec, plan: Plan, rank: int, batch: int) -> dict[str, float]:
-    """Per-step bytes rank ``rank`` hands to each collective (flat keys, as ``counted_bytes``)."""
+def collective_bytes(spec: ModelSpec, plan: Plan, rank: int, batch: int, layout: Optional[tuple] = None
+                     ) -> dict[str, float]:
+    """Per-step bytes rank ``rank`` hands to each collective (flat keys, as ``counted_bytes``).
+    ``layout``: ``comm_volume.plan_layout`` of the TT tables, when the caller has it."""
     from ttdist.tools.comm_volume import comm_volume
 
     w = plan.world_size
     out: dict[str, float] = {}
     if spec.tt_configs:
         v = comm_volume((spec.tt_configs, plan.tt), batch, 1.0, world_size=w, rank=rank,
-                        dense_bytes=spec.dense_param_bytes)
+                        dense_bytes=spec.dense_param_bytes, layout=layout)
         for g in GROUPS:
             out[f"tt.index_all_to_all.{g}"] = v["index_all_to_all"][g]["total"]
             out[f"tt.pooled_all_to_all_forward.{g}"] = v["pooled_all_to_all_forward"][g]
@@ -597,6 +618,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
     """Predicted step time and its pieces (module docstring). ``cores``: CPU cores the W ranks
     share (None: one device each). ``calls``: collective calls per step (default: ttdist's).
     ``compute_slowdown``: every compute piece times this (CPU ranks sharing a machine: measured)."""
+    from ttdist.tools.comm_volume import plan_layout
+
     w = plan.world_size
     p = profile
     tt_ids, eb_ids = ids_per_rank(spec, plan, batch)
@@ -611,7 +634,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
     def uniform(x: float) -> float:
         return piece([x] * w)
 
-    per_rank_bytes = [collective_bytes(spec, plan, r, batch) for r in range(w)]
+    layout = plan_layout(spec.tt_configs, plan.tt, w) if spec.tt_configs else None
+    per_rank_bytes = [collective_bytes(spec, plan, r, batch, layout) for r in range(w)]
     byts = {k: max(b[k] for b in per_rank_bytes) for k in per_rank_bytes[0]}
     tt_groups = {("row_wise" if ps.sharding_type == "row_wise" else "table_column_wise")
                  for ps in plan.tt.values() if ps.sharding_type != "data_parallel"}
@@ -769,12 +793,19 @@ def config_predictions(profile_json: str | Path, batch_per_gpu: int, worlds: Seq
     spec = ModelSpec.from_config(cfg)
     profile = Profile.from_scaling(data, spec, "weak", str(profile_json))
     all_worlds = sorted({1, *worlds})
-    plans = {kind: {w: planner_plan(cfg, spec, w, batch_per_gpu) if kind == "planner" else Plan.synthetic(spec, w, kind)
-                    for w in all_worlds} for kind in PLAN_KINDS}
 
-    def predictions(prof: Profile) -> dict:
+    def plans_at(speedup: float) -> dict[str, dict[int, Plan]]:
+        return {kind: {w: planner_plan(cfg, spec, w, batch_per_gpu, speedup) if kind == "planner"
+                       else Plan.synthetic(spec, w, kind) for w in all_worlds} for kind in PLAN_KINDS}
+
+    def predictions(prof: Profile, plans: Mapping[str, Mapping[int, Plan]]) -> dict:
         return {f"{name}/{kind}": weak_scaling(prof, spec, batch_per_gpu, plans[kind], PRESETS[name])
                 for name in presets for kind in PLAN_KINDS}
+
+    def planner_counts(plans: Mapping[str, Mapping[int, Plan]]) -> dict:
+        return {w: p.sharding_counts() for w, p in plans["planner"].items()}
+
+    plans = plans_at(1.0)
 
     core_bytes = 4 * sum(c.tt_shape().num_parameters for c in spec.tt_configs)
     out = {"config": setup["config"], "overrides": list(setup["overrides"]) + extra, "profile_json": str(profile_json),
@@ -786,11 +817,12 @@ def config_predictions(profile_json: str | Path, batch_per_gpu: int, worlds: Seq
                                             "ranks": list(c.tt_shape().ranks)} for c in spec.tt_configs},
                      "tt_core_bytes": core_bytes, "torchrec_tables": len(spec.eb_configs),
                      "dense_param_bytes": spec.dense_param_bytes},
-           "plans": {kind: {w: p.sharding_counts() for w, p in by_w.items()} for kind, by_w in plans.items()},
-           "predictions": predictions(profile)}
+           "planner_plans": planner_counts(plans), "predictions": predictions(profile, plans)}
     if what_if_speedup:
+        fast = plans_at(what_if_speedup)
         out["what_if"] = {"compute_speedup": what_if_speedup, "profile": asdict(scaled_profile(profile, what_if_speedup)),
-                          "predictions": predictions(scaled_profile(profile, what_if_speedup))}
+                          "planner_plans": planner_counts(fast),
+                          "predictions": predictions(scaled_profile(profile, what_if_speedup), fast)}
     return out
 
 
@@ -811,7 +843,9 @@ def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Seq
                               "per node" for n, c in PRESETS.items() if n in presets) + " (module docstring: sources).",
         "Plans: row_wise / table_wise / data_parallel put every TT table on that sharding type (TorchRec tables "
         "table-wise, least-loaded rank); planner = ttdist.distributed.make_planner with Topology(world_size=W, "
-        "compute_device='cuda') and the training's constraints, at the same per-GPU batch.",
+        "compute_device='cuda', local_world_size=min(W, 8)) and the training's constraints, at the same per-GPU batch; without a GPU its TT "
+        "kernel costs are this host's CPU calibration (ttdist.distributed.tt_costs) divided by the same factor as "
+        "the compute of the prediction set (1, or the what-if's).",
         "Ids hash uniformly over rows (row-wise shards get ids in proportion to their rows); 1 id per sample and feature.",
         "No overlap of communication with compute (an upper bound for pipelined training); no stragglers, no link "
         "contention beyond the per-GPU NIC.",
@@ -844,12 +878,13 @@ def print_predictions(pred: dict) -> None:
     worlds = pred["worlds"]
     for name, c in pred["configs"].items():
         print(f"\n{name} ({c['config']}; TT cores {c['model']['tt_core_bytes'] / 2**20:.1f} MiB; profile {c['profile_json']})")
-        print("  planner's TT plan: " + ", ".join(f"W={w}: {p['tt']}" for w, p in c["plans"]["planner"].items()))
-        for label, preds in (("measured CPU compute", c["predictions"]),
-                             (f"what-if compute / {pred['what_if_speedup']:g} (ASSUMED)", c.get("what_if", {}).get("predictions"))):
-            if not preds:
+        for label, part in (("measured CPU compute", c), (f"what-if compute / {pred['what_if_speedup']:g} (ASSUMED)",
+                                                           c.get("what_if"))):
+            if not part:
                 continue
-            print(f"  {label}:")
+            preds = part["predictions"]
+            print(f"  {label}; the planner's TT plan: "
+                  + ", ".join(f"W={w}: {p['tt']}" for w, p in part["planner_plans"].items()))
             print(f"  {'preset/plan':<26}" + "".join(f"{'W=' + str(w):>22}" for w in worlds))
             for key, pts in preds.items():
                 print(f"  {key:<26}" + "".join(f"{p['step_time_s'] * 1e3:>10.2f} ms E={p['efficiency']:<6.3f}" for p in pts))
