@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -22,6 +21,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from ttdist.checkpoint import Checkpointer, rng_state, set_rng_state
 from ttdist.config import Config, OptimConfig, dense_optimizer_class
 from ttdist.distributed import make_planner
+from ttdist.distributed.links import measure_links
 from ttdist.failures import Progress, say
 from ttdist.model import build_model, build_sharders, plan_constraints
 from ttdist.modules.optim import OptimType
@@ -75,10 +75,15 @@ def build_plan(model: torch.nn.Module, cfg: Config, env: DistEnv) -> ShardingPla
         from ttdist.plan import load_plan
 
         return load_plan(cfg.train.plan_path, world_size=env.world_size, tables=model)
-    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
-    planner = make_planner(topology, batch_size=cfg.data.batch_size // env.world_size,
+    links = measure_links(env.device)  # the job's own links: TorchRec's defaults are GPU figures
+    if env.rank == 0:
+        say(f"links measured for the planner: {links.latency_ms:.3f} ms per collective, "
+            f"{links.bytes_per_ms / 1e3:.0f} MB/s per rank")
+    planner = make_planner(links.topology(env.world_size, env.device.type),
+                           batch_size=cfg.data.batch_size // env.world_size,
                            constraints=plan_constraints(cfg, env.device.type),
-                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
+                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer),
+                           collective_latency_ms=links.latency_ms)
     return planner.collective_plan(model, build_sharders(cfg), dist.group.WORLD)
 
 

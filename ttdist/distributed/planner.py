@@ -25,6 +25,7 @@ import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner import enumerators as _enumerators
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.perf_models import NoopPerfModel
 from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorFactory, EmbeddingPerfEstimatorV2
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.planner.types import (BasicCommsBandwidths, CollectiveType, ParameterConstraints, Perf,
@@ -143,6 +144,8 @@ def tt_option_perf(option: ShardingOption, topology: Topology, model: TTCostMode
         fwd/bwd  W B D_j * e / bw_a2a each (pooled all-to-all; 0 for data-parallel)
         replicas 2 (k-1)/k * e * replicated parameters / bw_allreduce in bwd (k ranks share them:
                  W for row-wise and data-parallel, the shards for column-wise)
+    The price of each collective call is not here: the tables of one sharding type share their
+    calls, so it belongs to a whole plan (``TTCollectivesPerfModel``).
     """
     shape = _config(option).tt_shape()
     world = topology.world_size
@@ -179,18 +182,55 @@ def tt_constraints(tables: dict[str, str], constraints: Optional[dict[str, Param
 
 
 def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict[str, ParameterConstraints]] = None,
-                 optimizer: OptimType = OptimType.EXACT_SGD, cost_model: Optional[TTCostModel] = None
-                 ) -> EmbeddingShardingPlanner:
+                 optimizer: OptimType = OptimType.EXACT_SGD, cost_model: Optional[TTCostModel] = None,
+                 collective_latency_ms: float = 0.0) -> EmbeddingShardingPlanner:
     """TorchRec's EmbeddingShardingPlanner with the TT estimators (dense tables keep TorchRec's).
 
     ``batch_size``: per-rank batch size, as TorchRec's planner expects. ``cost_model``: the TT
     kernel's cost (default: calibrated on ``topology.compute_device``, ``tt_costs``).
+    ``collective_latency_ms``: the price of one collective call (``links.measure_links``), which
+    ``TTCollectivesPerfModel`` adds to every proposal's rating per call its TT groups make.
     """
     estimators = [TTPerfEstimator(topology, constraints, cost_model), TTStorageEstimator(topology, constraints, optimizer)]
     enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints,
                                      estimator=estimators)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, enumerator=enumerator,
-                                    constraints=constraints)
+                                    constraints=constraints,
+                                    performance_model=TTCollectivesPerfModel(topology, collective_latency_ms))
+
+
+# Collective calls per step of one group of the sharded TT collection (ttdist/distributed/dists.py):
+# the ids' all-to-all (splits, lengths, values) and the pooled all-to-all forward and backward.
+CALLS_PER_SHARDED_GROUP = 5
+
+
+def tt_collective_calls(sharding_types: set[str]) -> int:
+    """Collective calls per step of a TT collection whose tables have these sharding types: one
+    group for table- and column-wise tables, one for row-wise, none for data-parallel; one
+    all-reduce for every replicated core (row-/column-wise G_2..G_d, data-parallel)."""
+    groups = bool(sharding_types & {TABLE_WISE, COLUMN_WISE}) + (ROW_WISE in sharding_types)
+    replicas = bool(sharding_types & {ROW_WISE, COLUMN_WISE, DATA_PARALLEL})
+    return CALLS_PER_SHARDED_GROUP * groups + replicas
+
+
+class TTCollectivesPerfModel(NoopPerfModel):
+    """TorchRec's rating of a proposal (the slowest rank's summed perf) plus ``latency_ms`` for
+    every collective call its TT tables make per step (``tt_collective_calls``).
+
+    TorchRec rates tables one at a time and its topology has bandwidths only; but a call costs
+    its latency once per sharding group, however many tables share it. Where calls are dear (gloo:
+    about a millisecond), a plan with fewer groups, or data-parallel tables with no all-to-all,
+    wins although TorchRec's per-table sums are alike: its proposers (UniformProposer among them)
+    offer such plans, this rating tells them apart.
+    """
+
+    def __init__(self, topology: Topology, latency_ms: float = 0.0) -> None:
+        super().__init__(topology)
+        self._latency = latency_ms
+
+    def rate(self, plan: list[ShardingOption]) -> float:
+        types = {o.sharding_type for o in plan if o.module_type_key == TT_MODULE_KEY}
+        return super().rate(plan) + self._latency * tt_collective_calls(types)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""The job's measured links (ttdist.distributed.links) and the price of a collective call in the
+rating of a plan (TTCollectivesPerfModel): what the planner then chooses. Calibration of the kernel: tests/distributed/conftest.py."""
+from __future__ import annotations
+
+import pytest
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.planner.perf_models import NoopPerfModel
+
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_tt_costs import MODEL, tt_model
+from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner
+from ttdist.distributed.links import LinkModel
+from ttdist.distributed.planner import TTCollectivesPerfModel, tt_collective_calls
+from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE
+
+# The demo's seven TT tables (rows at 5 % of Criteo Kaggle), dim 16, ranks 16.
+DEMO_TABLES = [("t2", 506_561), ("t3", 110_130), ("t11", 417_580), ("t15", 273_065), ("t20", 352_327),
+               ("t23", 14_309), ("t25", 7_129)]
+
+
+@pytest.mark.parametrize("types,calls", [
+    ({TABLE_WISE}, 5), ({TABLE_WISE, COLUMN_WISE}, 6), ({ROW_WISE}, 6), ({DATA_PARALLEL}, 1),
+    ({TABLE_WISE, DATA_PARALLEL}, 6), ({TABLE_WISE, ROW_WISE, DATA_PARALLEL}, 11), (set(), 0)])
+def test_collective_calls_of_a_plan(types, calls):
+    """Ids all-to-all (3 calls) + pooled all-to-all fwd and bwd per group (table-/column-wise share
+    one, row-wise has its own); one all-reduce for all replicated cores."""
+    assert tt_collective_calls(types) == calls
+
+
+def test_rating_adds_the_calls_of_the_plan_to_torchrec_rating():
+    topology = Topology(world_size=2, compute_device="cpu")
+    planner = make_planner(topology, batch_size=512, cost_model=MODEL)
+    module = tt_model(("a", 200_000, 16, 16), ("b", 50_000, 16, 16))
+    options = planner._enumerator.enumerate(module, [TTEmbeddingBagCollectionSharder()])
+    pick = {(o.name, o.sharding_type): o for o in options}
+    for o in options:
+        for rank, shard in enumerate(o.shards):
+            shard.rank = rank
+    plan = [pick[("a", TABLE_WISE)], pick[("b", DATA_PARALLEL)]]
+    torchrec_rating = NoopPerfModel(topology).rate(plan)
+    assert TTCollectivesPerfModel(topology, 0.75).rate(plan) == pytest.approx(torchrec_rating + 0.75 * 6)
+
+
+def _demo_plan(links: LinkModel) -> dict[str, str]:
+    planner = make_planner(links.topology(2, "cpu"), batch_size=1024, cost_model=MODEL,
+                           collective_latency_ms=links.latency_ms)
+    module = tt_model(*[(name, rows, 16, 16) for name, rows in DEMO_TABLES])
+    plan = planner.plan(module, [TTEmbeddingBagCollectionSharder()]).plan[""]
+    return {name: ps.sharding_type for name, ps in plan.items()}
+
+
+def test_dear_calls_make_the_demo_tables_data_parallel():
+    """Gloo on this kind of machine (~0.4 ms a call, ~0.7 GB/s): every demo table data-parallel, no
+    all-to-all at all. Free calls on the same links: TorchRec's per-table sums shard some of them."""
+    gloo = LinkModel(latency_ms=0.4, bytes_per_ms=7e5)
+    assert set(_demo_plan(gloo).values()) == {DATA_PARALLEL}
+    assert set(_demo_plan(LinkModel(latency_ms=0.0, bytes_per_ms=7e5)).values()) != {DATA_PARALLEL}
+
+
+def test_link_model_becomes_torchrec_topology_bandwidths():
+    topology = LinkModel(latency_ms=0.1, bytes_per_ms=123_456.0).topology(4, "cpu")
+    assert topology.world_size == 4 and topology.intra_host_bw == topology.inter_host_bw == 123_456.0
+
+
+def _measure(rank: int, world_size: int):
+    import torch
+
+    from ttdist.distributed.links import measure_links
+    return measure_links(torch.device("cpu"), large_bytes=1 << 18, repeats=3)
+
+
+@pytest.mark.slow
+def test_measured_links_agree_across_ranks():
+    results = run_ranks(_measure, 2)
+    assert results[0] == results[1]
+    assert results[0].latency_ms > 0 and results[0].bytes_per_ms > 0
