@@ -2,8 +2,7 @@
 
 Per world size W, one torchrun job with W ranks:
   1. a gloo micro-benchmark of all_to_all_single and all_reduce at a few sizes, fitted to
-     t = alpha + bytes/beta, and a compute probe (the link model and the compute slowdown of
-     ranks sharing the machine that ttdist.tools.perf_model uses to predict CPU step times);
+     t = alpha + bytes/beta (a link model of ttdist.tools.perf_model for CPU step times);
   2. for each TT placement (tw: every TT table table_wise; rw: every TT table row_wise; dp: every
      TT table data_parallel; plan: every table where ttdist's planner puts it; the TorchRec tables
      wherever the planner puts them), one DMP, trained
@@ -87,13 +86,10 @@ def base_overrides(args) -> list[str]:
 
 
 def microbenchmark(world: int, quick: bool) -> dict:
-    """Median time of all_to_all_single / all_reduce at a few sizes, their alpha/beta fit, and a
-    compute probe.
+    """Median time of all_to_all_single / all_reduce at a few sizes and their alpha/beta fit.
 
     Each timed call follows the same ~1 ms of compute on every rank and no barrier, as
-    collectives do inside a step. The probe is the median time of that compute: at W ranks over
-    the 1-rank job's, the slowdown of compute when W ranks share this machine under one gloo
-    group (ttdist.tools.perf_model applies it to the predicted compute).
+    collectives do inside a step.
     """
     import torch
     import torch.distributed as dist
@@ -103,13 +99,10 @@ def microbenchmark(world: int, quick: bool) -> dict:
     sizes = [4096, 65536, 262144, 1048576]
     repeat = 5 if quick else 9
     a, b = torch.randn(96, 96), torch.randn(96, 96)
-    probe = []
 
     def busy() -> None:
-        t0 = time.perf_counter()
         for _ in range(40):
             a @ b
-        probe.append(time.perf_counter() - t0)
     a2a = getattr(dist.all_to_all_single, "__wrapped__", dist.all_to_all_single)
     ar = getattr(dist.all_reduce, "__wrapped__", dist.all_reduce)
     out = {}
@@ -132,7 +125,6 @@ def microbenchmark(world: int, quick: bool) -> dict:
             medians.append(statistics.median(times))
         out[kind] = {"bytes": [max(s // 4 // world * world, world) * 4 for s in sizes], "median_s": medians,
                      **fit_alpha_beta([max(s // 4 // world * world, world) * 4 for s in sizes], medians)}
-    out["compute_probe"] = {"what": "40 x (96x96 @ 96x96) before each timed call", "median_s": statistics.median(probe)}
     return out
 
 

@@ -257,3 +257,26 @@ def test_validation_bytes_equal_on_the_committed_scaling_run():
     v = pm.validate(RESULT)
     assert v["bytes_all_equal"], [r["byte_mismatches"] for r in v["rows"] if not r["bytes_equal"]]
     assert json.loads(RESULT.read_text())["bytes_all_equal"]
+
+
+def test_fit_calls_bytes_recovers_per_call_and_per_byte_costs():
+    calls, nbytes = [1, 3, 1, 2, 4], [1e3, 1e5, 1e6, 2e4, 5e5]
+    alpha, beta = pm.fit_calls_bytes(calls, nbytes, [c * 3e-4 + b / 2e9 for c, b in zip(calls, nbytes)])
+    assert alpha == pytest.approx(3e-4) and beta == pytest.approx(2e9)
+    # a negative per-byte cost is not physical: the fit falls back to per-call cost only
+    alpha, beta = pm.fit_calls_bytes([1, 1], [1e3, 1e6], [2e-3, 1e-3])
+    assert alpha == pytest.approx(1.5e-3) and beta == pytest.approx(1e15)
+
+
+def test_in_step_links_take_the_rank_that_waited_least():
+    """Per collective record, the smallest time over the ranks (the other rank's wait is lateness)."""
+    records = {"tt/input_dist@row_wise|all_to_all_single": (1, 1000), "ebc/input_dist|all_to_all_single": (3, 90000),
+               "dense_bwd|ddp_all_reduce": (1, 500), "tt/replica_allreduce|all_reduce": (1, 80000)}
+
+    def summary(alpha: float, beta: float) -> dict:
+        return {"collectives": {k: {"calls": c, "bytes": b, "seconds": c * alpha + b / beta}
+                                for k, (c, b) in records.items()}}
+    entry = {"rank_summaries": [summary(1e-3, 1e9), summary(4e-3, 1e8)]}  # rank 1 waited on every call
+    links = pm.in_step_links([entry])
+    assert links.a2a_alpha == pytest.approx(1e-3) and links.a2a_beta == pytest.approx(1e9)
+    assert links.ar_alpha == pytest.approx(1e-3) and links.ar_beta == pytest.approx(1e9)

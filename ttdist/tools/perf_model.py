@@ -39,8 +39,6 @@ Step time: the pipeline is synchronous (every collective is a barrier), so the c
     T = sum over pieces p of  X_p  +  sum over collectives c of  t_c,
     X_p = max_r x_p,r                         (own cores / GPUs per rank), or
     X_p = max(max_r x_p,r, sum_r x_p,r / cores)   (W ranks sharing `cores` CPU cores: oversubscribed)
-(times a measured compute slowdown s_W on CPU: W ranks under one gloo group on one machine run
-the same compute slower than one rank alone; the micro-benchmark's compute probe at W over 1),
 in the order: prep_tt, [TT index a2a + check all-reduce], fwd_tt, [TT pooled a2a fwd], prep_eb,
 [TBE index a2a], fwd_eb, [TBE pooled a2a fwd / row-wise reduce-scatter], glue, dense_fwd, other,
 [flag all-reduce], dense_bwd, [TBE pooled a2a bwd / row-wise all-gather], bwd_eb, [TT pooled a2a
@@ -59,7 +57,10 @@ Collective time (S as above, n the number of calls of that collective per step):
         tree latency as NCCL picks for small messages; beta, alpha of the inter-node link when W > G)
     CPU (gloo, fitted):        t = n alpha_kind + S / beta_kind, alpha/beta fitted per world size
         by least squares on a micro-benchmark of all_to_all_single / all_reduce run in the same
-        job (benchmarks/scaling.py), since loopback gloo has no datasheet.
+        job (benchmarks/scaling.py), since loopback gloo has no datasheet; or (``validate``)
+        fitted to the collectives timed inside the training steps of other plans at the same W
+        (``in_step_links``): on this 2-vCPU VM an in-step call costs ~1 ms more than the
+        micro-benchmark's.
     TorchRec row-wise: reduce-scatter of S (forward) and all-gather to W times its input
         (backward) timed as all-to-alls of those bytes (a ring moves (W-1)/W of them).
     W = 1: no collective except DDP's (gloo/NCCL all-reduce on one rank), taken as 0 on GPU
@@ -613,11 +614,9 @@ def ids_per_rank(spec: ModelSpec, plan: Plan, batch: int) -> tuple[list[float], 
 
 
 def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: Cluster | FittedLinks,
-              cores: Optional[int] = None, calls: Optional[Mapping[str, int]] = None,
-              compute_slowdown: float = 1.0) -> dict:
+              cores: Optional[int] = None, calls: Optional[Mapping[str, int]] = None) -> dict:
     """Predicted step time and its pieces (module docstring). ``cores``: CPU cores the W ranks
-    share (None: one device each). ``calls``: collective calls per step (default: ttdist's).
-    ``compute_slowdown``: every compute piece times this (CPU ranks sharing a machine: measured)."""
+    share (None: one device each). ``calls``: collective calls per step (default: ttdist's)."""
     from ttdist.tools.comm_volume import plan_layout
 
     w = plan.world_size
@@ -629,7 +628,7 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
 
     def piece(per_rank: Sequence[float]) -> float:
         worst = max(per_rank)
-        return compute_slowdown * (max(worst, sum(per_rank) / cores) if cores else worst)
+        return max(worst, sum(per_rank) / cores) if cores else worst
 
     def uniform(x: float) -> float:
         return piece([x] * w)
@@ -708,11 +707,48 @@ def _config_of(setup: Mapping[str, Any], extra: Sequence[str] = ()):
     return load_config(setup["config"], list(setup["overrides"]) + list(extra))
 
 
-def _compute_slowdown(links: Mapping[str, Any], links_1: Mapping[str, Any]) -> float:
-    """The micro-benchmark's compute probe at W ranks over the same probe at 1 rank (1.0 without one)."""
-    if "compute_probe" not in links or "compute_probe" not in links_1:
-        return 1.0
-    return links["compute_probe"]["median_s"] / links_1["compute_probe"]["median_s"]
+def fit_calls_bytes(calls: Sequence[float], nbytes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
+    """Least squares t = calls * alpha + bytes / beta with alpha, 1/beta >= 0: (alpha, beta)."""
+    sxx = sum(c * c for c in calls)
+    syy = sum(b * b for b in nbytes)
+    sxy = sum(c * b for c, b in zip(calls, nbytes))
+    sxt = sum(c * t for c, t in zip(calls, seconds))
+    syt = sum(b * t for b, t in zip(nbytes, seconds))
+    det = sxx * syy - sxy * sxy
+    collinear = abs(det) <= 1e-9 * sxx * syy  # one point, or bytes in proportion to calls
+    alpha, slope = ((sxt * syy - syt * sxy) / det, (syt * sxx - sxt * sxy) / det) if not collinear else (-1.0, -1.0)
+    if alpha < 0 or slope < 0:  # the better one-term fit on the boundary
+        fits = [(sxt / sxx if sxx else 0.0, 0.0), (0.0, syt / syy if syy else 0.0)]
+        alpha, slope = min(fits, key=lambda f: sum((t - f[0] * c - f[1] * b) ** 2
+                                                   for c, b, t in zip(calls, nbytes, seconds)))
+    return max(alpha, 0.0), 1.0 / max(slope, 1e-15)
+
+
+IN_STEP_KINDS = {"all_to_all_single": "all_to_all_single", "all_reduce": "all_reduce", "ddp_all_reduce": "all_reduce"}
+
+
+def in_step_links(entries: Sequence[Mapping[str, Any]]) -> FittedLinks:
+    """alpha/beta per kind fitted to the collectives timed inside these entries' training steps.
+
+    One point per collective record (calls and bytes per step, the largest bytes over the ranks
+    as S): its time on the rank that spent the least in it — the last to arrive waits least, so
+    that time is the collective's own cost, not another rank's lateness (which the model puts in
+    the compute pieces' max over ranks)."""
+    points: dict[str, list[tuple[float, float, float]]] = {"all_to_all_single": [], "all_reduce": []}
+    for e in entries:
+        summaries = e["rank_summaries"]
+        for key in summaries[0]["collectives"]:
+            kind = IN_STEP_KINDS.get(key.split("|")[1])
+            records = [s["collectives"][key] for s in summaries if key in s["collectives"]]
+            if kind is None or len(records) != len(summaries):
+                continue
+            points[kind].append((records[0]["calls"], max(r["bytes"] for r in records),
+                                 min(r["seconds"] for r in records)))
+    if not points["all_to_all_single"] or not points["all_reduce"]:
+        raise ValueError("in_step_links needs entries with both all-to-alls and all-reduces in their steps (W > 1)")
+    (a2a_alpha, a2a_beta), (ar_alpha, ar_beta) = (fit_calls_bytes(*zip(*points[k]))
+                                                  for k in ("all_to_all_single", "all_reduce"))
+    return FittedLinks(a2a_alpha, a2a_beta, ar_alpha, ar_beta)
 
 
 def validate(scaling_json: str | Path) -> dict:
@@ -720,8 +756,9 @@ def validate(scaling_json: str | Path) -> dict:
 
     Bytes: ``collective_bytes`` from the entry's plan, per rank, vs the counted bytes.
     Times: ``step_time`` with the profile pooled over the JSON's 1-rank entries of the same mode
-    (every placement), the links fitted by that world size's micro-benchmark, its compute probe
-    over the 1-rank job's (ranks sharing a machine run slower), and the cores shared by the ranks.
+    (every placement), the cores shared by the ranks, and two link models: ``in_step_links`` fitted on the
+    OTHER placements' entries at the same W (leave-one-placement-out: the predicted plan's own
+    collectives are never fitted), and the micro-benchmark's fit (reported beside it).
     """
     data = json.loads(Path(scaling_json).read_text())
     setup = data["setup"]
@@ -729,7 +766,6 @@ def validate(scaling_json: str | Path) -> dict:
     spec = ModelSpec.from_config(_config_of(setup))
     entries = data["entries"]
     profiles = {m: Profile.from_scaling(data, spec, m, str(scaling_json)) for m in sorted({e["mode"] for e in entries})}
-    links_1 = next(e["links"] for e in entries if e["world_size"] == 1)
     rows = []
     for e in sorted(entries, key=lambda e: (e["placement"], e["mode"], e["world_size"])):
         w = e["world_size"]
@@ -741,39 +777,52 @@ def validate(scaling_json: str | Path) -> dict:
                 c = counted.get(k, {}).get("counted", 0)
                 if c != predicted.get(k, 0):
                     mismatches.append({"rank": r, "collective": k, "counted": c, "predicted": predicted.get(k, 0)})
-        slowdown = _compute_slowdown(e["links"], links_1)
-        pred = step_time(profiles[e["mode"]], spec, plan, e["batch_per_rank"], FittedLinks.from_json(e["links"]),
-                         cores=cores, compute_slowdown=slowdown)
+        others = [o for o in entries if o["world_size"] == w and o["placement"] != e["placement"]]
+        link_models = {"micro_benchmark": FittedLinks.from_json(e["links"])}
+        if w > 1 and others:
+            link_models["in_step_other_placements"] = in_step_links(others)
+        preds = {name: step_time(profiles[e["mode"]], spec, plan, e["batch_per_rank"], links, cores=cores)
+                 for name, links in link_models.items()}
+        pred = preds.get("in_step_other_placements", preds["micro_benchmark"])
         rows.append({"placement": e["placement"], "mode": e["mode"], "world_size": w,
-                     "plan": plan.sharding_counts(), "compute_slowdown": slowdown,
+                     "plan": plan.sharding_counts(),
                      "measured_step_s": e["step_time_s"], "predicted_step_s": pred["step_time_s"],
                      "relative_error": pred["step_time_s"] / e["step_time_s"] - 1,
+                     "predicted_step_s_by_links": {k: v["step_time_s"] for k, v in preds.items()},
+                     "links": {k: asdict(v) for k, v in link_models.items()},
+                     "repeat_step_times_s": e.get("repeat_step_times_s"),
                      "measured_breakdown_s": e["breakdown_s"], "predicted_breakdown_s": pred["breakdown_s"],
                      "bytes_equal": not mismatches, "byte_mismatches": mismatches})
     at_2 = {f"{r['placement']} {r['mode']}": abs(r["relative_error"]) for r in rows if r["world_size"] == 2}
+    micro_2 = {f"{r['placement']} {r['mode']}": abs(r["predicted_step_s_by_links"]["micro_benchmark"]
+                                                    / r["measured_step_s"] - 1) for r in rows if r["world_size"] == 2}
     return {"scaling_json": str(scaling_json), "command": data.get("command"), "rows": rows,
             "bytes_all_equal": all(r["bytes_equal"] for r in rows),
             "abs_relative_error_w2": at_2, "max_abs_relative_error_w2": max(at_2.values(), default=None),
+            "abs_relative_error_w2_micro_benchmark_links": micro_2,
             "profiles": {m: asdict(p) for m, p in profiles.items()},
             "note": ("Profile: pooled over the 1-rank entries of the same mode (all placements), so the 1-rank rows "
-                     "are nearly in-sample. W > 1: compute times the micro-benchmark's compute probe at W ranks over "
-                     "the probe at 1 rank; collectives with alpha/beta fitted per W by the same micro-benchmark "
-                     "(calls made after equal compute, no barrier, as in a step). W > cores: the ranks share the "
-                     "cores (a piece takes max(slowest rank, total work / cores))."),
+                     "are nearly in-sample. W > 1: links = alpha/beta per kind fitted to the collectives timed inside "
+                     "the steps of the OTHER placements at the same W (per record the time of the rank that waited "
+                     "least), so a row's own collectives are never fitted; the micro-benchmark's fit is reported "
+                     "beside it (predicted_step_s_by_links). "
+                     "Entries: each (placement, mode, W)'s fastest of the scaling run's interleaved repeats."),
             "load_average": [setup.get("load_average_before"), setup.get("load_average_after")]}
 
 
 def print_validation(v: dict) -> None:
     print(f"validation against {v['scaling_json']} (load average before/after the run: {v['load_average']})")
-    print(f"{'placement':<10}{'mode':<8}{'W':>3}{'measured ms':>13}{'predicted ms':>14}{'error':>9}{'slowdown':>10}"
+    print(f"{'placement':<10}{'mode':<8}{'W':>3}{'measured ms':>13}{'predicted ms':>14}{'error':>9}"
           f"{'bytes equal':>13}  TT plan")
     for r in v["rows"]:
         print(f"{r['placement']:<10}{r['mode']:<8}{r['world_size']:>3}{r['measured_step_s'] * 1e3:>13.1f}"
-              f"{r['predicted_step_s'] * 1e3:>14.1f}{r['relative_error'] * 100:>8.1f}%{r['compute_slowdown']:>10.2f}"
+              f"{r['predicted_step_s'] * 1e3:>14.1f}{r['relative_error'] * 100:>8.1f}%"
               f"{str(r['bytes_equal']):>13}  {r['plan']['tt']}")
     if v["max_abs_relative_error_w2"] is not None:
         print(f"step time |error| at W = 2: max {v['max_abs_relative_error_w2'] * 100:.1f}% ("
               + ", ".join(f"{k} {e * 100:.1f}%" for k, e in v["abs_relative_error_w2"].items()) + ")")
+        print("  with the micro-benchmark's links instead: "
+              + ", ".join(f"{k} {e * 100:.1f}%" for k, e in v["abs_relative_error_w2_micro_benchmark_links"].items()))
     print(f"bytes: counted == predicted on every rank of every entry: {v['bytes_all_equal']}")
     print(v["note"])
 
