@@ -15,6 +15,7 @@ machine with the current thread count (``OMP_NUM_THREADS=1``: as each rank of la
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from ttdist.data.config import CRITEO_KAGGLE_CARDINALITIES
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner, tt_constraints
 from ttdist.modules.collection import MixedEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.modules.optim import OptimType
+from ttdist.distributed.links import LinkModel
 from ttdist.distributed.plan_bytes import format_plan, lookup_load_per_rank, plan_bytes_per_rank
 from ttdist.distributed.tt_costs import cost_model
 from ttdist.plan import save_plan
@@ -39,6 +41,9 @@ from ttdist.plan import save_plan
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("demo", "criteo_kaggle", "criteo_terabyte")
 WORLD_SIZES = (2, 8, 64)
+# None: TorchRec's default CPU topology (GPU bandwidths, calls free); "gloo": what the app measured
+# on this 2-core machine (``links measured for the planner`` in its log; ttdist.distributed.links).
+LINKS = {"torchrec_default": None, "gloo": LinkModel(latency_ms=0.5, bytes_per_ms=741_000.0)}
 
 
 def criteo_tables(num_tt: int = 7, tt_ranks: Sequence[int] = (32, 32), dim: int = 16) -> list:
@@ -63,17 +68,20 @@ def criteo_plan(world_size: int = 4, num_tt: int = 7, tt_ranks: Sequence[int] = 
     return model, planner.plan(model, sharders), planner, topology
 
 
-def config_plan(name: str, world_size: int):
+def config_plan(name: str, world_size: int, links: Optional[LinkModel] = None):
     """The plan ttdist's app makes for ``configs/<name>.yaml`` on ``world_size`` CPU ranks
-    (``session.build_plan`` without the process group): (model on meta, plan, config)."""
+    (``session.build_plan`` without the process group, so with ``links`` given rather than
+    measured; None: TorchRec's default bandwidths, calls free): (model on meta, plan, config)."""
     from ttdist.config import load_config
     from ttdist.model import build_model, build_sharders, plan_constraints
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     model = build_model(cfg, torch.device("meta"))
-    planner = make_planner(Topology(world_size=world_size, compute_device="cpu"),
-                           batch_size=cfg.data.batch_size // world_size, constraints=plan_constraints(cfg, "cpu"),
-                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
+    topology = links.topology(world_size, "cpu") if links else Topology(world_size=world_size, compute_device="cpu")
+    planner = make_planner(topology, batch_size=cfg.data.batch_size // world_size,
+                           constraints=plan_constraints(cfg, "cpu"),
+                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer),
+                           collective_latency_ms=links.latency_ms if links else 0.0)
     return model, planner.plan(model, build_sharders(cfg)), cfg
 
 
@@ -81,26 +89,28 @@ def config_plans(out: Path) -> None:
     """Prints and writes (``out``, JSON) the plans of ``CONFIGS`` at ``WORLD_SIZES`` ranks."""
     model_cost = cost_model("cpu")
     results = {"calibration": asdict(model_cost.calibration), "compute_device": "cpu",
-               "batch": "the config's data.batch_size, split over the ranks", "plans": []}
-    for name in CONFIGS:
-        for world in WORLD_SIZES:
-            start = time.perf_counter()
-            model, plan, cfg = config_plan(name, world)
-            seconds = time.perf_counter() - start
-            optimizer, batch = OptimType.parse(cfg.optim.embedding_optimizer), cfg.data.batch_size // world
-            print(f"\n== configs/{name}.yaml, {world} CPU ranks, batch {batch} per rank (planned in {seconds:.1f} s)")
-            print(format_plan(plan, model, world, optimizer, batch, model_cost))
-            tables = {name_: {"sharding_type": ps.sharding_type, "kernel": ps.compute_kernel, "ranks": ps.ranks}
-                      for module in plan.plan.values() for name_, ps in module.items()}
-            tt = {k: v for k, v in tables.items() if v["kernel"] == "customized_kernel"}
-            load = lookup_load_per_rank(plan, model, world, batch, model_cost)
-            nbytes = [sum(b[r] for b in plan_bytes_per_rank(plan, model, world, optimizer).values()) for r in range(world)]
-            results["plans"].append({
-                "config": f"configs/{name}.yaml", "world_size": world, "batch_per_rank": batch,
-                "tt_sharding_types": {st: sum(v["sharding_type"] == st for v in tt.values())
-                                      for st in sorted({v["sharding_type"] for v in tt.values()})},
-                "tables": tables, "tt_ids_per_rank": load["tt_ids"], "dense_ids_per_rank": load["dense_ids"],
-                "tt_ms_per_rank": [round(x, 4) for x in load["tt_ms"]], "bytes_per_rank": nbytes})
+               "batch": "the config's data.batch_size, split over the ranks",
+               "links": {k: asdict(v) if v else "TorchRec's default CPU topology, calls free" for k, v in LINKS.items()},
+               "plans": []}
+    for (name, world), (links_name, links) in itertools.product(itertools.product(CONFIGS, WORLD_SIZES), LINKS.items()):
+        start = time.perf_counter()
+        model, plan, cfg = config_plan(name, world, links)
+        seconds = time.perf_counter() - start
+        optimizer, batch = OptimType.parse(cfg.optim.embedding_optimizer), cfg.data.batch_size // world
+        print(f"\n== configs/{name}.yaml, {world} CPU ranks, batch {batch} per rank, links {links_name} "
+              f"(planned in {seconds:.1f} s)")
+        print(format_plan(plan, model, world, optimizer, batch, model_cost))
+        tables = {name_: {"sharding_type": ps.sharding_type, "kernel": ps.compute_kernel, "ranks": ps.ranks}
+                  for module in plan.plan.values() for name_, ps in module.items()}
+        tt = {k: v for k, v in tables.items() if v["kernel"] == "customized_kernel"}
+        load = lookup_load_per_rank(plan, model, world, batch, model_cost)
+        nbytes = [sum(b[r] for b in plan_bytes_per_rank(plan, model, world, optimizer).values()) for r in range(world)]
+        results["plans"].append({
+            "config": f"configs/{name}.yaml", "world_size": world, "links": links_name, "batch_per_rank": batch,
+            "tt_sharding_types": {st: sum(v["sharding_type"] == st for v in tt.values())
+                                  for st in sorted({v["sharding_type"] for v in tt.values()})},
+            "tables": tables, "tt_ids_per_rank": load["tt_ids"], "dense_ids_per_rank": load["dense_ids"],
+            "tt_ms_per_rank": [round(x, 4) for x in load["tt_ms"]], "bytes_per_rank": nbytes})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwritten to {out}")
