@@ -4,8 +4,8 @@ TorchRec's ``Topology`` carries bandwidths only, and its defaults are GPU figure
 GB/s within a host); a CPU job on gloo moves a few hundred MB/s and pays about a millisecond per
 collective, whatever its size. At that price the number of collectives decides a plan, so the app
 measures them on the process group it is about to plan for (every rank takes part, ~0.1 s) and
-hands both to the planner: the bandwidth through TorchRec's ``Topology``, the latency to
-``TTPerfEstimator``.
+hands both to the planner: the bandwidth through TorchRec's ``Topology``, the latency to the
+rating of whole plans (``planner.TTCollectivesPerfModel``).
 
 Model of one all-to-all that hands S bytes per rank to the collective: ``t = latency + S / bandwidth``,
 fitted from two sizes (``measure_links``), each figure rounded to a half-octave (a factor of
