@@ -90,7 +90,8 @@ class ModelConfig:
     weight_dist: str = "approx-normal"
     """Initialisation of the TT cores."""
     max_rows: int = 0
-    """Cap on rows per table (hashing larger ones modulo the cap, as DLRM's terabyte runs); 0 = none."""
+    """Cap on rows per table (hashing larger ones modulo the cap, as DLRM's terabyte runs); 0 = none.
+    Config copies it to data.max_rows: the datasets take their ids modulo it."""
     dense_baseline: bool = False
     """Store every table dense (the comparison run)."""
 
@@ -172,6 +173,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        """Copies model.max_rows to data.max_rows, unless set there (validate() checks they agree):
+        the datasets see only DataConfig, and their ids must fit the capped tables."""
+        if not self.data.max_rows:
+            self.data.max_rows = self.model.max_rows
 
     def table_rows(self) -> list[int]:
         """Rows of each of the 26 tables after scaling and the max_rows cap."""
@@ -273,6 +280,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(bool(m.over_arch_layer_sizes) and m.over_arch_layer_sizes[-1] == 1, "model.over_arch_layer_sizes", "must end with 1")
     _require(0 <= m.tt_tables <= 26, "model.tt_tables", "must be in [0, 26]")
     _require(m.max_rows >= 0, "model.max_rows", "must be >= 0")
+    _require(cfg.data.max_rows == m.max_rows, "data.max_rows",
+             f"is {cfg.data.max_rows} but model.max_rows is {m.max_rows}; set model.max_rows only "
+             "(Config copies it here, and the data's ids must fit the model's tables)")
     from ttdist.modules.tt_init import WEIGHT_DISTS
     from ttdist.modules.tt_shapes import make_tt_shape
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Criteo layout: 13 integer ("dense") and 26 categorical ("sparse") features. These equal
 # torchrec.datasets.criteo.INT_FEATURE_COUNT / CAT_FEATURE_COUNT (a test checks it); they are
@@ -35,6 +39,10 @@ class DataConfig:
     """Rows of each of the 26 categorical features before scaling (default: Criteo Kaggle)."""
     cardinality_scale: float = 1.0
     """Factor applied to every cardinality (rounded, at least 2 rows) to shrink the tables."""
+    max_rows: int = 0
+    """Cap on the rows of every table: each id is taken modulo it (`cap_ids`, DLRM's
+    --max-ind-range), so it indexes a table of min(rows, max_rows) rows; 0 = no cap. The training
+    config sets model.max_rows, which Config copies here (the datasets see only DataConfig)."""
     seed: int = 0
     """Seed of the synthetic/random generators (file datasets ignore it)."""
     zipf_alpha: float = 1.05
@@ -83,6 +91,7 @@ class DataConfig:
                 f"cardinality_scale {self.cardinality_scale} gives a table of {largest} rows; "
                 f"at most {MAX_ROWS} are supported"
             )
+        _check_int("max_rows", self.max_rows, minimum=0, maximum=2**63 - 1)
         _check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         if not (_is_real(self.zipf_alpha) and 0 <= self.zipf_alpha < math.inf):
             raise ValueError(f"zipf_alpha must be a finite number >= 0, got {self.zipf_alpha!r}")
@@ -97,6 +106,13 @@ class DataConfig:
 def scaled_cardinalities(cfg: DataConfig) -> list[int]:
     """Rows per feature actually used: round(n * cfg.cardinality_scale), at least 2; length 26."""
     return [max(2, round(n * cfg.cardinality_scale)) for n in cfg.num_embeddings_per_feature]
+
+
+def cap_ids(ids: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Integer row ids (>= 0, any shape) as the model's tables take them: ids % cfg.max_rows, as
+    DLRM's --max-ind-range; the ids themselves when cfg.max_rows is 0. Every dataset passes its
+    ids through here, so all datasets and ranks map an id to the same row."""
+    return ids % cfg.max_rows if cfg.max_rows else ids
 
 
 def _is_real(x: object) -> bool:

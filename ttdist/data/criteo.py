@@ -33,6 +33,7 @@ from ttdist.data.config import (
     NUM_DENSE_FEATURES,
     NUM_SPARSE_FEATURES,
     DataConfig,
+    cap_ids,
     scaled_cardinalities,
 )
 
@@ -111,7 +112,8 @@ class CriteoTsvDataset(IterableDataset):
 
     Global batch b is lines [b * B, (b + 1) * B) of that sequence; this rank parses only its
     B_local lines and skips the rest unparsed. The last incomplete global batch is dropped; the
-    eval split stops after cfg.eval_batches batches. Ids are hash % scaled_cardinalities(cfg).
+    eval split stops after cfg.eval_batches batches. Ids are hash % scaled_cardinalities(cfg),
+    then modulo cfg.max_rows (`cap_ids`).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class CriteoTsvDataset(IterableDataset):
         self.start_batch = start_batch
         self.stop_batch = cfg.eval_batches if split == "eval" else None
         self.rows = _rows_array(scaled_cardinalities(cfg))
+        self.cfg = cfg
 
     def __iter__(self) -> Iterator[Batch]:
         worker, workers = worker_shard()
@@ -145,7 +148,8 @@ class CriteoTsvDataset(IterableDataset):
             mine = list(itertools.islice(lines, self.local_batch_size))
             if skipped + len(mine) + _skip(lines, after) < self.batch_size:
                 return
-            yield make_batch(*parse_records(mine, self.rows))
+            dense, sparse, labels = parse_records(mine, self.rows)
+            yield make_batch(dense, cap_ids(sparse, self.cfg), labels)
 
     def __len__(self) -> int:
         """Batches this rank yields (like the npy dataset's); reads every file (lines are counted,

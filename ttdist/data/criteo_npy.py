@@ -33,7 +33,7 @@ from ttdist.data.batching import (
     make_batch,
     split_paths,
 )
-from ttdist.data.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, scaled_cardinalities
+from ttdist.data.config import NUM_DENSE_FEATURES, NUM_SPARSE_FEATURES, DataConfig, cap_ids, scaled_cardinalities
 
 PARTS = ("dense", "sparse", "labels")
 _COLUMNS = {"dense": NUM_DENSE_FEATURES, "sparse": NUM_SPARSE_FEATURES, "labels": 1}
@@ -88,9 +88,10 @@ class CriteoNpyDataset(IterableDataset):
 
     Global batch b is rows [b * B, (b + 1) * B); the last incomplete one is dropped; ids are
     taken modulo scaled_cardinalities(cfg) (Python's modulo: a negative id too lands in
-    [0, rows)); the eval split stops after cfg.eval_batches batches. Files are memory-mapped, so
-    a rank reads only the rows it yields (and, when resuming, the rows of its slices of the
-    skipped batches). Not sharded over DataLoader workers.
+    [0, rows)), then modulo cfg.max_rows (`cap_ids`); the eval split stops after
+    cfg.eval_batches batches. Files are memory-mapped, so a rank reads only the rows it yields
+    (and, when resuming, the rows of its slices of the skipped batches). Not sharded over
+    DataLoader workers.
     """
 
     def __init__(
@@ -104,6 +105,7 @@ class CriteoNpyDataset(IterableDataset):
         self.batch_size = cfg.batch_size
         self.local_batch_size = local_batch_size(cfg.batch_size, rank, world_size)
         self.rank = rank
+        self.cfg = cfg
         rows, ids_dtype = check_stems(stems, split)
         stems = [s for s, n in zip(stems, rows) if n]  # (TorchRec's datapipe needs a first row)
         self._file_rows = [n for n in rows if n]
@@ -145,6 +147,7 @@ class CriteoNpyDataset(IterableDataset):
             raw = batch.sparse_features.values().view(NUM_SPARSE_FEATURES, n).numpy()
             # np.remainder: the sign of the divisor, exact in the ids' own integer dtype
             ids = np.remainder(raw, self._cards, dtype=self._cards.dtype).astype(np.int64, copy=False)
+            ids = cap_ids(ids, self.cfg)
             # dense still points into the read-only memory map: copy it (labels are cast anyway)
             with np.errstate(over="ignore"):  # a float64 beyond float32's range: inf, reported below
                 dense = np.array(batch.dense_features.numpy(), dtype=np.float32)

@@ -8,6 +8,7 @@ from ttdist.data.config import (
     NUM_DENSE_FEATURES,
     NUM_SPARSE_FEATURES,
     DataConfig,
+    cap_ids,
     scaled_cardinalities,
 )
 from ttdist.data.generated import GeneratedDataset, below, derive_key, salts, sample_hashes, to_unit
@@ -20,7 +21,8 @@ _LABEL = NUM_SPARSE_FEATURES + NUM_DENSE_FEATURES
 
 class RandomCriteo(GeneratedDataset):
     """Random batches: dense [B_local, 13] float32 in (0, 1), row ids uniform in [0, N_f) of the
-    scaled cardinalities, labels [B_local] 0/1 with probability 1/2 (nothing to learn).
+    scaled cardinalities (then modulo cfg.max_rows, `cap_ids`), labels [B_local] 0/1 with
+    probability 1/2 (nothing to learn).
 
     Same interface and determinism as SyntheticCriteo (seed, split, rank slices, start_batch).
     """
@@ -41,7 +43,7 @@ class RandomCriteo(GeneratedDataset):
         h = sample_hashes(
             derive_key(self.cfg.seed, _RANDOM_TAG, stream), sample_ids, self._slot_salts
         )
-        sparse = below(h[_SPARSE], self._rows)
+        sparse = cap_ids(below(h[_SPARSE], self._rows), self.cfg)
         dense = to_unit(h[_DENSE]).astype(np.float32)
         labels = (h[_LABEL] >> np.uint64(63)).astype(np.float32)
         return dense.T, sparse.T, labels

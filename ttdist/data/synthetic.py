@@ -25,6 +25,7 @@ from ttdist.data.config import (
     NUM_DENSE_FEATURES,
     NUM_SPARSE_FEATURES,
     DataConfig,
+    cap_ids,
     scaled_cardinalities,
 )
 from ttdist.data.generated import GeneratedDataset, derive_key, mix64, salts, sample_hashes, to_unit
@@ -58,7 +59,8 @@ class SyntheticCriteo(GeneratedDataset):
     """Synthetic Criteo-like batches: dense [B_local, 13] float32, 26 sparse ids, labels [B_local].
 
     Train: endless stream TRAIN_STREAM; eval: the first cfg.eval_batches global batches of
-    EVAL_STREAM. `batch(b)` returns this rank's slice of global batch b directly.
+    EVAL_STREAM. `batch(b)` returns this rank's slice of global batch b directly. The ids are the
+    teacher's rows modulo cfg.max_rows (`cap_ids`); the labels come from the uncapped rows.
     """
 
     def __init__(
@@ -74,7 +76,7 @@ class SyntheticCriteo(GeneratedDataset):
         self, stream: int, sample_ids: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dense, sparse, labels, _ = self.teacher.samples(stream, sample_ids)
-        return dense, sparse, labels
+        return dense, cap_ids(sparse, self.cfg), labels
 
 
 class Teacher:
