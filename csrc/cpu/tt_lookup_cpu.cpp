@@ -87,18 +87,17 @@ inline void gemm_nt_acc(int64_t M, int64_t K, int64_t N, const acc_t* G, const s
 struct TableShape {
   int64_t d = 0;
   std::vector<int64_t> p, q, r;
-  std::vector<int64_t> row_stride;  // row_stride[k] = p_{k+1} * ... * p_{d-1}
   std::vector<int64_t> Q;           // Q[k] = q_0 * ... * q_k
   std::vector<int64_t> slice;       // slice[k] = r_k * q_k * r_{k+1}
   int64_t num_rows = 1, dim = 1;
   int64_t valid_rows = 1;  // rows an index may name: num_rows, or the caller's table_num_rows
 
-  int64_t digit(int64_t row, int64_t k) const { return (row / row_stride[k]) % p[k]; }
-  // First level at which rows a and b differ (d when equal).
-  int64_t first_diff(int64_t a, int64_t b) const {
-    for (int64_t k = 0; k < d; ++k)
-      if (digit(a, k) != digit(b, k)) return k;
-    return d;
+  // The digits (i_0..i_{d-1}) of `row` into out[0..d).
+  void digits(int64_t row, int64_t* out) const {
+    for (int64_t k = d - 1; k >= 0; --k) {
+      out[k] = row % p[k];
+      row /= p[k];
+    }
   }
 };
 
@@ -116,9 +115,7 @@ TableShape table_shape(const std::vector<Tensor>& cores, int64_t begin, int64_t 
     s.r.push_back(c.size(3));
   }
   TORCH_CHECK_VALUE(s.r.back() == 1, "ttdist: the last core must have r_out = 1");
-  s.row_stride.assign(d, 1);
-  for (int64_t k = d - 2; k >= 0; --k) s.row_stride[k] = s.row_stride[k + 1] * s.p[k + 1];
-  s.num_rows = s.row_stride[0] * s.p[0];
+  for (int64_t k = 0; k < d; ++k) s.num_rows *= s.p[k];
   s.valid_rows = s.num_rows;
   int64_t acc = 1;
   for (int64_t k = 0; k < d; ++k) {
@@ -133,11 +130,20 @@ TableShape table_shape(const std::vector<Tensor>& cores, int64_t begin, int64_t 
 // The looked-up positions of all features that read one table, grouped by unique row (views
 // into the call's index plan, see IndexPlan below).
 struct TableBatch {
-  const int64_t* rows = nullptr;   // sorted unique rows, U entries
+  const int64_t* rows = nullptr;    // sorted unique rows, U entries
   int64_t U = 0;
-  const int64_t* group = nullptr;  // U + 1 offsets into `order`
-  const int64_t* order = nullptr;  // the table's positions, sorted by (row, position)
+  const int64_t* group = nullptr;   // U + 1 offsets into `order`
+  const int64_t* order = nullptr;   // the table's positions, sorted by (row, position)
+  const int64_t* digits = nullptr;  // (U, d): the digits of each unique row
+  int64_t d = 0;
   bool empty() const { return U == 0; }
+  const int64_t* digits_of(int64_t u) const { return digits + u * d; }
+  // First level at which unique rows a and b differ (d when equal).
+  int64_t first_diff(int64_t a, int64_t b) const {
+    for (int64_t k = 0; k < d; ++k)
+      if (digits[a * d + k] != digits[b * d + k]) return k;
+    return d;
+  }
 };
 
 // Per-position pooling factor: per-sample weight times 1/len for mean bags.
@@ -182,10 +188,10 @@ struct PrefixStack {
     digit.assign(s.d, -1);
   }
   const scalar_t* slice(int64_t k, int64_t i) const { return core[k] + i * s.slice[k]; }
-  // Recomputes P_from..P_to for `row` (P_{from-1} must be current).
-  void advance(int64_t row, int64_t from, int64_t to) {
+  // Recomputes P_from..P_to for the row of digits `row_digits` (P_{from-1} must be current).
+  void advance(const int64_t* row_digits, int64_t from, int64_t to) {
     for (int64_t k = from; k <= to; ++k) {
-      digit[k] = s.digit(row, k);
+      digit[k] = row_digits[k];
       const scalar_t* S = slice(k, digit[k]);
       if (k == 0) {
         for (int64_t e = 0; e < s.slice[0]; ++e) P[0][e] = static_cast<acc_t>(S[e]);
@@ -206,8 +212,8 @@ void forward_table(const TableShape& s, const std::vector<const scalar_t*>& core
     for (int64_t c = c0; c < c1; ++c) {
       PrefixStack<acc_t, scalar_t> stack(s, cores);
       for (int64_t u = bounds[c]; u < bounds[c + 1]; ++u) {
-        const int64_t from = (u == bounds[c]) ? 0 : s.first_diff(tb.rows[u - 1], tb.rows[u]);
-        stack.advance(tb.rows[u], from, s.d - 1);
+        const int64_t from = (u == bounds[c]) ? 0 : tb.first_diff(u - 1, u);
+        stack.advance(tb.digits_of(u), from, s.d - 1);
         std::copy(stack.P[s.d - 1].begin(), stack.P[s.d - 1].end(), rows_out + u * s.dim);
       }
     }
@@ -264,14 +270,13 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
         std::fill(dP[k].begin(), dP[k].end(), acc_t(0));
       };
       for (int64_t u = bounds[c]; u < bounds[c + 1]; ++u) {
-        const int64_t row = tb.rows[u];
         int64_t from = 0;
         if (u != bounds[c]) {
-          from = std::min(s.first_diff(tb.rows[u - 1], row), d - 1);
+          from = std::min(tb.first_diff(u - 1, u), d - 1);
           for (int64_t k = d - 2; k >= from; --k) finalize(k);
         }
-        stack.advance(row, from, d - 2);
-        stack.digit[d - 1] = s.digit(row, d - 1);
+        stack.advance(tb.digits_of(u), from, d - 2);
+        stack.digit[d - 1] = tb.digits_of(u)[d - 1];
         // Leaf: W_row = P_{d-2} (Q_{d-2}, r_{d-1}) @ S_{d-1} (r_{d-1}, q_{d-1}).
         const int64_t M = s.Q[d - 2], K = s.r[d - 1], N = s.q[d - 1];
         const acc_t* g = grad_rows + u * s.dim;
@@ -304,7 +309,8 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
 // reuse (autograd keeps it from forward to backward). One int64 tensor:
 //   [0, kPlanHeader)   magic, N, F, B, T, hash of (indices, offsets, feature_table_map, rows per table)
 //   [.., + 2T)         per table: U_t (unique rows), M_t (positions)
-//   per table t:       rows [U_t] (sorted unique), group [U_t + 1] (offsets into order), order [M_t]
+//   per table t:       rows [U_t] (sorted unique), group [U_t + 1] (offsets into order), order [M_t],
+//                      digits [U_t * d_t] (each unique row's (i_0..i_{d-1}))
 //   bag_of [N]         feature * B + bag of every position
 //   unique_of [N]      the position's row, as an index into its table's `rows`
 // An op given a plan recomputes the header from its own arguments (O(N)) and raises ValueError
@@ -403,10 +409,12 @@ void attach_plan(Prepared& pr, Tensor plan) {
                       ": ", U, " unique rows of ", M, " positions)");
     TableBatch tb;
     tb.U = U;
+    tb.d = pr.shapes[t].d;
     tb.rows = base + at;
     tb.group = tb.rows + U;
     tb.order = tb.group + U + 1;
-    at += 2 * U + 1 + M;
+    tb.digits = tb.order + M;
+    at += 2 * U + 1 + M + U * tb.d;
     pr.batches.push_back(tb);
   }
   pr.bag_of = base + at;
@@ -414,6 +422,24 @@ void attach_plan(Prepared& pr, Tensor plan) {
   TORCH_CHECK_VALUE(at + 2 * pr.N == plan.numel(), "ttdist: `prepared` has ", plan.numel(),
                     " entries, but this call's index plan has ", at + 2 * pr.N);
   pr.plan = std::move(plan);
+}
+
+// Sorts (row, position) pairs by row, stably, so positions stay in their (ascending) input order
+// within a row: an LSD radix sort, 8 bits of the row per pass, passes up to max_row's top bit.
+void sort_by_row(std::vector<std::pair<int64_t, int64_t>>& pairs, int64_t max_row) {
+  if (pairs.size() < 64) {
+    std::stable_sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    return;
+  }
+  std::vector<std::pair<int64_t, int64_t>> sorted(pairs.size());
+  for (int shift = 0; shift < 64 && (max_row >> shift) != 0; shift += 8) {
+    int64_t start[257] = {0};
+    for (const auto& e : pairs) ++start[((e.first >> shift) & 255) + 1];
+    if (*std::max_element(start + 1, start + 257) == static_cast<int64_t>(pairs.size())) continue;  // one bucket
+    for (int b = 0; b < 256; ++b) start[b + 1] += start[b];
+    for (const auto& e : pairs) sorted[start[(e.first >> shift) & 255]++] = e;
+    pairs.swap(sorted);
+  }
 }
 
 // Validates every index and builds the call's index plan.
@@ -438,7 +464,7 @@ Tensor build_plan(const Prepared& pr, const LookupArgs& a, const Tensor& indices
       for (int64_t f = 0; f < F; ++f)
         if (a.feature_table_map[f] == t)
           for (int64_t j = off[f * pr.B]; j < off[(f + 1) * pr.B]; ++j) pt.emplace_back(idx[j], j);
-      std::sort(pt.begin(), pt.end());
+      sort_by_row(pt, pr.shapes[t].valid_rows - 1);
     }
   });
   std::vector<int64_t> unique_count(T, 0);
@@ -446,7 +472,7 @@ Tensor build_plan(const Prepared& pr, const LookupArgs& a, const Tensor& indices
   for (int64_t t = 0; t < T; ++t) {
     const auto& pt = pairs[t];
     for (size_t n = 0; n < pt.size(); ++n) unique_count[t] += (n == 0 || pt[n].first != pt[n - 1].first);
-    total += 2 * unique_count[t] + 1 + static_cast<int64_t>(pt.size());
+    total += (2 + pr.shapes[t].d) * unique_count[t] + 1 + static_cast<int64_t>(pt.size());
   }
   Tensor plan = at::empty({total}, at::TensorOptions().dtype(at::kLong));
   int64_t* base = plan.data_ptr<int64_t>();
@@ -458,18 +484,20 @@ Tensor build_plan(const Prepared& pr, const LookupArgs& a, const Tensor& indices
     const int64_t U = unique_count[t], M = static_cast<int64_t>(pt.size());
     base[kPlanHeader + 2 * t] = U;
     base[kPlanHeader + 2 * t + 1] = M;
-    int64_t *rows = tables, *group = rows + U, *order = group + U + 1;
+    const int64_t d = pr.shapes[t].d;
+    int64_t *rows = tables, *group = rows + U, *order = group + U + 1, *digits = order + M;
     int64_t u = -1;
     for (int64_t n = 0; n < M; ++n) {
       if (n == 0 || pt[n].first != pt[n - 1].first) {
         rows[++u] = pt[n].first;
         group[u] = n;
+        pr.shapes[t].digits(rows[u], digits + u * d);
       }
       order[n] = pt[n].second;
       unique_of[pt[n].second] = u;
     }
     group[U] = M;
-    tables = order + M;
+    tables = digits + U * d;
   }
   int64_t* bag_of = tables;
   at::parallel_for(0, F * pr.B, 1024, [&](int64_t b0, int64_t b1) {
@@ -705,10 +733,11 @@ void tt_backward_fused_cpu(const Tensor& grad_output, const std::vector<Tensor>&
         [&](int64_t, const TableBatch& tb, const TableShape& s, int64_t begin) {
           for (int64_t k = 0; k < s.d; ++k) {
             // The slices of core k that this batch touched: every distinct digit i_k.
+            std::vector<char> touched(s.p[k], 0);
+            for (int64_t u = 0; u < tb.U; ++u) touched[tb.digits_of(u)[k]] = 1;
             std::vector<int64_t> ids;
-            for (int64_t u = 0; u < tb.U; ++u) ids.push_back(s.digit(tb.rows[u], k));
-            std::sort(ids.begin(), ids.end());
-            ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+            for (int64_t i = 0; i < s.p[k]; ++i)
+              if (touched[i]) ids.push_back(i);
             const acc_t* g = grads[k].data();
             const int64_t len = s.slice[k];
             acc_t* state = optimizer == kOptimSGD ? nullptr : optimizer_states[begin + k].data_ptr<acc_t>();
