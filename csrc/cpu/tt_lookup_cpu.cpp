@@ -578,7 +578,8 @@ void update_rows(scalar_t* weight, at::opmath_type<scalar_t>* state, int64_t row
           w[x] = static_cast<scalar_t>(static_cast<acc_t>(w[x]) - acc_t(lr) * g[x] / (std::sqrt(st[x]) + acc_t(eps)));
         }
       } else {
-        acc_t sq = 0;
+        acc_t sq = 0;  // a vector reduction: a serial sum of squares is a chain of dependent adds
+#pragma omp simd reduction(+ : sq)
         for (int64_t x = 0; x < row_len; ++x) sq += g[x] * g[x];
         state[row] += sq / static_cast<acc_t>(row_len);
         const acc_t step = acc_t(lr) / (std::sqrt(state[row]) + acc_t(eps));
