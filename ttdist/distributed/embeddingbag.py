@@ -236,7 +236,13 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
             for t in range(len(self._configs)) for k in replicated_cores(self._sharding_type[t], self._shapes[t].d)}
         # per feature, the rows an index may name (the host-side range check of CPU input)
         self._feature_rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables])
-        self._pending: dict[str, Tensor] = {}
+        # The replicated cores' gradients of a step, scaled, in one vector (the all-reduced one):
+        # a view per core; the lookups' hook writes them, _update_replicas reduces and applies them.
+        sizes = [self._cores[key].numel() for key in self._replicas]
+        self._replica_grads = torch.zeros(sum(sizes), device=device, dtype=self._dtype)
+        self._replica_grad_of = {key: view.view(self._cores[key].shape) for key, view in
+                                 zip(self._replicas, self._replica_grads.split(sizes))}
+        self._replica_written: set[str] = set()
         self._key_of = {id(p): k for k, p in self._cores.items()}
         codecs = pooled_codecs(qcomm_codecs_registry)
         # A plain list, as in TorchRec's sharded modules: the dists' buffers are not model state.
@@ -423,7 +429,12 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         for core, grad in zip(cores, grads):
             key = self._key_of[id(core)]
             if key in self._replicas:
-                self._pending[key] = self._pending[key] + grad if key in self._pending else grad
+                view, scale = self._replica_grad_of[key], self._replicas[key]
+                if key in self._replica_written:
+                    view.add_(grad, alpha=scale)
+                else:
+                    torch.mul(grad, scale, out=view)
+                    self._replica_written.add(key)
             else:
                 apply_update(core, self._states[key], grad, self._fused.optimizer.code, lr, self._fused.eps)
 
@@ -432,15 +443,16 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         """Sums the replicated cores' gradients over the ranks (data-parallel: averages) and applies them."""
         if not self._replicas:
             return
-        grads = [(self._pending.get(key, torch.zeros_like(self._cores[key])) * scale).reshape(-1)
-                 for key, scale in self._replicas.items()]
-        self._pending.clear()
-        flat = torch.cat(grads)
+        for key in self._replicas:
+            if key not in self._replica_written:  # no lookup of this rank read the core this step
+                self._replica_grad_of[key].zero_()
+        self._replica_written.clear()
         if self._grad_pg is not None:
-            dist.all_reduce(flat, group=self._grad_pg)
+            dist.all_reduce(self._replica_grads, group=self._grad_pg)
         lr = self._fused_optimizer.param_groups[0]["lr"]
-        for key, grad in zip(self._replicas, flat.split([g.numel() for g in grads])):
-            apply_update(self._cores[key], self._states[key], grad, self._fused.optimizer.code, lr, self._fused.eps)
+        for key in self._replicas:
+            apply_update(self._cores[key], self._states[key], self._replica_grad_of[key], self._fused.optimizer.code,
+                         lr, self._fused.eps)
 
     # ------------------------------------------------------------------------------ metadata
     @property
