@@ -309,8 +309,9 @@ def _instrument_tt(module, rec: Recorder, name: str = "tt") -> None:
 
     Backward: the lookups' fused backward (owned cores updated in the kernel, the owned G_1
     slices of row-/column-wise tables by the gradient hook) runs under ``lookup_bwd``; the
-    replicated cores' step (``_update_replicas``, after the last lookup's backward) under
-    ``fused_update``, its one all-reduce under ``replica_allreduce``."""
+    replicated cores' step (``_update_replicas`` after the last lookup's backward, and
+    ``_apply_replicas`` which it queues for the end of backward) under ``fused_update``, its one
+    all-reduce (waited on where issued, as every collective here) under ``replica_allreduce``."""
     orig_input_dist = module.input_dist
 
     def input_dist(ctx, features):
@@ -357,13 +358,17 @@ def _instrument_tt(module, rec: Recorder, name: str = "tt") -> None:
 
     module.output_dist = output_dist
 
-    orig_update = module._update_replicas
+    orig_update, orig_apply = module._update_replicas, module._apply_replicas
 
     def update_replicas(*args, **kwargs):
         with rec.label(f"{name}/fused_update"), _relabel("all_reduce", rec, f"{name}/replica_allreduce"):
             return orig_update(*args, **kwargs)
 
-    module._update_replicas = update_replicas
+    def apply_replicas(*args, **kwargs):
+        with rec.label(f"{name}/fused_update"):
+            return orig_apply(*args, **kwargs)
+
+    module._update_replicas, module._apply_replicas = update_replicas, apply_replicas
 
 
 def _instrument_torchrec_ebc(module, rec: Recorder, name: str = "ebc") -> None:

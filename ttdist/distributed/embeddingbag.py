@@ -38,6 +38,7 @@ from typing import Any, Optional, Type
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd import Variable
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -135,8 +136,9 @@ def core_key(t: int, k: int, shard: int = 0) -> str:
 
 class _ReplicaSync(torch.autograd.Function):
     """Every lookup of a step takes this node's output as its anchor, so this node's backward
-    runs once all their backwards have handed over the replicated cores' gradients: it
-    all-reduces and applies them. Every rank has it, so every rank joins the all-reduce."""
+    runs once all their backwards have handed over the replicated cores' gradients: it starts
+    their all-reduce, applied when the backward pass ends. Every rank has it, so every rank
+    joins the all-reduce."""
 
     @staticmethod
     def forward(ctx, module: "ShardedTTEmbeddingBagCollection", anchor: Tensor) -> Tensor:
@@ -243,6 +245,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         self._replica_grad_of = {key: view.view(self._cores[key].shape) for key, view in
                                  zip(self._replicas, self._replica_grads.split(sizes))}
         self._replica_written: set[str] = set()
+        self._replica_pending, self._replica_work = False, None  # an update queued by _update_replicas
         self._key_of = {id(p): k for k, p in self._cores.items()}
         codecs = pooled_codecs(qcomm_codecs_registry)
         # A plain list, as in TorchRec's sharded modules: the dists' buffers are not model state.
@@ -425,6 +428,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
     def _take_grads(self, cores: list[Tensor], grads: list[Tensor]) -> None:
         """Gradient hook of the lookups with replicated cores: a replicated core's gradient waits
         for the all-reduce; an owned slice of G_1 (row-/column-wise) is updated at once."""
+        # The module looked up twice in one graph: the first call's update is still in flight and
+        # its gradients are in the vector this call writes to; finish it first.
+        self._apply_replicas()
         lr = self._fused_optimizer.param_groups[0]["lr"]
         for core, grad in zip(cores, grads):
             key = self._key_of[id(core)]
@@ -440,15 +446,31 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
 
     @torch.no_grad()
     def _update_replicas(self) -> None:
-        """Sums the replicated cores' gradients over the ranks (data-parallel: averages) and applies them."""
+        """Starts the all-reduce of the replicated cores' gradients (summed over the ranks; data-
+        parallel: averaged) and queues their update for the end of the backward pass, as DDP
+        does: the all-reduce overlaps the rest of the backward (DLRM's bottom MLP runs after the
+        embeddings), and the cores are updated before ``backward()`` returns."""
         if not self._replicas:
             return
         for key in self._replicas:
             if key not in self._replica_written:  # no lookup of this rank read the core this step
                 self._replica_grad_of[key].zero_()
         self._replica_written.clear()
-        if self._grad_pg is not None:
-            dist.all_reduce(self._replica_grads, group=self._grad_pg)
+        self._replica_work = (dist.all_reduce(self._replica_grads, group=self._grad_pg, async_op=True)
+                              if self._grad_pg is not None else None)
+        self._replica_pending = True
+        Variable._execution_engine.queue_callback(self._apply_replicas)
+
+    @torch.no_grad()
+    def _apply_replicas(self) -> None:
+        """The fused optimizer's step on the replicated cores, from their all-reduced gradients, if
+        one is pending (the queued call at the end of backward, or earlier: see ``_take_grads``)."""
+        if not self._replica_pending:
+            return
+        self._replica_pending = False
+        if self._replica_work is not None:
+            self._replica_work.wait()
+            self._replica_work = None
         lr = self._fused_optimizer.param_groups[0]["lr"]
         for key in self._replicas:
             apply_update(self._cores[key], self._states[key], self._replica_grad_of[key], self._fused.optimizer.code,
