@@ -68,6 +68,8 @@ def benches() -> list[Bench]:
               ["benchmarks/tt_kernel_bench.py", "--device", "cpu"], ["tt_kernel_cpu.json"]),
         Bench("e2e", "benchmarks/e2e_bench.py", ["benchmarks/e2e_bench.py", "--quick"], ["benchmarks/e2e_bench.py"],
               ["e2e_cpu.json", "e2e_cpu_breakdown.png"]),
+        Bench("app", "benchmarks/app_throughput.py", ["benchmarks/app_throughput.py", "--quick"],
+              ["benchmarks/app_throughput.py"], ["app_throughput_cpu.json"]),
         Bench("scaling", "benchmarks/scaling.py", ["benchmarks/scaling.py", "--quick", *SCALING_PLACEMENTS],
               ["benchmarks/scaling.py", *SCALING_PLACEMENTS, "--repeat", "5", "--steps", "12"], ["scaling_cpu.json", "scaling_cpu.png"]),
         *(perf_profile_bench(c) for c in PERF_CONFIGS),
@@ -292,6 +294,19 @@ def section_e2e(name: str, d: dict) -> str:
         table(["piece", *runs, "TT / dense"], brk)])
 
 
+def section_app(name: str, d: dict) -> str:
+    s = d["setup"]
+    rows = [[r["variant"], r["pair"], num(r["samples_per_s"]), load_text([r.get("load_average_before")])]
+            for r in d["runs"]]
+    return "\n".join([
+        f"The app itself (`launch/local.sh {s['ranks']} {s['config']}`, {s['steps']} steps, no eval or checkpoint "
+        f"during training), TT vs `model.dense_baseline=true`, {s['pairs']} run(s) each, alternating; the app's "
+        f"`samples_per_s` (training time only); from `{name}`.", "",
+        table(["variant", "pair", "samples/s", "load average before"], rows), "",
+        f"TT / dense, medians: **{num(d['tt_over_dense_median'])}** (per pair: "
+        f"{', '.join(num(r) for r in d['tt_over_dense_per_pair'])})."])
+
+
 def section_scaling(name: str, d: dict) -> str:
     s = d["setup"]
     rows = [[e["placement"], e["mode"], e["world_size"], e["global_batch"], e["batch_per_rank"], ms(e["step_time_s"]),
@@ -445,12 +460,18 @@ def generate_readme() -> tuple[str, list[str]]:
     quick_or_full = lambda d: " (quick)" if d and (d.get("quick") or d.get("mode") == "quick") else ""  # noqa: E731
     kernel = load("tt_kernel_cpu.json")
     e2e, scaling = load("e2e_cpu.json"), load("scaling_cpu.json")
+    e2e_tw, app = load("e2e_cpu_table_wise.json"), load("app_throughput_cpu.json")
     pv, pp = load("perf_model_validation.json"), load("perf_model_predictions.json")
     comp_full, comp_quick = load("compression_sweep.json"), load("compression_sweep_quick.json")
     parts += [
         "| TT lookup kernel | `python benchmarks/tt_kernel_bench.py --device cpu [--quick]` | tt_kernel_cpu.json |",
         f"| end-to-end step, TT vs dense | `{(e2e or {}).get('command', '.venv/bin/python benchmarks/e2e_bench.py [--quick]')}` "
         "| e2e_cpu.json, e2e_cpu_breakdown.png |",
+        f"| end-to-end step, TT tables table-wise | `{(e2e_tw or {}).get('command', '.venv/bin/python benchmarks/"
+        "e2e_bench.py --tt-sharding table_wise --out benchmarks/results/e2e_cpu_table_wise.json')}` "
+        "| e2e_cpu_table_wise.json |",
+        f"| the training app, TT vs dense | `{(app or {}).get('command', '.venv/bin/python benchmarks/app_throughput.py')}` "
+        "| app_throughput_cpu.json |",
         f"| scaling, CPU ranks | `{(scaling or {}).get('command', '.venv/bin/python benchmarks/scaling.py [--quick]')}` "
         "| scaling_cpu.json, scaling_cpu.png |",
         "| perf model: compute profiles | " + "; ".join(f"`{' '.join(perf_profile_bench(c).full)}`" for c in PERF_CONFIGS)
@@ -479,6 +500,10 @@ def generate_readme() -> tuple[str, list[str]]:
         section_kernel("tt_kernel_cpu.json", kernel) if kernel else None)
     add("End-to-end training step: TT vs dense tables" + quick_or_full(e2e), ["e2e_cpu.json"],
         section_e2e("e2e_cpu.json", e2e) if e2e else None, ["e2e_cpu_breakdown.png"])
+    add("End-to-end training step, TT tables forced table-wise" + quick_or_full(e2e_tw), ["e2e_cpu_table_wise.json"],
+        section_e2e("e2e_cpu_table_wise.json", e2e_tw) if e2e_tw else None)
+    add("The training app: TT vs dense throughput" + quick_or_full(app), ["app_throughput_cpu.json"],
+        section_app("app_throughput_cpu.json", app) if app else None)
     add("Scaling" + quick_or_full(scaling), ["scaling_cpu.json"],
         section_scaling("scaling_cpu.json", scaling) if scaling else None, ["scaling_cpu.png"])
     add("Performance model", ["perf_model_validation.json", "perf_model_predictions.json"],
@@ -526,7 +551,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the quick CPU versions (make bench)")
     ap.add_argument("--readme", action="store_true", help="only regenerate benchmarks/README.md")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate the README after the runs")
-    ap.add_argument("--only", help="comma-separated subset: kernel, e2e, scaling, perf_profile_criteo_kaggle, "
+    ap.add_argument("--only", help="comma-separated subset: kernel, e2e, app, scaling, perf_profile_criteo_kaggle, "
                     "perf_profile_criteo_terabyte, perf_model, compression")
     args = ap.parse_args(argv)
     rc = 0
