@@ -467,9 +467,9 @@ def generate_readme() -> tuple[str, list[str]]:
         "| TT lookup kernel | `python benchmarks/tt_kernel_bench.py --device cpu [--quick]` | tt_kernel_cpu.json |",
         f"| end-to-end step, TT vs dense | `{(e2e or {}).get('command', '.venv/bin/python benchmarks/e2e_bench.py [--quick]')}` "
         "| e2e_cpu.json, e2e_cpu_breakdown.png |",
-        f"| end-to-end step, TT tables table-wise | `{(e2e_tw or {}).get('command', '.venv/bin/python benchmarks/"
-        "e2e_bench.py --tt-sharding table_wise --out benchmarks/results/e2e_cpu_table_wise.json')}` "
-        "| e2e_cpu_table_wise.json |",
+        "| end-to-end step, TT tables table-wise | `" + (e2e_tw or {}).get(
+            "command", ".venv/bin/python benchmarks/e2e_bench.py --tt-sharding table_wise "
+            "--out benchmarks/results/e2e_cpu_table_wise.json") + "` | e2e_cpu_table_wise.json |",
         f"| the training app, TT vs dense | `{(app or {}).get('command', '.venv/bin/python benchmarks/app_throughput.py')}` "
         "| app_throughput_cpu.json |",
         f"| scaling, CPU ranks | `{(scaling or {}).get('command', '.venv/bin/python benchmarks/scaling.py [--quick]')}` "
