@@ -250,6 +250,10 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         codecs = pooled_codecs(qcomm_codecs_registry)
         # A plain list, as in TorchRec's sharded modules: the dists' buffers are not model state.
         self._input_dists: list[nn.Module] = self._create_dists(codecs)
+        self._feature_dims = [self._configs[t].embedding_dim for t in self._feature_tables]
+        self._pooled_is_values = len(self._input_dists) == 1 and [
+            (u.feature, u.columns) for u in self._input_dists[0].units] == [
+            (f, (0, dim)) for f, dim in enumerate(self._feature_dims)]
         self._lookups = [_GroupLookup(self, d.local_units, [u.columns[1] - u.columns[0] for u in d.local_units],
                                       isinstance(d, RwDist)) for d in self._input_dists]
         self._grad_pg = dist.new_group(backend=dist.get_backend(self._pg)) if self._world > 1 and self._replicas else None
@@ -416,13 +420,19 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         return self.output_dist(ctx, self.compute(ctx, input))
 
     def _assemble(self, pooled: list[Tensor]) -> KeyedTensor:
-        pieces: dict[int, list[tuple[int, Tensor]]] = {}
-        for group, out in zip(self._input_dists, pooled):
-            for unit, block in zip(group.units, out.split(group.dims, dim=1)):
-                pieces.setdefault(unit.feature, []).append((unit.columns[0], block))
-        values = [torch.cat([b for _, b in sorted(pieces[f], key=lambda x: x[0])], dim=1)
-                  for f in range(len(self.feature_names))]
-        return KeyedTensor.from_tensor_list(self.feature_names, values)
+        """The groups' pooled outputs [B, sum of their units' dims] -> KeyedTensor in config order:
+        one group whose units are the features in order, each whole, is already its values;
+        otherwise the blocks are concatenated once."""
+        if self._pooled_is_values:
+            values = pooled[0]
+        else:
+            pieces: dict[int, list[tuple[int, Tensor]]] = {}
+            for group, out in zip(self._input_dists, pooled):
+                for unit, block in zip(group.units, out.split(group.dims, dim=1)):
+                    pieces.setdefault(unit.feature, []).append((unit.columns[0], block))
+            values = torch.cat([b for f in range(len(self.feature_names))
+                                for _, b in sorted(pieces[f], key=lambda x: x[0])], dim=1)
+        return KeyedTensor(keys=self.feature_names, length_per_key=self._feature_dims, values=values)
 
     # ---------------------------------------------------------------------- replicated cores
     def _take_grads(self, cores: list[Tensor], grads: list[Tensor]) -> None:
