@@ -280,3 +280,95 @@ def test_in_step_links_take_the_rank_that_waited_least():
     links = pm.in_step_links([entry])
     assert links.a2a_alpha == pytest.approx(1e-3) and links.a2a_beta == pytest.approx(1e9)
     assert links.ar_alpha == pytest.approx(1e-3) and links.ar_beta == pytest.approx(1e9)
+
+
+# dense_fwd / dense_bwd (ms, rank mean) of the strong-scaling W = 2 entries of the scaling run at
+# 2627cd2 (benchmarks/results/scaling_cpu.json then): the rw entry's dense_bwd, the same MLP work
+# on the same 2048 samples per rank as every placement's, was 31.4 ms against 16.6-18.3 ms, and
+# made most of that entry's -29.5 % validation error; it did not recur in any re-measurement.
+W2_STRONG_2627CD2 = {"plan": (11.09, 18.25), "dp": (12.36, 17.67), "tw": (9.99, 16.62), "rw": (13.18, 31.40)}
+
+
+def test_placement_independent_check_flags_the_disturbed_entry():
+    entries = [{"placement": p, "mode": "strong", "world_size": 2,
+                "breakdown_s": {"dense_fwd": f / 1e3, "dense_bwd": b / 1e3}} for p, (f, b) in W2_STRONG_2627CD2.items()]
+    entries.append({"placement": "rw", "mode": "weak", "world_size": 2,  # another mode: not a reference
+                    "breakdown_s": {"dense_fwd": 4.54e-3, "dense_bwd": 7.54e-3}})
+    checks = {e["placement"]: pm.placement_independent_check(e, entries) for e in entries if e["mode"] == "strong"}
+    rw = checks["rw"]["pieces"]["dense_bwd"]
+    assert rw["other_placements_median_s"] == pytest.approx(17.67e-3)  # median of plan, dp, tw
+    assert rw["ratio"] == pytest.approx(31.40 / 17.67)
+    assert checks["rw"]["disturbed"] == ["dense_bwd"]
+    assert checks["rw"]["pieces"]["dense_fwd"]["ratio"] < pm.DISTURBED_RATIO
+    for p in ("plan", "dp", "tw"):
+        assert checks[p]["disturbed"] == [], (p, checks[p])
+    # an entry with no other placement at its (mode, W) has nothing to compare with
+    assert pm.placement_independent_check(entries[-1], entries) == {"pieces": {}, "disturbed": []}
+
+
+def _label_entry(placement: str, world: int, batch: int, labels_ms: dict, colls: dict) -> dict:
+    """A scaling entry with one rank summary per given rank: labels (ms) and collectives (bytes)."""
+    ranks = len(next(iter(labels_ms.values())))
+    return {"placement": placement, "mode": "strong", "world_size": world, "batch_per_rank": batch,
+            "rank_summaries": [{"labels_s": {k: v[r] / 1e3 for k, v in labels_ms.items()},
+                                "collectives": {k: {"calls": 1, "bytes": b, "seconds": 1e-3} for k, b in colls.items()}}
+                               for r in range(ranks)]}
+
+
+def test_dist_host_points_are_the_exclusive_time_beyond_one_rank():
+    """Real numbers: tw strong of benchmarks/scaling.py at faff6b2's code (W = 2, 2048 samples per
+    rank; W = 1, 4096): the exclusive time of each communicating dist step, less its 1-rank time
+    scaled to the batch; a step without a collective (data-parallel group, assembly) is no point."""
+    w2 = _label_entry("tw", 2, 2048,
+                      {"tt/input_dist@table_column_wise": (0.98, 1.09), "tt/output_dist@table_column_wise": (0.65, 0.63),
+                       "ebc/output_a2a_bwd": (1.22, 1.14), "tt/output_dist": (0.43, 0.43), "dense_bwd": (20.0, 21.0)},
+                      {"tt/input_dist@table_column_wise|all_to_all_single": 172080,
+                       "tt/output_dist@table_column_wise|all_to_all_single": 1048576,
+                       "ebc/output_a2a_bwd|all_to_all_single": 2490368})
+    w1 = _label_entry("tw", 1, 4096, {"tt/input_dist@table_column_wise": (0.21,), "tt/output_dist@table_column_wise": (0.09,),
+                                      "ebc/output_a2a_bwd": (0.02,), "tt/output_dist": (0.16,)}, {})
+    points = {b: t for _, b, t in pm.dist_host_points(w2, w1)}
+    assert set(points) == {172080, 1048576, 2490368}
+    assert points[172080] == pytest.approx((0.98 + 1.09) / 2e3 - 0.21e-3 / 2)
+    assert points[1048576] == pytest.approx(0.64e-3 - 0.045e-3)
+    assert points[2490368] == pytest.approx(1.18e-3 - 0.01e-3)
+    # without a 1-rank entry nothing is subtracted
+    assert {b: t for _, b, t in pm.dist_host_points(w2, None)}[172080] == pytest.approx(1.035e-3)
+
+
+def test_in_step_dist_host_recovers_per_step_and_per_byte_costs():
+    per_step, per_byte = 0.7e-3, 0.16e-9
+    colls = {"ebc/input_dist|all_to_all_single": 466992, "ebc/output_dist|all_to_all_single": 2621440,
+             "ebc/output_a2a_bwd|all_to_all_single": 2490368,
+             "tt/input_dist@table_column_wise|all_to_all_single": 172080}
+    labels = {k.split("|")[0]: ((per_step + b * per_byte) * 1e3,) * 2 for k, b in colls.items()}
+    e = _label_entry("tw", 2, 2048, labels, colls)
+    step, byte = pm.in_step_dist_host([e], [e])  # no 1-rank entry of tw: no baseline
+    assert step == pytest.approx(per_step) and byte == pytest.approx(per_byte)
+
+
+def test_step_time_adds_the_dist_host_term_per_communicating_step(spec, profile):
+    """Row-wise TT + table-wise TorchRec at W = 2: three TT and three TorchRec dist steps, each
+    with its bytes; the coefficients fitted on the other placements for the rw strong row of the
+    committed validation (0.678 ms per step, 0.178 ns per byte). Data-parallel TT: TorchRec's only."""
+    h_step, h_byte = 0.678e-3, 0.178e-9
+    links = pm.FittedLinks(5.5e-4, 1.39e9, 2.2e-3, 2.5e10)
+    hosted = pm.FittedLinks(5.5e-4, 1.39e9, 2.2e-3, 2.5e10, h_step, h_byte)
+    batch = 2048
+    for sharding, tt_steps in (("row_wise", 3), ("data_parallel", 0)):
+        plan = pm.Plan.synthetic(spec, 2, sharding)
+        b = [pm.collective_bytes(spec, plan, r, batch) for r in range(2)]
+        byts = {k: max(x[k] for x in b) for k in b[0]}
+        tt_bytes = sum(v for k, v in byts.items() if k.startswith(("tt.index_all_to_all", "tt.pooled_all_to_all")))
+        eb_bytes = byts["ebc.index_all_to_all"] + byts["ebc.pooled_all_to_all_forward"] + byts["ebc.pooled_all_to_all_backward"]
+        assert (tt_bytes > 0) == (tt_steps > 0)
+        plain = pm.step_time(profile, spec, plan, batch, links, cores=2)
+        with_host = pm.step_time(profile, spec, plan, batch, hosted, cores=2)
+        added = with_host["step_time_s"] - plain["step_time_s"]
+        assert added == pytest.approx((tt_steps + 3) * h_step + (tt_bytes + eb_bytes) * h_byte)
+        for piece in ("input_a2a", "output_a2a_fwd", "output_a2a_bwd"):
+            assert with_host["breakdown_s"][piece] > plain["breakdown_s"][piece]
+    # one rank: no dist step communicates
+    one = pm.Plan.synthetic(spec, 1, "row_wise")
+    assert (pm.step_time(profile, spec, one, batch, hosted)["step_time_s"]
+            == pytest.approx(pm.step_time(profile, spec, one, batch, links)["step_time_s"]))

@@ -65,6 +65,19 @@ Collective time (S as above, n the number of calls of that collective per step):
         (backward) timed as all-to-alls of those bytes (a ring moves (W-1)/W of them).
     W = 1: no collective except DDP's (gloo/NCCL all-reduce on one rank), taken as 0 on GPU
         and as the fitted alpha on CPU.
+    Host work of a communicating dist step (fitted links only): every TT group other than
+        data-parallel and every TorchRec sharding type has three dist steps per training step
+        (index all-to-all, pooled all-to-all forward, its backward); beyond its collective and
+        beyond what the same step costs at W = 1 (already in prep / glue), each one does host
+        work only when it communicates: splits, packing and unpacking the buffers, building the
+        received KeyedJaggedTensor, bucketizing ids and summing the W partial sums (row-wise):
+            t_host = steps * h_step + S * h_byte   (S: the bytes it hands to its collectives)
+        added to input_a2a / output_a2a_fwd / output_a2a_bwd. ``validate`` fits h_step, h_byte
+        (``in_step_dist_host``) on the OTHER placements' entries at the same W, as the links:
+        the exclusive time of their dist-step labels minus the 1-rank entry's (same placement and
+        mode, scaled to the batch per rank). On the 2-vCPU VM about 0.7 ms per step and 0.16 ns
+        per byte; row-wise, with TT and TorchRec dist steps both and twice the pooled bytes (the
+        [B, W*D] partial sums), gets the most of it. Not known on GPU presets (0 there).
 
 Efficiency: weak scaling (fixed B per rank) E(W) = T(1) / T(W); strong scaling (fixed global
 batch B_g) E(W) = T(1, B_g) / (W T(W, B_g / W)). Both equal throughput(W) / (W throughput(1)),
@@ -80,6 +93,12 @@ Clusters: ``nvlink+ib`` (8 GPUs per node on NVLink, nodes on HDR), ``pcie+ib`` (
 PCIe Gen4, nodes on HDR), ``ib`` (every GPU talks over HDR). All-to-alls across nodes use
 the inter-node link, as above.
 
+Validation also compares, per entry, the pieces whose work is the same for every placement
+(``PLACEMENT_INDEPENDENT``: dense forward and backward on the same samples per rank) with the
+other placements' median at the same mode and W (``placement_independent_check``): a piece
+more than DISTURBED_RATIO times that median is a disturbed measurement of a shared machine, not
+a cost of the placement, and is reported as such (the error is still counted).
+
 What the model does not know: GPU kernel times (the shipped predictions use CPU-measured
 profiles, and a what-if that divides them by an ASSUMED factor — see
 ``benchmarks/results/perf_model_predictions.json``'s assumptions), contention on shared links
@@ -94,6 +113,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -147,6 +167,10 @@ class FittedLinks:
     a2a_beta: float
     ar_alpha: float
     ar_beta: float
+    # host work of a communicating dist step beyond its collective and beyond what it costs at
+    # W = 1 (``dist_host_points``): t = steps * dist_host_s_per_step + bytes * dist_host_s_per_byte
+    dist_host_s_per_step: float = 0.0
+    dist_host_s_per_byte: float = 0.0
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "FittedLinks":
@@ -652,23 +676,37 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
 
     a2a = lambda b, c: all_to_all_time(b, c, w, links)  # noqa: E731
     ar = lambda b, c: all_reduce_time(b, c, w, links)  # noqa: E731
+
+    def host(nbytes: float, steps: int) -> float:
+        """Host work of ``steps`` communicating dist steps handing ``nbytes`` to their collectives,
+        beyond the collectives (fitted links only; 0 at W = 1, where no dist step communicates)."""
+        if w == 1 or not isinstance(links, FittedLinks):
+            return 0.0
+        return steps * links.dist_host_s_per_step + nbytes * links.dist_host_s_per_byte
+
+    n_tt, n_eb = len(tt_groups), len(eb_groups)
     parts = {
         "input_a2a": uniform(p.tt_prep_s_per_id * batch * f_tt) + uniform(p.ebc_prep_s_per_id * batch * f_eb)
         + a2a(tt_sum("tt.index_all_to_all"), n["tt_index"])
         + ar(byts.get("tt.input_check_all_reduce", 0), n["tt_check"] * (w > 1))
-        + a2a(byts["ebc.index_all_to_all"], n["eb_index"]),
+        + a2a(byts["ebc.index_all_to_all"], n["eb_index"])
+        + host(tt_sum("tt.index_all_to_all"), n_tt) + host(byts["ebc.index_all_to_all"], n_eb),
         "lookup_fwd": piece([p.tt_fwd_s_per_id * x for x in tt_ids]) + piece([p.ebc_fwd_s_per_id * x for x in eb_ids]),
         # TorchRec's row-wise reduce-scatter moves (W-1)/W of its input over a ring, as an all-to-all
         "output_a2a_fwd": a2a(tt_sum("tt.pooled_all_to_all_forward"), n["tt_pooled"])
         + a2a(byts["ebc.pooled_all_to_all_forward"], n["eb_pooled"])
-        + a2a(byts["ebc.pooled_reduce_scatter_forward"], n["eb_row_wise"]),
+        + a2a(byts["ebc.pooled_reduce_scatter_forward"], n["eb_row_wise"])
+        + host(tt_sum("tt.pooled_all_to_all_forward"), n_tt)
+        + host(byts["ebc.pooled_all_to_all_forward"] + byts["ebc.pooled_reduce_scatter_forward"], n_eb),
         "emb_glue": uniform(p.glue_s_per_sample * batch),
         "dense_fwd": uniform(p.dense_fwd_s_per_sample * batch),
         "dense_bwd": uniform(p.dense_bwd_s_per_sample * batch),
         # ... and its all-gather (W-1)/W of its W-times-larger output
         "output_a2a_bwd": a2a(tt_sum("tt.pooled_all_to_all_backward"), n["tt_pooled"])
         + a2a(byts["ebc.pooled_all_to_all_backward"], n["eb_pooled"])
-        + a2a(w * byts["ebc.pooled_all_gather_backward"], n["eb_row_wise"]),
+        + a2a(w * byts["ebc.pooled_all_gather_backward"], n["eb_row_wise"])
+        + host(tt_sum("tt.pooled_all_to_all_backward"), n_tt)
+        + host(byts["ebc.pooled_all_to_all_backward"] + w * byts["ebc.pooled_all_gather_backward"], n_eb),
         "lookup_bwd_update": piece([p.tt_bwd_s_per_id * x for x in tt_ids])
         + uniform(p.tt_replica_s_per_element * replicas) + piece([p.ebc_bwd_s_per_id * x for x in eb_ids]),
         "allreduce": ar(byts.get("tt.replicated_grad_all_reduce", 0), n["tt_replica"])
@@ -751,6 +789,80 @@ def in_step_links(entries: Sequence[Mapping[str, Any]]) -> FittedLinks:
     return FittedLinks(a2a_alpha, a2a_beta, ar_alpha, ar_beta)
 
 
+# Pieces whose work does not depend on where the embedding tables live (same MLPs, interaction
+# and loss on the same B samples per rank, whatever the placement): the model predicts them equal
+# for every placement of one (mode, W); a measured one far from the other placements' is a
+# disturbed measurement (a shared machine), not a cost of that placement.
+PLACEMENT_INDEPENDENT = ("dense_fwd", "dense_bwd")
+DISTURBED_RATIO = 1.4
+
+
+def placement_independent_check(entry: Mapping[str, Any], entries: Sequence[Mapping[str, Any]],
+                                ratio: float = DISTURBED_RATIO) -> dict:
+    """Per PLACEMENT_INDEPENDENT piece of ``entry``: its measured time (rank mean), the median of
+    the other placements' entries of the same mode and W, and their ratio; ``disturbed`` names
+    the pieces more than ``ratio`` times that median. Empty when no other placement ran."""
+    others = [o for o in entries if o["world_size"] == entry["world_size"] and o["mode"] == entry["mode"]
+              and o["placement"] != entry["placement"]]
+    if not others:
+        return {"pieces": {}, "disturbed": []}
+    pieces = {}
+    for k in PLACEMENT_INDEPENDENT:
+        ref = sorted(o["breakdown_s"][k] for o in others)
+        median = (ref[(len(ref) - 1) // 2] + ref[len(ref) // 2]) / 2
+        pieces[k] = {"measured_s": entry["breakdown_s"][k], "other_placements_median_s": median,
+                     "ratio": entry["breakdown_s"][k] / median}
+    return {"pieces": pieces, "disturbed": [k for k, v in pieces.items() if v["ratio"] > ratio]}
+
+
+# The dist steps' exclusive labels (benchmarks/_common.py): one call each per step.
+DIST_STEP_LABELS = ("tt/input_dist@", "tt/output_dist@", "tt/output_a2a_bwd@",
+                    "ebc/input_dist", "ebc/output_dist", "ebc/output_a2a_bwd")
+
+
+def dist_host_points(entry: Mapping[str, Any], one_rank: Optional[Mapping[str, Any]]
+                     ) -> list[tuple[float, float, float]]:
+    """(steps, bytes, seconds) per communicating dist step of a W > 1 entry: the exclusive (non-
+    collective) time of its label, rank mean, minus that label's time in ``one_rank`` (the same
+    placement and mode at W = 1, scaled to this batch per rank), which the profile already holds
+    as prep / glue; bytes: what the step hands to its collectives (largest over the ranks).
+
+    This is the host work a dist step does only when it communicates: splits, packing the
+    buffers, building the received KeyedJaggedTensor, bucketizing ids (row-wise), summing the W
+    partial sums (row-wise). Steps without a collective (data-parallel groups) are left out."""
+    summaries = entry["rank_summaries"]
+    base = {}
+    if one_rank is not None:
+        s1 = one_rank["rank_summaries"][0]
+        base = {k: v * entry["batch_per_rank"] / one_rank["batch_per_rank"] for k, v in s1["labels_s"].items()}
+    points = []
+    for label in summaries[0]["labels_s"]:
+        if not label.startswith(DIST_STEP_LABELS):
+            continue
+        records = [k for k in summaries[0]["collectives"] if k.split("|")[0] == label]
+        if not records:
+            continue
+        nbytes = max(sum(s["collectives"].get(k, {}).get("bytes", 0) for k in records) for s in summaries)
+        seconds = sum(s["labels_s"].get(label, 0.0) for s in summaries) / len(summaries) - base.get(label, 0.0)
+        points.append((1.0, float(nbytes), seconds))
+    return points
+
+
+def in_step_dist_host(entries: Sequence[Mapping[str, Any]], all_entries: Sequence[Mapping[str, Any]]
+                      ) -> tuple[float, float]:
+    """(s per dist step, s per byte) fitted (``fit_calls_bytes``) to ``dist_host_points`` of
+    ``entries`` (W > 1), their 1-rank baselines taken from ``all_entries``."""
+    points = []
+    for e in entries:
+        one = next((o for o in all_entries if o["world_size"] == 1 and o["placement"] == e["placement"]
+                    and o["mode"] == e["mode"]), None)
+        points += dist_host_points(e, one)
+    if not points:
+        return 0.0, 0.0
+    per_step, beta = fit_calls_bytes(*zip(*points))
+    return per_step, (1.0 / beta if beta < 1e15 else 0.0)
+
+
 def validate(scaling_json: str | Path) -> dict:
     """Predicted vs measured bytes (exact) and step times of every entry of a scaling JSON.
 
@@ -780,7 +892,9 @@ def validate(scaling_json: str | Path) -> dict:
         others = [o for o in entries if o["world_size"] == w and o["placement"] != e["placement"]]
         link_models = {"micro_benchmark": FittedLinks.from_json(e["links"])}
         if w > 1 and others:
-            link_models["in_step_other_placements"] = in_step_links(others)
+            per_step, per_byte = in_step_dist_host(others, entries)
+            link_models["in_step_other_placements"] = dataclasses.replace(
+                in_step_links(others), dist_host_s_per_step=per_step, dist_host_s_per_byte=per_byte)
         preds = {name: step_time(profiles[e["mode"]], spec, plan, e["batch_per_rank"], links, cores=cores)
                  for name, links in link_models.items()}
         pred = preds.get("in_step_other_placements", preds["micro_benchmark"])
@@ -792,7 +906,8 @@ def validate(scaling_json: str | Path) -> dict:
                      "links": {k: asdict(v) for k, v in link_models.items()},
                      "repeat_step_times_s": e.get("repeat_step_times_s"),
                      "measured_breakdown_s": e["breakdown_s"], "predicted_breakdown_s": pred["breakdown_s"],
-                     "bytes_equal": not mismatches, "byte_mismatches": mismatches})
+                     "bytes_equal": not mismatches, "byte_mismatches": mismatches,
+                     "placement_independent": placement_independent_check(e, entries)})
     at_2 = {f"{r['placement']} {r['mode']}": abs(r["relative_error"]) for r in rows if r["world_size"] == 2}
     micro_2 = {f"{r['placement']} {r['mode']}": abs(r["predicted_step_s_by_links"]["micro_benchmark"]
                                                     / r["measured_step_s"] - 1) for r in rows if r["world_size"] == 2}
@@ -800,12 +915,19 @@ def validate(scaling_json: str | Path) -> dict:
             "bytes_all_equal": all(r["bytes_equal"] for r in rows),
             "abs_relative_error_w2": at_2, "max_abs_relative_error_w2": max(at_2.values(), default=None),
             "abs_relative_error_w2_micro_benchmark_links": micro_2,
+            "disturbed_measurements": [f"{r['placement']} {r['mode']} W={r['world_size']}: {k} "
+                                       f"{r['placement_independent']['pieces'][k]['ratio']:.2f}x the other placements'"
+                                       for r in rows for k in r["placement_independent"]["disturbed"]],
             "profiles": {m: asdict(p) for m, p in profiles.items()},
             "note": ("Profile: pooled over the 1-rank entries of the same mode (all placements), so the 1-rank rows "
                      "are nearly in-sample. W > 1: links = alpha/beta per kind fitted to the collectives timed inside "
                      "the steps of the OTHER placements at the same W (per record the time of the rank that waited "
                      "least), so a row's own collectives are never fitted; the micro-benchmark's fit is reported "
-                     "beside it (predicted_step_s_by_links). "
+                     "beside it (predicted_step_s_by_links), without the dist-step host term. The dist steps' host "
+                     "work beyond W = 1 (per step and per byte) is fitted the same way, on the OTHER placements' "
+                     "exclusive dist-step times (links.in_step_other_placements.dist_host_*). "
+                     "disturbed_measurements: entries whose placement-independent dense work is > "
+                     f"{DISTURBED_RATIO:g}x the other placements' median (a disturbed run; the error still counts). "
                      "Entries: each (placement, mode, W)'s fastest of the scaling run's interleaved repeats."),
             "load_average": [setup.get("load_average_before"), setup.get("load_average_after")]}
 
@@ -823,6 +945,13 @@ def print_validation(v: dict) -> None:
               + ", ".join(f"{k} {e * 100:.1f}%" for k, e in v["abs_relative_error_w2"].items()) + ")")
         print("  with the micro-benchmark's links instead: "
               + ", ".join(f"{k} {e * 100:.1f}%" for k, e in v["abs_relative_error_w2_micro_benchmark_links"].items()))
+    for r in v["rows"]:
+        check = r.get("placement_independent") or {}
+        for k in check.get("disturbed", []):
+            c = check["pieces"][k]
+            print(f"DISTURBED: {r['placement']} {r['mode']} W={r['world_size']}: {k} measured "
+                  f"{c['measured_s'] * 1e3:.1f} ms, {c['ratio']:.2f}x the other placements' median "
+                  f"{c['other_placements_median_s'] * 1e3:.1f} ms (placement-independent work: re-measure)")
     print(f"bytes: counted == predicted on every rank of every entry: {v['bytes_all_equal']}")
     print(v["note"])
 
@@ -1011,7 +1140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         pred["efficiency"] = efficiency_table(pred)
         if v is not None:
             pred["validation"] = {k: v[k] for k in ("scaling_json", "bytes_all_equal", "abs_relative_error_w2",
-                                                    "max_abs_relative_error_w2", "load_average")}
+                                                    "max_abs_relative_error_w2", "disturbed_measurements",
+                                                    "load_average")}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(pred, indent=2))
