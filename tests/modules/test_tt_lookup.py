@@ -41,6 +41,26 @@ def test_forward_backward_match_reference_and_dense(d, mode, dtype, weighted):
         assert_close(core.grad, ref_core.grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,dim,ranks", [(5000, 16, [16, 16]), (5000, 64, [8, 8])])
+def test_vectorized_shapes_match_reference(n, dim, ranks, dtype):
+    """Ranks that are multiples of the CPU kernels' vector width with a narrow last core (the
+    demo's q = (4, 2, 2) at rank 16, FBTT's q = (4, 4, 4) at rank 8): the vectorized narrow-product
+    path, against the reference, forward and core gradients."""
+    tt = ttdist.TTEmbeddingBag(n, dim, ranks, dtype=dtype, include_last_offset=True)
+    assert tt.tt_cores[-1].shape[2] in (2, 4)
+    indices, offsets = random_bags(n, batch=65, max_len=10)
+    out = tt(indices, offsets)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    cores = [c.detach().clone().requires_grad_(True) for c in tt.tt_cores]
+    ref = tt_forward_reference(cores, tt._spec(), indices, offsets)
+    ref.backward(grad_out)
+    assert_close(out, ref.detach(), dtype)
+    for core, ref_core in zip(tt.tt_cores, cores):
+        assert_close(core.grad, ref_core.grad, dtype)
+
+
 def test_offsets_of_length_b_and_b_plus_1_agree():
     a = ttdist.TTEmbeddingBag(50, 8, [3], include_last_offset=False)
     b = ttdist.TTEmbeddingBag(50, 8, [3], include_last_offset=True)
