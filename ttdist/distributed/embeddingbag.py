@@ -256,7 +256,6 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
             (f, (0, dim)) for f, dim in enumerate(self._feature_dims)]
         self._lookups = [_GroupLookup(self, d.local_units, [u.columns[1] - u.columns[0] for u in d.local_units],
                                       isinstance(d, RwDist)) for d in self._input_dists]
-        self._grad_pg = dist.new_group(backend=dist.get_backend(self._pg)) if self._world > 1 and self._replicas else None
         self._anchor = torch.zeros(0, requires_grad=True, device=device, dtype=self._dtype)
         self._fused_optimizer = TTFusedOptimizer(self)
         self._register_state_dict_hook(ShardedTTEmbeddingBagCollection._public_state_dict)
@@ -466,8 +465,10 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
             if key not in self._replica_written:  # no lookup of this rank read the core this step
                 self._replica_grad_of[key].zero_()
         self._replica_written.clear()
-        self._replica_work = (dist.all_reduce(self._replica_grads, group=self._grad_pg, async_op=True)
-                              if self._grad_pg is not None else None)
+        # On the sharding group itself: every rank issues its collectives in the same (autograd)
+        # order, and a group per module would cost a communicator each (NCCL: GPU memory).
+        self._replica_work = (dist.all_reduce(self._replica_grads, group=self._pg, async_op=True)
+                              if self._world > 1 else None)
         self._replica_pending = True
         Variable._execution_engine.queue_callback(self._apply_replicas)
 
