@@ -5,6 +5,7 @@ runs the full emulator in `make test`). So must two mutations of the saved prepa
 a length that no longer tells other calls apart, and an op that writes into the saved buffer."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +35,12 @@ MUTATIONS = {  # name: (file in csrc/cuda, original, mutated, what the emulator 
 
 
 def build_and_run(root: Path, name: str) -> subprocess.CompletedProcess:
+    """Builds the mutated emulator and runs it until the check that must catch the mutation fails."""
     binary = root / "emulate"
-    subprocess.run([NVCC, "-std=c++17", "-O1", "-o", str(binary), str(root / "tests/gpu/emulate_kernels.cu")],
+    subprocess.run([NVCC, "-std=c++17", "-O0", "-o", str(binary), str(root / "tests/gpu/emulate_kernels.cu")],
                    check=True, capture_output=True, text=True, timeout=600)
-    return subprocess.run([str(binary), "1", "4"], capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(binary), "1", "4"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TTDIST_EMULATE_STOP_AT": MUTATIONS[name][3]})
 
 
 @pytest.mark.slow

@@ -49,16 +49,22 @@ namespace {
 
 int g_failures = 0;
 int g_checks = 0;
+// TTDIST_EMULATE_STOP_AT=text: exit at the first failure whose message contains text (the
+// mutation tests wait for one particular check, not for the whole run).
+const char* const g_stop_at = std::getenv("TTDIST_EMULATE_STOP_AT");
 
-#define EXPECT(cond, ...)                                        \
-  do {                                                           \
-    ++g_checks;                                                  \
-    if (!(cond)) {                                               \
-      ++g_failures;                                              \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);  \
-      std::fprintf(stderr, __VA_ARGS__);                         \
-      std::fprintf(stderr, "\n");                                \
-    }                                                            \
+#define EXPECT(cond, ...)                                          \
+  do {                                                             \
+    ++g_checks;                                                    \
+    if (!(cond)) {                                                 \
+      ++g_failures;                                                \
+      char message_[1024];                                         \
+      std::snprintf(message_, sizeof message_, __VA_ARGS__);       \
+      std::fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, \
+                   message_);                                      \
+      if (g_stop_at != nullptr && std::strstr(message_, g_stop_at)) \
+        std::exit(1);                                              \
+    }                                                              \
   } while (0)
 
 // ---------------------------------------------------------------------------------------------
