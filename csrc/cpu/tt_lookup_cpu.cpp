@@ -220,24 +220,13 @@ void forward_table(const TableShape& s, const std::vector<const scalar_t*>& core
   });
 }
 
-// Reverse-mode trie walk: grad_rows (U, D) -> dense core gradients, accumulated into `out[k]`
-// (acc_t, p_k * slice_k elements each, zero on entry). Chunk 0 accumulates straight into `out`;
-// chunks 1.. use private zeroed buffers that are added to `out` afterwards in chunk order, so the
-// summation order depends only on the number of chunks (threads), not on scheduling.
-template <typename scalar_t>
-void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
-                    const at::opmath_type<scalar_t>* grad_rows, const std::vector<at::opmath_type<scalar_t>*>& out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t U = tb.U;
-  if (s.d == 1) {  // one core: row i is the slice i itself (r_0 = r_1 = 1), its gradient the row's
-    at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {  // rows are unique: no two tasks write one slice
-        acc_t* dS = out[0] + tb.rows[u] * s.slice[0];
-        for (int64_t e = 0; e < s.dim; ++e) dS[e] += grad_rows[u * s.dim + e];
-      }
-    });
-    return;
-  }
+// Runs chunk_body(c, dcore, u_begin, u_end) over contiguous chunks of the U unique rows in
+// parallel, each accumulating core gradients into dcore[k] (p_k * slice_k acc_t each). Chunk 0
+// accumulates straight into `out`; chunks 1.. into private zeroed buffers that are added to `out`
+// afterwards in chunk order, so the summation order depends only on the number of chunks
+// (threads), not on scheduling.
+template <typename acc_t, typename ChunkBody>
+void accumulate_in_chunks(const TableShape& s, int64_t U, const std::vector<acc_t*>& out, ChunkBody chunk_body) {
   const auto bounds = chunk_bounds(U, 64);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
   const int64_t d = s.d;
@@ -254,38 +243,7 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
           dcore[k] = priv[c - 1].back().data();
         }
       }
-      PrefixStack<acc_t, scalar_t> stack(s, cores);
-      std::vector<std::vector<acc_t>> dP;  // dP[k]: gradient of the current prefix P_k, k < d - 1
-      for (int64_t k = 0; k + 1 < d; ++k) dP.emplace_back(s.Q[k] * s.r[k + 1], acc_t(0));
-      // Pushes the finished prefix node at level k into its core slice and its parent.
-      auto finalize = [&](int64_t k) {
-        acc_t* dS = dcore[k] + stack.digit[k] * s.slice[k];
-        if (k == 0) {
-          for (int64_t e = 0; e < s.slice[0]; ++e) dS[e] += dP[0][e];
-        } else {
-          const int64_t M = s.Q[k - 1], K = s.r[k], N = s.q[k] * s.r[k + 1];
-          gemm_tn_acc<acc_t>(M, K, N, stack.P[k - 1].data(), dP[k].data(), dS);
-          gemm_nt_acc<acc_t, scalar_t>(M, K, N, dP[k].data(), stack.slice(k, stack.digit[k]), dP[k - 1].data());
-        }
-        std::fill(dP[k].begin(), dP[k].end(), acc_t(0));
-      };
-      for (int64_t u = bounds[c]; u < bounds[c + 1]; ++u) {
-        int64_t from = 0;
-        if (u != bounds[c]) {
-          from = std::min(tb.first_diff(u - 1, u), d - 1);
-          for (int64_t k = d - 2; k >= from; --k) finalize(k);
-        }
-        stack.advance(tb.digits_of(u), from, d - 2);
-        stack.digit[d - 1] = tb.digits_of(u)[d - 1];
-        // Leaf: W_row = P_{d-2} (Q_{d-2}, r_{d-1}) @ S_{d-1} (r_{d-1}, q_{d-1}).
-        const int64_t M = s.Q[d - 2], K = s.r[d - 1], N = s.q[d - 1];
-        const acc_t* g = grad_rows + u * s.dim;
-        acc_t* dS = dcore[d - 1] + stack.digit[d - 1] * s.slice[d - 1];
-        gemm_tn_acc<acc_t>(M, K, N, stack.P[d - 2].data(), g, dS);
-        gemm_nt_acc<acc_t, scalar_t>(M, K, N, g, stack.slice(d - 1, stack.digit[d - 1]), dP[d - 2].data());
-      }
-      if (bounds[c + 1] > bounds[c])
-        for (int64_t k = d - 2; k >= 0; --k) finalize(k);
+      if (bounds[c + 1] > bounds[c]) chunk_body(c, dcore, bounds[c], bounds[c + 1]);
     }
   });
   if (chunks == 1) return;
@@ -302,6 +260,103 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
         for (int64_t x = lo; x < hi; ++x) dst[x] += src[x];
       }
     }
+  });
+}
+
+// Multiply-adds per batch of the two backward orders of a three-core table (r_0 = r_3 = 1):
+//   trie walk:  per distinct prefix (i_0, i_1): P_1 = A @ B, dB += P_0^T dP_1, dP_0 = dP_1 @ B^T
+//               (3 q_0 r_1 q_1 r_2), per row: dC += P_1^T g, dP_1 = g @ C^T (2 q_0 q_1 r_2 q_2);
+//   middle-out: per row U = A^T g (r_1, q_1 q_2), S = B @ C (r_1 q_1, q_2), dA += g @ S^T,
+//               dB += U @ C^T, dC += B^T @ U (2 q_0 r_1 q_1 q_2 + 3 r_1 q_1 r_2 q_2).
+// A, B, C: the row's slices of the three cores. Middle-out wins when q_0 > q_2 (the demo's
+// q = (4, 2, 2): 3584 instead of 6656 per row); the trie walk when rows share prefixes or q_0 < q_2.
+bool middle_out_is_cheaper(const TableShape& s, const TableBatch& tb) {
+  if (s.d != 3) return false;
+  int64_t prefixes = tb.U > 0 ? 1 : 0;
+  for (int64_t u = 1; u < tb.U; ++u) prefixes += tb.first_diff(u - 1, u) <= 1;
+  const int64_t q0 = s.q[0], q1 = s.q[1], q2 = s.q[2], r1 = s.r[1], r2 = s.r[2];
+  const int64_t trie = prefixes * 3 * q0 * r1 * q1 * r2 + tb.U * 2 * q0 * q1 * r2 * q2;
+  const int64_t middle_out = tb.U * (2 * q0 * r1 * q1 * q2 + 3 * r1 * q1 * r2 * q2);
+  return middle_out < trie;
+}
+
+// Middle-out backward of a three-core table (see middle_out_is_cheaper), fp32 / fp64.
+template <typename acc_t>
+void backward_table_middle_out(const TableShape& s, const std::vector<const acc_t*>& cores, const TableBatch& tb,
+                               const acc_t* grad_rows, const std::vector<acc_t*>& out) {
+  const int64_t q0 = s.q[0], q1 = s.q[1], q2 = s.q[2], r1 = s.r[1], r2 = s.r[2];
+  accumulate_in_chunks<acc_t>(s, tb.U, out, [&](int64_t, const std::vector<acc_t*>& dcore, int64_t u0, int64_t u1) {
+    std::vector<acc_t> U(r1 * q1 * q2), S(r1 * q1 * q2);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t* i = tb.digits_of(u);
+      const acc_t* A = cores[0] + i[0] * s.slice[0];  // (q_0, r_1)
+      const acc_t* B = cores[1] + i[1] * s.slice[1];  // (r_1 q_1, r_2)
+      const acc_t* C = cores[2] + i[2] * s.slice[2];  // (r_2, q_2)
+      const acc_t* g = grad_rows + u * s.dim;         // (q_0, q_1 q_2)
+      std::fill(U.begin(), U.end(), acc_t(0));
+      gemm_tn_acc<acc_t>(q0, r1, q1 * q2, A, g, U.data());
+      gemm_nn<acc_t, acc_t>(r1 * q1, r2, q2, B, C, S.data());
+      gemm_nt_acc<acc_t, acc_t>(q0, r1, q1 * q2, g, S.data(), dcore[0] + i[0] * s.slice[0]);
+      gemm_nt_acc<acc_t, acc_t>(r1 * q1, r2, q2, U.data(), C, dcore[1] + i[1] * s.slice[1]);
+      gemm_tn_acc<acc_t>(r1 * q1, r2, q2, B, U.data(), dcore[2] + i[2] * s.slice[2]);
+    }
+  });
+}
+
+// Reverse-mode pass: grad_rows (U, D) -> dense core gradients, accumulated into `out[k]` (acc_t,
+// p_k * slice_k elements each, zero on entry): a trie walk over the sorted rows (prefix products
+// and their gradients shared by rows with a common prefix), or for three cores the middle-out
+// order when that takes fewer multiply-adds.
+template <typename scalar_t>
+void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
+                    const at::opmath_type<scalar_t>* grad_rows, const std::vector<at::opmath_type<scalar_t>*>& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t U = tb.U;
+  if (s.d == 1) {  // one core: row i is the slice i itself (r_0 = r_1 = 1), its gradient the row's
+    at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {  // rows are unique: no two tasks write one slice
+        acc_t* dS = out[0] + tb.rows[u] * s.slice[0];
+        for (int64_t e = 0; e < s.dim; ++e) dS[e] += grad_rows[u * s.dim + e];
+      }
+    });
+    return;
+  }
+  if constexpr (kFastGemm<acc_t, scalar_t>) {
+    if (middle_out_is_cheaper(s, tb)) return backward_table_middle_out<acc_t>(s, cores, tb, grad_rows, out);
+  }
+  const int64_t d = s.d;
+  accumulate_in_chunks<acc_t>(s, U, out, [&](int64_t, const std::vector<acc_t*>& dcore, int64_t u0, int64_t u1) {
+    PrefixStack<acc_t, scalar_t> stack(s, cores);
+    std::vector<std::vector<acc_t>> dP;  // dP[k]: gradient of the current prefix P_k, k < d - 1
+    for (int64_t k = 0; k + 1 < d; ++k) dP.emplace_back(s.Q[k] * s.r[k + 1], acc_t(0));
+    // Pushes the finished prefix node at level k into its core slice and its parent.
+    auto finalize = [&](int64_t k) {
+      acc_t* dS = dcore[k] + stack.digit[k] * s.slice[k];
+      if (k == 0) {
+        for (int64_t e = 0; e < s.slice[0]; ++e) dS[e] += dP[0][e];
+      } else {
+        const int64_t M = s.Q[k - 1], K = s.r[k], N = s.q[k] * s.r[k + 1];
+        gemm_tn_acc<acc_t>(M, K, N, stack.P[k - 1].data(), dP[k].data(), dS);
+        gemm_nt_acc<acc_t, scalar_t>(M, K, N, dP[k].data(), stack.slice(k, stack.digit[k]), dP[k - 1].data());
+      }
+      std::fill(dP[k].begin(), dP[k].end(), acc_t(0));
+    };
+    for (int64_t u = u0; u < u1; ++u) {
+      int64_t from = 0;
+      if (u != u0) {
+        from = std::min(tb.first_diff(u - 1, u), d - 1);
+        for (int64_t k = d - 2; k >= from; --k) finalize(k);
+      }
+      stack.advance(tb.digits_of(u), from, d - 2);
+      stack.digit[d - 1] = tb.digits_of(u)[d - 1];
+      // Leaf: W_row = P_{d-2} (Q_{d-2}, r_{d-1}) @ S_{d-1} (r_{d-1}, q_{d-1}).
+      const int64_t M = s.Q[d - 2], K = s.r[d - 1], N = s.q[d - 1];
+      const acc_t* g = grad_rows + u * s.dim;
+      acc_t* dS = dcore[d - 1] + stack.digit[d - 1] * s.slice[d - 1];
+      gemm_tn_acc<acc_t>(M, K, N, stack.P[d - 2].data(), g, dS);
+      gemm_nt_acc<acc_t, scalar_t>(M, K, N, g, stack.slice(d - 1, stack.digit[d - 1]), dP[d - 2].data());
+    }
+    for (int64_t k = d - 2; k >= 0; --k) finalize(k);
   });
 }
 
