@@ -18,6 +18,13 @@ struct GemmKernels {
   void (*tn_acc)(int64_t M, int64_t K, int64_t N, const T* A, const T* G, T* C);
   // C (M x K) += G (M x N) @ S^T, S (K x N).
   void (*nt_acc)(int64_t M, int64_t K, int64_t N, const T* G, const T* S, T* C);
+  // One row of the middle-out backward of a three-core table (r_0 = r_3 = 1): A (q0 x r1),
+  // B (r1 q1 x r2), C (r2 x q2) its core slices, g (q0 x q1 q2) its gradient; with
+  // U = A^T g (r1 x q1 q2) and S = B @ C (r1 q1 x q2): dA += g @ S^T (S as r1 x q1 q2),
+  // dB += U @ C^T (U as r1 q1 x q2), dC += B^T @ U. False (nothing written) for shapes it does
+  // not vectorize (r1 or r2 not a multiple of the vector width, or too large).
+  bool (*middle_out_acc)(int64_t q0, int64_t q1, int64_t q2, int64_t r1, int64_t r2, const T* A, const T* B,
+                         const T* C, const T* g, T* dA, T* dB, T* dC);
   const char* isa;
 };
 

@@ -293,12 +293,14 @@ void backward_table_middle_out(const TableShape& s, const std::vector<const acc_
       const acc_t* B = cores[1] + i[1] * s.slice[1];  // (r_1 q_1, r_2)
       const acc_t* C = cores[2] + i[2] * s.slice[2];  // (r_2, q_2)
       const acc_t* g = grad_rows + u * s.dim;         // (q_0, q_1 q_2)
+      acc_t *dA = dcore[0] + i[0] * s.slice[0], *dB = dcore[1] + i[1] * s.slice[1], *dC = dcore[2] + i[2] * s.slice[2];
+      if (fast_gemm<acc_t>().middle_out_acc(q0, q1, q2, r1, r2, A, B, C, g, dA, dB, dC)) continue;
       std::fill(U.begin(), U.end(), acc_t(0));
       gemm_tn_acc<acc_t>(q0, r1, q1 * q2, A, g, U.data());
       gemm_nn<acc_t, acc_t>(r1 * q1, r2, q2, B, C, S.data());
-      gemm_nt_acc<acc_t, acc_t>(q0, r1, q1 * q2, g, S.data(), dcore[0] + i[0] * s.slice[0]);
-      gemm_nt_acc<acc_t, acc_t>(r1 * q1, r2, q2, U.data(), C, dcore[1] + i[1] * s.slice[1]);
-      gemm_tn_acc<acc_t>(r1 * q1, r2, q2, B, U.data(), dcore[2] + i[2] * s.slice[2]);
+      gemm_nt_acc<acc_t, acc_t>(q0, r1, q1 * q2, g, S.data(), dA);
+      gemm_nt_acc<acc_t, acc_t>(r1 * q1, r2, q2, U.data(), C, dB);
+      gemm_tn_acc<acc_t>(r1 * q1, r2, q2, B, U.data(), dC);
     }
   });
 }

@@ -1,5 +1,6 @@
 """TT lookup vs the plain-PyTorch reference and a dense nn.EmbeddingBag from full_weight()."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -63,11 +64,13 @@ def test_vectorized_shapes_match_reference(n, dim, ranks, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows", ["scattered", "every_row"])
-def test_three_core_backward_orders_match_reference(rows, dtype):
+@pytest.mark.parametrize("q,ranks", [([4, 2, 2], [8, 8]), ([6, 2, 3], [8, 24])])
+def test_three_core_backward_orders_match_reference(q, ranks, rows, dtype):
     """The CPU backward of a three-core table takes the order with fewer multiply-adds: middle-out
     for rows with distinct prefixes (i_1, i_2) and q_1 > q_3, the prefix-sharing trie walk when
-    every prefix is shared by p_3 rows. Both against the reference, forward and core gradients."""
-    tt = ttdist.TTEmbeddingBag(4096, 16, [8, 8], tt_p_shapes=[16, 16, 16], tt_q_shapes=[4, 2, 2], dtype=dtype,
+    every prefix is shared by p_3 rows. Both against the reference, forward and core gradients;
+    the middle-out kernel's compile-time shapes (r_3 a vector or two, q_3 = 2) and its generic ones."""
+    tt = ttdist.TTEmbeddingBag(4096, math.prod(q), ranks, tt_p_shapes=[16, 16, 16], tt_q_shapes=q, dtype=dtype,
                                include_last_offset=True)
     g = torch.Generator().manual_seed(3)
     if rows == "scattered":  # one row per prefix
