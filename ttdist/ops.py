@@ -227,8 +227,21 @@ def apply_update(core: Tensor, state: Tensor, grad: Tensor, optimizer: int, lear
     exactly the sparse update of the touched slices, without searching for them.
     """
     rows = core.shape[0]
-    torch.ops.ttdist.sparse_row_update_(core.data.view(rows, -1), state, torch.arange(rows, device=core.device),
-                                       grad.reshape(rows, -1).to(core.dtype), optimizer, learning_rate, eps)
+    if grad.dtype != core.dtype:
+        grad = grad.to(core.dtype)
+    torch.ops.ttdist.sparse_row_update_.default(core.data.view(rows, -1), state, _all_rows(rows, core.device),
+                                               grad.reshape(rows, -1), optimizer, learning_rate, eps)
+
+
+_ALL_ROWS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _all_rows(rows: int, device: torch.device) -> Tensor:
+    """``arange(rows)`` on ``device``, made once (apply_update runs per replicated core per step)."""
+    ids = _ALL_ROWS.get((rows, device))
+    if ids is None:
+        ids = _ALL_ROWS[(rows, device)] = torch.arange(rows, device=device)
+    return ids
 
 
 def tt_lookup(

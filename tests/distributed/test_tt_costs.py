@@ -60,10 +60,23 @@ def test_one_id_costs_flops_per_row():
 def test_lookup_seconds_is_the_formula():
     shape = make_tt_shape(500_000, 16, [16, 16])
     n, rows, nbytes, flops = batch_work(shape, 2048)
+    bwd_flops = batch_work(shape, 2048, direction="bwd", device=MODEL.calibration.device)[3]
     assert MODEL.lookup_seconds(shape, 2048, "fwd") == pytest.approx(1e-7 * n + 3e-8 * rows + 5e-10 * nbytes
                                                                      + 2e-11 * flops)
     assert MODEL.lookup_seconds(shape, 2048, "bwd") == pytest.approx(1e-8 * n + 2e-7 * rows + 4e-10 * nbytes
-                                                                     + 6e-11 * flops)
+                                                                     + 6e-11 * bwd_flops)
+
+
+def test_cpu_backward_of_three_cores_counts_the_cheaper_order():
+    """q = (4, 2, 2), rank 16, one id: the trie walk's 3 * 2048 + 2 * 256 = 6656 multiply-adds
+    against middle-out's 2 * 256 + 3 * 1024 = 3584 (csrc/cpu: middle_out_is_cheaper); CUDA and
+    the forward keep the trie walk's count, and q = (2, 2, 4) is cheaper as a trie walk."""
+    shape = make_tt_shape(500_000, 16, [16, 16], tt_q_shapes=[4, 2, 2])
+    flops = batch_work(shape, 1)[3]
+    assert batch_work(shape, 1, direction="bwd", device="cpu")[3] == pytest.approx(flops * 3584 / 6656)
+    assert batch_work(shape, 1, direction="bwd", device="cuda")[3] == flops
+    ascending = make_tt_shape(500_000, 16, [16, 16], tt_q_shapes=[2, 2, 4])
+    assert batch_work(ascending, 1, direction="bwd", device="cpu")[3] == batch_work(ascending, 1)[3]
     with pytest.raises(ValueError, match="direction"):
         MODEL.lookup_seconds(shape, 1, "backward")
 

@@ -15,7 +15,9 @@ and the work of a batch is (``TTShape`` symbols, e = element size)
     bytes(n) = e * D * rows(n)                          the rows built (backward: their gradients)
     flops(n) = sum_{k=2..d} u_k(n) * 2 * (q_1...q_{k-1}) * r_{k-1} * q_k * r_k
 
-``flops(n) / n`` is ``TTShape.flops_per_row()`` when no prefix repeats. The time of a batch is
+``flops(n) / n`` is ``TTShape.flops_per_row()`` when no prefix repeats. On the CPU the backward
+of a three-core table takes the middle-out order when it needs fewer multiply-adds (q_1 > q_3,
+few shared prefixes): its ``flops`` are scaled by ``cpu_backward_share``. The time of a batch is
 
     t_dir(n) = a_dir * n + b_dir * rows(n) + c_dir * bytes(n) + f_dir * flops(n)    dir = fwd | bwd
 
@@ -76,13 +78,28 @@ def distinct_prefixes(shape: TTShape, ids: float) -> list[float]:
     return out
 
 
-def batch_work(shape: TTShape, ids: float, element_size: int = 4) -> tuple[float, float, float, float]:
-    """``(ids, rows, bytes, flops)`` of one lookup batch of ``ids`` ids (module docstring)."""
+def batch_work(shape: TTShape, ids: float, element_size: int = 4, direction: Direction = "fwd",
+               device: str = "cpu") -> tuple[float, float, float, float]:
+    """``(ids, rows, bytes, flops)`` of one lookup batch of ``ids`` ids (module docstring); the
+    CPU backward of a three-core table scales ``flops`` by ``cpu_backward_share``."""
     distinct = distinct_prefixes(shape, ids)
     flops = sum(distinct[k] * 2 * math.prod(shape.q[:k]) * shape.ranks[k] * shape.q[k] * shape.ranks[k + 1]
                 for k in range(1, shape.d))
+    if direction == "bwd" and device == "cpu" and shape.d == 3:
+        flops *= cpu_backward_share(shape, distinct)
     rows = distinct[-1]
     return float(ids), rows, float(element_size * shape.embedding_dim * rows), float(flops)
+
+
+def cpu_backward_share(shape: TTShape, distinct: Sequence[float]) -> float:
+    """The CPU backward of a three-core table takes the cheaper of the trie walk and the middle-out
+    order (csrc/cpu/tt_lookup_cpu.cpp, ``middle_out_is_cheaper``): its multiply-adds over the trie
+    walk's, given the distinct prefixes (i_1, i_2) and rows of the batch."""
+    (q0, q1, q2), r1, r2 = shape.q, shape.ranks[1], shape.ranks[2]
+    prefixes, rows = distinct[1], distinct[2]
+    trie = prefixes * 3 * q0 * r1 * q1 * r2 + rows * 2 * q0 * q1 * r2 * q2
+    middle_out = rows * (2 * q0 * r1 * q1 * q2 + 3 * r1 * q1 * r2 * q2)
+    return min(trie, middle_out) / trie
 
 
 # ------------------------------------------------------------------------------ the model
@@ -123,7 +140,8 @@ class TTCostModel:
     def lookup_seconds(self, shape: TTShape, ids: float, direction: Direction) -> float:
         """Time of one batch of ``ids`` lookups of ``shape`` (a whole table or one shard's local
         shape), forward or backward (+ fused update)."""
-        return sum(c * w for c, w in zip(self.calibration.coefficients(direction), batch_work(shape, ids)))
+        work = batch_work(shape, ids, direction=direction, device=self.calibration.device)
+        return sum(c * w for c, w in zip(self.calibration.coefficients(direction), work))
 
     def update_seconds(self, parameters: int) -> float:
         """Time of the whole-core update of ``parameters`` replicated core parameters."""
@@ -283,8 +301,9 @@ def measure_calibration(device: str = "cpu", repeats: int = 3, passes: int = 2) 
         for times, (shape, ids) in zip(best, shapes):
             times[:] = [min(a, b) for a, b in zip(times, _time_lookup(shape, ids, dev, repeats))]
         update = min(update, _time_update(1 << 20, dev, repeats))
-    features = [batch_work(shape, ids) for shape, ids in shapes]
-    (fwd_x, fwd_err), (bwd_x, bwd_err) = (nonnegative_fit(features, [t[j] for t in best]) for j in range(2))
+    (fwd_x, fwd_err), (bwd_x, bwd_err) = (
+        nonnegative_fit([batch_work(shape, ids, direction=direction, device=dev.type) for shape, ids in shapes],
+                        [t[j] for t in best]) for j, direction in enumerate(DIRECTIONS))
     return TTKernelCalibration(dev.type, *fwd_x, *bwd_x, update_per_param=update,
                                source=f"measured: {calibration_key(dev.type)}", fit_error=max(fwd_err, bwd_err))
 
