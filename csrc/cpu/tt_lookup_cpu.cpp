@@ -220,7 +220,7 @@ void forward_table(const TableShape& s, const std::vector<const scalar_t*>& core
   });
 }
 
-// Runs chunk_body(c, dcore, u_begin, u_end) over contiguous chunks of the U unique rows in
+// Runs chunk_body(dcore, u_begin, u_end) over contiguous chunks of the U unique rows in
 // parallel, each accumulating core gradients into dcore[k] (p_k * slice_k acc_t each). Chunk 0
 // accumulates straight into `out`; chunks 1.. into private zeroed buffers that are added to `out`
 // afterwards in chunk order, so the summation order depends only on the number of chunks
@@ -243,7 +243,7 @@ void accumulate_in_chunks(const TableShape& s, int64_t U, const std::vector<acc_
           dcore[k] = priv[c - 1].back().data();
         }
       }
-      if (bounds[c + 1] > bounds[c]) chunk_body(c, dcore, bounds[c], bounds[c + 1]);
+      if (bounds[c + 1] > bounds[c]) chunk_body(dcore, bounds[c], bounds[c + 1]);
     }
   });
   if (chunks == 1) return;
@@ -285,7 +285,7 @@ template <typename acc_t>
 void backward_table_middle_out(const TableShape& s, const std::vector<const acc_t*>& cores, const TableBatch& tb,
                                const acc_t* grad_rows, const std::vector<acc_t*>& out) {
   const int64_t q0 = s.q[0], q1 = s.q[1], q2 = s.q[2], r1 = s.r[1], r2 = s.r[2];
-  accumulate_in_chunks<acc_t>(s, tb.U, out, [&](int64_t, const std::vector<acc_t*>& dcore, int64_t u0, int64_t u1) {
+  accumulate_in_chunks<acc_t>(s, tb.U, out, [&](const std::vector<acc_t*>& dcore, int64_t u0, int64_t u1) {
     std::vector<acc_t> U(r1 * q1 * q2), S(r1 * q1 * q2);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t* i = tb.digits_of(u);
@@ -327,7 +327,7 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
     if (middle_out_is_cheaper(s, tb)) return backward_table_middle_out<acc_t>(s, cores, tb, grad_rows, out);
   }
   const int64_t d = s.d;
-  accumulate_in_chunks<acc_t>(s, U, out, [&](int64_t, const std::vector<acc_t*>& dcore, int64_t u0, int64_t u1) {
+  accumulate_in_chunks<acc_t>(s, U, out, [&](const std::vector<acc_t*>& dcore, int64_t u0, int64_t u1) {
     PrefixStack<acc_t, scalar_t> stack(s, cores);
     std::vector<std::vector<acc_t>> dP;  // dP[k]: gradient of the current prefix P_k, k < d - 1
     for (int64_t k = 0; k + 1 < d; ++k) dP.emplace_back(s.Q[k] * s.r[k + 1], acc_t(0));
