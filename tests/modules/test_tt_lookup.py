@@ -149,3 +149,24 @@ def test_forward_decompresses_only_requested_rows_not_the_table():
     params, grown = map(int, res.stdout.split())
     assert params < 0.01 * 10_000_000 * 64, params
     assert grown < 200 * 2**20, f"forward+backward grew the RSS by {grown / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("q", [[4, 2, 2], [2, 2, 4]])  # middle-out / trie walk
+def test_cpu_backward_is_bitwise_reproducible_with_threads(q):
+    """Rows are split into chunks over the threads and the chunks' core gradients summed in chunk
+    order, so two calls give the same bits whatever the scheduling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tt = ttdist.TTEmbeddingBag(300_000, 16, [16, 16], tt_q_shapes=q)
+        indices = torch.randint(0, 300_000, (4096,))
+        offsets = torch.arange(0, 4097)
+        spec, cores = tt._spec(), list(tt.tt_cores)
+        grad_out = torch.randn(4096, 16)
+        args = (grad_out, cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets,
+                None, spec.num_rows, None)
+        first = torch.ops.ttdist.tt_backward(*args)
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(first, torch.ops.ttdist.tt_backward(*args)))
+    finally:
+        torch.set_num_threads(threads)
