@@ -62,7 +62,7 @@ class FusedUpdate:
 
     ``grad_hook``: for cores that other lookups or other ranks also train (a sharded table's
     replicated cores). Backward then computes the core gradients and passes ``(cores, grads)``
-    to the hook instead of updating: the caller reduces them and applies ``apply_update``.
+    to the hook instead of updating: the caller reduces them and applies ``apply_updates``.
     """
 
     optimizer: int
@@ -109,6 +109,11 @@ def _tt_backward_fused_fake(grad_output, cores, optimizer_states, *args, **kwarg
 
 @torch.library.register_fake("ttdist::sparse_row_update_")
 def _sparse_row_update_fake(weight, optimizer_state, row_ids, row_grads, optimizer, learning_rate, eps):
+    return None
+
+
+@torch.library.register_fake("ttdist::dense_update_")
+def _dense_update_fake(weights, optimizer_states, grads, optimizer, learning_rate, eps):
     return None
 
 
@@ -219,29 +224,17 @@ def _per_sample_weight_grad(grad_output: Tensor, cores: Sequence[Tensor], spec: 
 
 
 @torch.no_grad()
-def apply_update(core: Tensor, state: Tensor, grad: Tensor, optimizer: int, learning_rate: float, eps: float) -> None:
-    """One fused-optimizer step on a whole core from its gradient (both ``(p_k, r_{k-1}, q_k, r_k)``).
+def apply_updates(cores: Sequence[Tensor], states: Sequence[Tensor], grads: Sequence[Tensor], optimizer: int,
+                  learning_rate: float, eps: float) -> None:
+    """One fused-optimizer step on whole cores from their gradients (each shaped like its core,
+    ``(p_k, r_{k-1}, q_k, r_k)``), in one op call (``ttdist::dense_update_``).
 
     Slices whose gradient is zero are left unchanged by every fused optimizer (SGD, Adagrad and
     row-wise Adagrad add nothing to their state and move nothing), so updating every slice gives
     exactly the sparse update of the touched slices, without searching for them.
     """
-    rows = core.shape[0]
-    if grad.dtype != core.dtype:
-        grad = grad.to(core.dtype)
-    torch.ops.ttdist.sparse_row_update_.default(core.data.view(rows, -1), state, _all_rows(rows, core.device),
-                                               grad.reshape(rows, -1), optimizer, learning_rate, eps)
-
-
-_ALL_ROWS: dict[tuple[int, torch.device], Tensor] = {}
-
-
-def _all_rows(rows: int, device: torch.device) -> Tensor:
-    """``arange(rows)`` on ``device``, made once (apply_update runs per replicated core per step)."""
-    ids = _ALL_ROWS.get((rows, device))
-    if ids is None:
-        ids = _ALL_ROWS[(rows, device)] = torch.arange(rows, device=device)
-    return ids
+    torch.ops.ttdist.dense_update_.default([c.data for c in cores], list(states), list(grads), optimizer,
+                                           learning_rate, eps)
 
 
 def tt_lookup(

@@ -43,6 +43,11 @@ void tt_backward_fused_cpu(const at::Tensor& grad_output, const std::vector<at::
                            const at::Tensor& indices, const at::Tensor& offsets, int64_t optimizer,
                            double learning_rate, double eps);
 
+// The position of the first value outside [0, rows_per_feature[f]) of its feature f (values grouped
+// by feature, length_per_feature[f] each), or -1.
+int64_t first_out_of_range_cpu(const at::Tensor& values, at::IntArrayRef length_per_feature,
+                               at::IntArrayRef rows_per_feature);
+
 void sparse_row_update_cpu(const at::Tensor& weight, const at::Tensor& optimizer_state, const at::Tensor& row_ids,
                            const at::Tensor& row_grads, int64_t optimizer, double learning_rate, double eps);
 

@@ -97,3 +97,16 @@ def test_module_on_cpu_names_the_table():
     tt = ttdist.TableBatchedTTEmbeddingBag(2, [100, 50], 8, [3], table_names=["user", "item"])
     with pytest.raises(IndexError, match=r"table 'item': index 50 at position 1 is out of range \[0, 50\)"):
         tt(torch.tensor([1, 50]), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_first_out_of_range_finds_the_first_bad_value_of_its_feature(dtype):
+    """Values grouped by feature (lengths 2, 0, 3) against each feature's own row count (5, 1, 9)."""
+    first = torch.ops.ttdist.first_out_of_range
+    assert first(torch.tensor([4, 0, 8, 0, 1], dtype=dtype), [2, 0, 3], [5, 1, 9]) == -1
+    assert first(torch.tensor([4, 0, 8, 9, 1], dtype=dtype), [2, 0, 3], [5, 1, 9]) == 3
+    assert first(torch.tensor([5, 0, 8, 9, 1], dtype=dtype), [2, 0, 3], [5, 1, 9]) == 0  # 5 is a row of feature 2 only
+    assert first(torch.tensor([4, 0, -1, 0, 1], dtype=dtype), [2, 0, 3], [5, 1, 9]) == 2
+    assert first(torch.tensor([], dtype=dtype), [0, 0], [1, 1]) == -1
+    with pytest.raises(ValueError, match="lengths add up to 4 but there are 5 values"):
+        first(torch.tensor([0, 0, 0, 0, 0], dtype=dtype), [2, 2], [5, 5])

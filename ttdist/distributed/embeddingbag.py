@@ -32,6 +32,7 @@ the full core where every rank holds it), the same keys on every rank, so
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any, Optional, Type
 
@@ -58,7 +59,7 @@ from ttdist.modules.collection import (TTEmbeddingBagCollection, TTEmbeddingBagC
                                        pooling_name, select_features, table_state_key)
 from ttdist.modules.optim import OptimType, optimizer_state_like
 from ttdist.modules.tt_init import init_tt_cores, table_generator
-from ttdist.ops import POOLING_CODES, POOLING_SUM, FusedUpdate, LookupSpec, apply_update, bag_scales, tt_lookup
+from ttdist.ops import POOLING_CODES, POOLING_SUM, FusedUpdate, LookupSpec, apply_updates, bag_scales, tt_lookup
 
 # EmbeddingComputeKernel is a closed enum that the planner validates; CUSTOMIZED_KERNEL is the
 # value TorchRec reserves for kernels it does not implement (claiming FUSED would make the
@@ -231,16 +232,19 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         self._cores = nn.ParameterDict()
         self._states: dict[str, Tensor] = {}
         self._create_local_cores(module)
-        # replicated core -> factor of its gradient summed over ranks (data-parallel: the mean), in
-        # the same order on every rank (the order of the all-reduced vector)
-        self._replicas: dict[str, float] = {
-            core_key(t, k): 1.0 / self._world if self._sharding_type[t] == DATA_PARALLEL else 1.0
-            for t in range(len(self._configs)) for k in replicated_cores(self._sharding_type[t], self._shapes[t].d)}
-        # per feature, the rows an index may name (the host-side range check of CPU input)
-        self._feature_rows = torch.tensor([self._configs[t].num_embeddings for t in self._feature_tables])
-        # The replicated cores' gradients of a step, scaled, in one vector (the all-reduced one):
-        # a view per core; the lookups' hook writes them, _update_replicas reduces and applies them.
+        # The replicated cores, in the same order on every rank (the order of the all-reduced vector):
+        # data-parallel tables' first, whose summed gradient is then divided by the world size (the
+        # mean over ranks; the others' sums are already the global batch's, see the module docstring).
+        replicated = [(t, k) for t in range(len(self._configs))
+                      for k in replicated_cores(self._sharding_type[t], self._shapes[t].d)]
+        replicated.sort(key=lambda tk: self._sharding_type[tk[0]] != DATA_PARALLEL)  # stable
+        self._replicas = [core_key(t, k) for t, k in replicated]
         sizes = [self._cores[key].numel() for key in self._replicas]
+        self._mean_numel = sum(n for n, (t, _) in zip(sizes, replicated) if self._sharding_type[t] == DATA_PARALLEL)
+        # per feature, the rows an index may name (the host-side range check of CPU input)
+        self._feature_rows = [self._configs[t].num_embeddings for t in self._feature_tables]
+        # The replicated cores' gradients of a step in one vector (the all-reduced one): a view per
+        # core; the lookups' hook writes them, _update_replicas reduces and applies them.
         self._replica_grads = torch.zeros(sum(sizes), device=device, dtype=self._dtype)
         self._replica_grad_of = {key: view.view(self._cores[key].shape) for key, view in
                                  zip(self._replicas, self._replica_grads.split(sizes))}
@@ -372,14 +376,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
             code, error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
         values = features.values() if error is None else None
         if values is not None and not values.is_cuda and values.numel():
-            lengths = torch.tensor(features.length_per_key(), device=values.device)
-            limits = self._feature_rows.to(values.device, values.dtype).repeat_interleave(lengths,
-                                                                                        output_size=values.numel())
-            bad = (values < 0) | (values >= limits)
-            if bool(bad.any()):
-                pos = int(torch.nonzero(bad)[0])
-                f = int(torch.searchsorted(torch.tensor(features.offset_per_key(), device=values.device), pos,
-                                           right=True)) - 1
+            pos = torch.ops.ttdist.first_out_of_range(values, features.length_per_key(), self._feature_rows)
+            if pos >= 0:
+                f = bisect.bisect_right(features.offset_per_key(), pos) - 1
                 cfg = self._configs[self._feature_tables[f]]
                 code, error = 2 + f, IndexError(
                     f"table '{cfg.name}', feature '{self.feature_names[f]}': index {int(values[pos])} is out of "
@@ -440,18 +439,27 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         # The module looked up twice in one graph: the first call's update is still in flight and
         # its gradients are in the vector this call writes to; finish it first.
         self._apply_replicas()
-        lr = self._fused_optimizer.param_groups[0]["lr"]
+        first: tuple[list[Tensor], list[Tensor]] = ([], [])  # (views, grads): a core's first gradient this step
+        again: tuple[list[Tensor], list[Tensor]] = ([], [])  # a core another lookup of this step also read
+        owned: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         for core, grad in zip(cores, grads):
             key = self._key_of[id(core)]
-            if key in self._replicas:
-                view, scale = self._replica_grad_of[key], self._replicas[key]
-                if key in self._replica_written:
-                    view.add_(grad, alpha=scale)
-                else:
-                    torch.mul(grad, scale, out=view)
-                    self._replica_written.add(key)
+            view = self._replica_grad_of.get(key)
+            if view is None:
+                for part, value in zip(owned, (core, self._states[key], grad)):
+                    part.append(value)
             else:
-                apply_update(core, self._states[key], grad, self._fused.optimizer.code, lr, self._fused.eps)
+                views, taken = again if key in self._replica_written else first
+                views.append(view)
+                taken.append(grad)
+                self._replica_written.add(key)
+        if first[0]:
+            torch._foreach_copy_(*first)
+        if again[0]:
+            torch._foreach_add_(*again)
+        if owned[0]:
+            apply_updates(*owned, self._fused.optimizer.code, self._fused_optimizer.param_groups[0]["lr"],
+                          self._fused.eps)
 
     @torch.no_grad()
     def _update_replicas(self) -> None:
@@ -465,6 +473,8 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
             if key not in self._replica_written:  # no lookup of this rank read the core this step
                 self._replica_grad_of[key].zero_()
         self._replica_written.clear()
+        if self._world > 1 and self._mean_numel:
+            self._replica_grads[:self._mean_numel].mul_(1.0 / self._world)
         # On the sharding group itself: every rank issues its collectives in the same (autograd)
         # order, and a group per module would cost a communicator each (NCCL: GPU memory).
         self._replica_work = (dist.all_reduce(self._replica_grads, group=self._pg, async_op=True)
@@ -482,10 +492,9 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         if self._replica_work is not None:
             self._replica_work.wait()
             self._replica_work = None
-        lr = self._fused_optimizer.param_groups[0]["lr"]
-        for key in self._replicas:
-            apply_update(self._cores[key], self._states[key], self._replica_grad_of[key], self._fused.optimizer.code,
-                         lr, self._fused.eps)
+        apply_updates([self._cores[key] for key in self._replicas], [self._states[key] for key in self._replicas],
+                      [self._replica_grad_of[key] for key in self._replicas], self._fused.optimizer.code,
+                      self._fused_optimizer.param_groups[0]["lr"], self._fused.eps)
 
     # ------------------------------------------------------------------------------ metadata
     @property

@@ -31,7 +31,7 @@ data-parallel table) are instead reduced as dense gradients and updated whole on
 of its slices; c, f: the row's width and the products). The coefficients per direction and ``u`` are a ``TTKernelCalibration``:
 ``measure_calibration(device)`` times ``ttdist.ops.tt_lookup`` (forward; backward with a fused
 row-wise Adagrad step) on a handful of shapes that vary each term on its own, fits them by
-non-negative least squares on relative error, and times ``ops.apply_update`` for ``u`` (about
+non-negative least squares on relative error, and times ``ops.apply_updates`` for ``u`` (about
 0.3 s on one CPU thread). ``calibration(device)`` caches one per process (and on disk,
 keyed by the device, torch version, thread count and the op library's file, so a rebuilt kernel
 is measured again); ``set_calibration`` injects one (tests, or a calibration measured
@@ -249,8 +249,8 @@ def _time_lookup(shape: TTShape, ids: int, device: torch.device, repeats: int) -
 
 
 def _time_update(parameters: int, device: torch.device, repeats: int) -> float:
-    """Best-of seconds per parameter of ``ops.apply_update`` (row-wise Adagrad) on a dense gradient."""
-    from ttdist.ops import apply_update
+    """Best-of seconds per parameter of ``ops.apply_updates`` (row-wise Adagrad) on a dense gradient."""
+    from ttdist.ops import apply_updates
 
     core = torch.zeros(parameters // 256, 4, 16, 4, device=device)
     state, grad = torch.zeros(core.shape[0], device=device), torch.full_like(core, 1e-3)
@@ -259,7 +259,7 @@ def _time_update(parameters: int, device: torch.device, repeats: int) -> float:
         _sync(device)
         t0 = time.perf_counter()
         reduced = grad.clone()  # the gradient buffer the all-reduce fills
-        apply_update(core, state, reduced, 2, 1e-3, 1e-8)
+        apply_updates([core], [state], [reduced], 2, 1e-3, 1e-8)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best / core.numel()
