@@ -110,3 +110,28 @@ def test_first_out_of_range_finds_the_first_bad_value_of_its_feature(dtype):
     assert first(torch.tensor([], dtype=dtype), [0, 0], [1, 1]) == -1
     with pytest.raises(ValueError, match="lengths add up to 4 but there are 5 values"):
         first(torch.tensor([0, 0, 0, 0, 0], dtype=dtype), [2, 2], [5, 5])
+
+
+def _dense_update(weights, states, grads, optimizer=2):
+    torch.ops.ttdist.dense_update_(weights, states, grads, optimizer, 0.1, 1e-8)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda w, s, g: _dense_update([w, w], [s], [g]), "got 2 weights, 1 optimizer states and 1 gradients"),
+    (lambda w, s, g: _dense_update([w], [s], [g[:, :2]]), r"gradient 0 has shape \[4, 2\] but its weight has \[4, 3\]"),
+    (lambda w, s, g: _dense_update([w], [s[:3]], [g]), "optimizer state has 3 elements, expected 4"),
+    (lambda w, s, g: _dense_update([w], [s], [g], optimizer=7), "unknown optimizer code 7"),
+    (lambda w, s, g: _dense_update([w.t()], [s], [g.t()]), "contiguous 2-D weight"),
+    (lambda w, s, g: torch.ops.ttdist.first_out_of_range(torch.zeros(2, 2, dtype=torch.long), [4], [5]), "1-D"),
+    (lambda w, s, g: torch.ops.ttdist.first_out_of_range(torch.zeros(4), [4], [5]), "Float"),
+    (lambda w, s, g: torch.ops.ttdist.first_out_of_range(torch.zeros(4, dtype=torch.long), [5, -1], [5, 5]),
+     "length is negative"),
+    (lambda w, s, g: torch.ops.ttdist.first_out_of_range(torch.zeros(4, dtype=torch.long), [4], [5, 5]),
+     "1 feature lengths but 2 row counts"),
+])
+def test_update_and_range_check_ops_reject_bad_arguments(call, match):
+    """dense_update_ and first_out_of_range: bad arguments raise a clear error, nothing is written."""
+    w, s, g = torch.ones(4, 3), torch.zeros(4), torch.ones(4, 3)
+    with pytest.raises((RuntimeError, ValueError, IndexError), match=match):
+        call(w, s, g)
+    assert torch.equal(w, torch.ones(4, 3)) and torch.equal(s, torch.zeros(4))
