@@ -49,6 +49,11 @@ def test_collection_equals_dense_ebc_in_config_order_for_any_key_order():
     out, expected = tt(kjt), ebc(kjt)
     assert out.keys() == ["f0", "f1", "f2", "f3"] == expected.keys()
     torch.testing.assert_close(out.values(), expected.values(), rtol=1e-5, atol=1e-6)
+    # the gradient of each column reaches its own table (the plain table sits between TT columns)
+    upstream = torch.randn_like(expected.values())
+    (out.values() * upstream).sum().backward()
+    (expected.values() * upstream).sum().backward()
+    torch.testing.assert_close(tt.dense.embedding_bags["d0"].weight.grad, ebc.embedding_bags["d0"].weight.grad)
 
 
 def test_weighted_features():

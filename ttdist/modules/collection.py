@@ -11,6 +11,8 @@ Symbols: F features (in config order), B batch size, D_f the dim of feature f's 
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -187,6 +189,8 @@ class MixedEmbeddingBagCollection(nn.Module):
         self.tt = TTEmbeddingBagCollection(tt, is_weighted, device, seed, fused_params) if tt else None
         self.dense = EmbeddingBagCollection(dense, is_weighted=is_weighted, device=device) if dense else None
         self.feature_names = [f for c in self._configs for f in c.feature_names]
+        # (children's output keys, device) -> (columns of their side-by-side values in config order, dims)
+        self._merged_columns: dict[tuple, tuple[Tensor, list[int]]] = {}
 
     def embedding_bag_configs(self) -> list[AnyTableConfig]:
         return self._configs
@@ -203,10 +207,25 @@ class MixedEmbeddingBagCollection(nn.Module):
         dispatched = [(c, ctx, None if splits is None else splits.wait()) for c, ctx, splits in started]
         outputs = [child(features) if tensors is None else child.compute_and_output_dist(ctx, tensors.wait())
                    for child, ctx, tensors in dispatched]
-        pooled: dict[str, Tensor] = {}
-        for out in outputs:
-            pooled.update((out.wait() if hasattr(out, "wait") else out).to_dict())
-        return KeyedTensor.from_tensor_list(self.feature_names, [pooled[f] for f in self.feature_names])
+        return self._merge([out.wait() if hasattr(out, "wait") else out for out in outputs])
+
+    def _merge(self, pooled: list[KeyedTensor]) -> KeyedTensor:
+        """The children's KeyedTensors ([B, sum of each one's dims], keys in the child's order) as one
+        in config order: their values side by side, columns reordered by one ``index_select``."""
+        keys = tuple(k for kt in pooled for k in kt.keys())
+        if len(pooled) == 1 and list(keys) == self.feature_names:
+            return pooled[0]
+        values = torch.cat([kt.values() for kt in pooled], dim=1)
+        merged = self._merged_columns.get((keys, values.device))
+        if merged is None:
+            dims = [d for kt in pooled for d in kt.length_per_key()]
+            start = dict(zip(keys, itertools.accumulate([0] + dims)))
+            width = dict(zip(keys, dims))
+            columns = torch.cat([torch.arange(start[f], start[f] + width[f]) for f in self.feature_names])
+            merged = self._merged_columns[(keys, values.device)] = (columns.to(values.device),
+                                                                    [width[f] for f in self.feature_names])
+        columns, dims = merged
+        return KeyedTensor(keys=self.feature_names, length_per_key=dims, values=values.index_select(1, columns))
 
 
 def _start_input_dist(child: nn.Module, features: KeyedJaggedTensor) -> tuple[Any, Any]:
