@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 
 #include "tt_gemm.h"
@@ -188,15 +189,17 @@ struct PrefixStack {
     digit.assign(s.d, -1);
   }
   const scalar_t* slice(int64_t k, int64_t i) const { return core[k] + i * s.slice[k]; }
-  // Recomputes P_from..P_to for the row of digits `row_digits` (P_{from-1} must be current).
-  void advance(const int64_t* row_digits, int64_t from, int64_t to) {
+  // Recomputes P_from..P_to for the row of digits `row_digits` (P_{from-1} must be current);
+  // P_to goes to `last` instead when given (a row of the output, never a parent).
+  void advance(const int64_t* row_digits, int64_t from, int64_t to, acc_t* last = nullptr) {
     for (int64_t k = from; k <= to; ++k) {
       digit[k] = row_digits[k];
       const scalar_t* S = slice(k, digit[k]);
+      acc_t* out = (k == to && last) ? last : P[k].data();
       if (k == 0) {
-        for (int64_t e = 0; e < s.slice[0]; ++e) P[0][e] = static_cast<acc_t>(S[e]);
+        for (int64_t e = 0; e < s.slice[0]; ++e) out[e] = static_cast<acc_t>(S[e]);
       } else {
-        gemm_nn<acc_t, scalar_t>(s.Q[k - 1], s.r[k], s.q[k] * s.r[k + 1], P[k - 1].data(), S, P[k].data());
+        gemm_nn<acc_t, scalar_t>(s.Q[k - 1], s.r[k], s.q[k] * s.r[k + 1], P[k - 1].data(), S, out);
       }
     }
   }
@@ -213,8 +216,7 @@ void forward_table(const TableShape& s, const std::vector<const scalar_t*>& core
       PrefixStack<acc_t, scalar_t> stack(s, cores);
       for (int64_t u = bounds[c]; u < bounds[c + 1]; ++u) {
         const int64_t from = (u == bounds[c]) ? 0 : tb.first_diff(u - 1, u);
-        stack.advance(tb.digits_of(u), from, s.d - 1);
-        std::copy(stack.P[s.d - 1].begin(), stack.P[s.d - 1].end(), rows_out + u * s.dim);
+        stack.advance(tb.digits_of(u), from, s.d - 1, rows_out + u * s.dim);
       }
     }
   });
@@ -697,7 +699,7 @@ Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, con
   const Tensor indices = indices_in.to(at::kLong).contiguous();
   const Tensor offsets = offsets_in.to(at::kLong).contiguous();
   Prepared pr = prepare(cores, a, indices, offsets, a.prepared);
-  Tensor out = at::zeros({pr.B, pr.total_dim}, cores[0].options());
+  Tensor out = at::empty({pr.B, pr.total_dim}, cores[0].options());  // every (bag, feature) block is written
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cores[0].scalar_type(), "tt_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto scale = position_scales<acc_t>(a, offsets.data_ptr<int64_t>(), pr.B, indices);
@@ -707,8 +709,8 @@ Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, con
     for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
       const TableBatch& tb = pr.batches[t];
       const int64_t D = pr.shapes[t].dim;
-      std::vector<acc_t> rows(tb.U * D);
-      forward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), tb, rows.data());
+      const std::unique_ptr<acc_t[]> rows(new acc_t[tb.U * D]);  // (U, D), all written: not zeroed
+      forward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), tb, rows.get());
       for (int64_t f = 0; f < F; ++f) {
         if (a.feature_table_map[f] != t) continue;
         at::parallel_for(0, pr.B, 64, [&](int64_t b0, int64_t b1) {
@@ -716,7 +718,7 @@ Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, con
           for (int64_t b = b0; b < b1; ++b) {
             std::fill(bag.begin(), bag.end(), acc_t(0));
             for (int64_t j = off[f * pr.B + b]; j < off[f * pr.B + b + 1]; ++j) {
-              const acc_t* src = rows.data() + pr.unique_of[j] * D;
+              const acc_t* src = rows.get() + pr.unique_of[j] * D;
               for (int64_t e = 0; e < D; ++e) bag[e] += scale[j] * src[e];
             }
             scalar_t* dst = o + b * pr.total_dim + pr.col_offset[f];
