@@ -439,27 +439,22 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         # The module looked up twice in one graph: the first call's update is still in flight and
         # its gradients are in the vector this call writes to; finish it first.
         self._apply_replicas()
-        first: tuple[list[Tensor], list[Tensor]] = ([], [])  # (views, grads): a core's first gradient this step
-        again: tuple[list[Tensor], list[Tensor]] = ([], [])  # a core another lookup of this step also read
-        owned: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        first, again, owned = [], [], []  # (view, grad) of a core's first / a later gradient this step; owned cores
         for core, grad in zip(cores, grads):
             key = self._key_of[id(core)]
             view = self._replica_grad_of.get(key)
             if view is None:
-                for part, value in zip(owned, (core, self._states[key], grad)):
-                    part.append(value)
+                owned.append((core, self._states[key], grad))
             else:
-                views, taken = again if key in self._replica_written else first
-                views.append(view)
-                taken.append(grad)
+                (again if key in self._replica_written else first).append((view, grad))
                 self._replica_written.add(key)
-        if first[0]:
-            torch._foreach_copy_(*first)
-        if again[0]:
-            torch._foreach_add_(*again)
-        if owned[0]:
-            apply_updates(*owned, self._fused.optimizer.code, self._fused_optimizer.param_groups[0]["lr"],
-                          self._fused.eps)
+        if first:
+            torch._foreach_copy_(*map(list, zip(*first)))
+        if again:
+            torch._foreach_add_(*map(list, zip(*again)))
+        if owned:
+            apply_updates(*map(list, zip(*owned)), self._fused.optimizer.code,
+                          self._fused_optimizer.param_groups[0]["lr"], self._fused.eps)
 
     @torch.no_grad()
     def _update_replicas(self) -> None:
