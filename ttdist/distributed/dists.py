@@ -28,6 +28,12 @@ from torchrec.distributed.types import Awaitable, CommOp, NoWait, QuantizedCommC
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
+def permute_features(features: KeyedJaggedTensor, perm: list[int]) -> KeyedJaggedTensor:
+    """``features.permute(perm)``, or ``features`` itself where ``perm`` keeps every key in place
+    (``KeyedJaggedTensor.permute`` copies values and lengths even then)."""
+    return features if perm == list(range(len(features.keys()))) else features.permute(perm)
+
+
 @dataclass
 class Unit:
     """One (feature, shard) lookup: ``feature`` indexes the collection's features."""
@@ -72,7 +78,7 @@ class TwCwDist(nn.Module):
             self._out = PooledEmbeddingsAllToAll(pg, dim_per_rank, codecs=codecs)
 
     def forward(self, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
-        kjt = features.permute(self.perm)
+        kjt = permute_features(features, self.perm)
         return self._dist(kjt) if self.world_size > 1 else _no_comm(kjt)
 
     def output_dist(self, local: Tensor, batch: int) -> Awaitable[Tensor]:
@@ -100,7 +106,7 @@ class RwDist(nn.Module):
     def forward(self, features: KeyedJaggedTensor, weights: Optional[Tensor]
                 ) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
         """``weights``: per-index weights to attach (mean bags become weighted sums) or None."""
-        kjt = features.permute(self.perm)
+        kjt = permute_features(features, self.perm)
         if weights is not None:
             kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), weights=weights, lengths=kjt.lengths(),
                                     stride=kjt.stride())
@@ -137,7 +143,7 @@ class DpDist(nn.Module):
         self.perm = [u.feature for u in units]
 
     def forward(self, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
-        return _no_comm(features.permute(self.perm))
+        return _no_comm(permute_features(features, self.perm))
 
     def output_dist(self, local: Tensor, batch: int) -> Awaitable[Tensor]:
         return NoWait(local)
