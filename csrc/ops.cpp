@@ -83,26 +83,22 @@ void tt_backward_fused_(const at::Tensor& grad_output, at::TensorList cores, at:
                         indices, offsets, optimizer, learning_rate, eps);
 }
 
-// sparse_row_update_ on every row of each weight, on the weights' device (a row whose gradient is
-// zero stays unchanged under every fused optimizer, so this equals the sparse update of the touched
-// rows). One call for a module's replicated cores instead of one per core.
+// sparse_row_update_ on every row of each weight (a row whose gradient is zero stays unchanged under
+// every fused optimizer, so this equals the sparse update of the touched rows): one call for a
+// module's replicated cores instead of one per core. CPU only: elsewhere ttdist.ops.apply_updates
+// uses torch ops (sparse_row_update_'s CUDA duplicate check would wait for the device per core).
 void dense_update_(at::TensorList weights, at::TensorList optimizer_states, at::TensorList grads, int64_t optimizer,
                    double learning_rate, double eps) {
   TORCH_CHECK_VALUE(weights.size() == optimizer_states.size() && weights.size() == grads.size(), "ttdist: dense_update_ ",
                     "got ", weights.size(), " weights, ", optimizer_states.size(), " optimizer states and ", grads.size(),
                     " gradients");
-  static const auto update = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("ttdist::sparse_row_update_", "")
-                                 .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                             int64_t, double, double)>();
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& weight = weights[i];
     const int64_t rows = weight.dim() > 0 ? weight.size(0) : 1;
     TORCH_CHECK_VALUE(grads[i].sizes() == weight.sizes(), "ttdist: dense_update_: gradient ", i, " has shape ",
                       grads[i].sizes(), " but its weight has ", weight.sizes());
-    update.call(weight.view({rows, -1}), optimizer_states[i],
-                at::arange(rows, weight.options().dtype(at::kLong)), grads[i].reshape({rows, -1}), optimizer,
-                learning_rate, eps);
+    sparse_row_update_cpu(weight.view({rows, -1}), optimizer_states[i], at::arange(rows, weight.options().dtype(at::kLong)),
+                          grads[i].reshape({rows, -1}), optimizer, learning_rate, eps);
   }
 }
 
@@ -165,7 +161,8 @@ TORCH_LIBRARY(ttdist, m) {
   // The same optimizer step on rows `row_ids` (unique) of a 2-D weight, e.g. a row cache.
   m.def("sparse_row_update_(Tensor(a!) weight, Tensor(b!) optimizer_state, Tensor row_ids, Tensor row_grads, "
         "int optimizer, float learning_rate, float eps) -> ()");
-  // sparse_row_update_ on every row of each weight from its dense gradient (shaped like the weight).
+  // sparse_row_update_ on every row of each weight from its dense gradient (shaped like the weight);
+  // CPU only (see dense_update_ above).
   m.def("dense_update_(Tensor(a!)[] weights, Tensor(b!)[] optimizer_states, Tensor[] grads, int optimizer, "
         "float learning_rate, float eps) -> ()");
   // Position of the first of `values` (int32 / int64, grouped by feature: length_per_feature[f]
@@ -186,8 +183,7 @@ TORCH_LIBRARY_IMPL(ttdist, CPU, m) {
   m.impl("tt_backward_fused_", &tt_backward_fused_);
   m.impl("sparse_row_update_", &sparse_row_update_cpu);
   m.impl("first_out_of_range", &first_out_of_range);
+  m.impl("dense_update_", &dense_update_);
 }
-
-TORCH_LIBRARY_IMPL(ttdist, CompositeExplicitAutograd, m) { m.impl("dense_update_", &dense_update_); }
 
 }  // namespace ttdist

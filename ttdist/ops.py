@@ -227,14 +227,40 @@ def _per_sample_weight_grad(grad_output: Tensor, cores: Sequence[Tensor], spec: 
 def apply_updates(cores: Sequence[Tensor], states: Sequence[Tensor], grads: Sequence[Tensor], optimizer: int,
                   learning_rate: float, eps: float) -> None:
     """One fused-optimizer step on whole cores from their gradients (each shaped like its core,
-    ``(p_k, r_{k-1}, q_k, r_k)``), in one op call (``ttdist::dense_update_``).
+    ``(p_k, r_{k-1}, q_k, r_k)``): on CPU one ``ttdist::dense_update_`` call, elsewhere torch ops,
+    which need no host synchronisation (``sparse_row_update_`` on CUDA checks its row ids first).
 
     Slices whose gradient is zero are left unchanged by every fused optimizer (SGD, Adagrad and
     row-wise Adagrad add nothing to their state and move nothing), so updating every slice gives
     exactly the sparse update of the touched slices, without searching for them.
     """
-    torch.ops.ttdist.dense_update_.default([c.data for c in cores], list(states), list(grads), optimizer,
-                                           learning_rate, eps)
+    if cores and cores[0].device.type == "cpu":
+        torch.ops.ttdist.dense_update_.default([c.data for c in cores], list(states), list(grads), optimizer,
+                                               learning_rate, eps)
+    else:
+        dense_update_with_torch_ops(cores, states, grads, optimizer, learning_rate, eps)
+
+
+def dense_update_with_torch_ops(cores: Sequence[Tensor], states: Sequence[Tensor], grads: Sequence[Tensor],
+                                optimizer: int, learning_rate: float, eps: float) -> None:
+    """``apply_updates`` in torch ops, the fused kernels' arithmetic (in the state's dtype, fp32 for
+    bf16 cores): SGD ``w -= lr g``; Adagrad ``s += g^2, w -= lr g / (sqrt(s) + eps)``; row-wise
+    Adagrad per slice ``s += mean(g^2), w -= lr g / (sqrt(s) + eps)``."""
+    for core, state, grad in zip(cores, states, grads):
+        weight = core.data.view(core.shape[0], -1)
+        g = grad.reshape(weight.shape).to(state.dtype)
+        w = weight.to(state.dtype)  # the weight itself unless it is bf16
+        if optimizer == 0:
+            w.sub_(g, alpha=learning_rate)
+        elif optimizer == 1:
+            s = state.view(weight.shape)
+            s.addcmul_(g, g)
+            w.addcdiv_(g, s.sqrt().add_(eps), value=-learning_rate)
+        else:
+            state.add_(g.square().mean(1))
+            w.sub_(g * (learning_rate / (state.sqrt() + eps)).unsqueeze(1))
+        if w is not weight:
+            weight.copy_(w)
 
 
 def tt_lookup(

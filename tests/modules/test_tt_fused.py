@@ -75,12 +75,15 @@ def test_fused_sgd_equals_autograd_then_sgd():
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)
-def test_apply_updates_matches_reference_on_every_core(opt):
-    """``ops.apply_updates`` (one ``dense_update_`` call for a list of cores) equals the reference step
-    on every row of each core; rows whose gradient is zero stay unchanged."""
+@pytest.mark.parametrize("path", ["op", "torch_ops"])
+def test_apply_updates_matches_reference_on_every_core(opt, path):
+    """``ops.apply_updates`` for a list of cores (CPU: one ``dense_update_`` call; other devices:
+    ``dense_update_with_torch_ops``, run here on CPU) equals the reference step on every row of each
+    core; rows whose gradient is zero stay unchanged."""
     from ttdist.modules.optim import optimizer_state_like
-    from ttdist.ops import apply_updates
+    from ttdist.ops import apply_updates, dense_update_with_torch_ops
 
+    update = apply_updates if path == "op" else dense_update_with_torch_ops
     g = torch.Generator().manual_seed(3)
     shapes = [(7, 1, 4, 3), (5, 3, 2, 3), (6, 3, 2, 1)]
     cores = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -91,8 +94,26 @@ def test_apply_updates_matches_reference_on_every_core(opt):
     expected_states = [s.clone() for s in states]
     for w, state, grad in zip(expected_cores, expected_states, grads):
         sparse_row_update_reference(w, state, torch.arange(w.shape[0]), grad.reshape(w.shape[0], -1), opt.code, 0.2, 1e-8)
-    apply_updates(cores, states, grads, opt.code, 0.2, 1e-8)
+    update(cores, states, grads, opt.code, 0.2, 1e-8)
     for c, s, ec, es in zip(cores, states, expected_cores, expected_states):
         torch.testing.assert_close(c, ec.reshape(c.shape), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(s, es, rtol=1e-12, atol=1e-12)
     assert torch.equal(cores[1][2], expected_cores[1][2].reshape(cores[1][2].shape))
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_torch_ops_update_of_bf16_cores_equals_the_kernel(opt):
+    """bf16 cores: both paths compute in fp32 and round once to bf16."""
+    from ttdist.modules.optim import optimizer_state_like
+    from ttdist.ops import apply_updates, dense_update_with_torch_ops
+
+    g = torch.Generator().manual_seed(4)
+    cores = [torch.randn(6, 2, 3, 2, generator=g).bfloat16() for _ in range(2)]
+    grads = [torch.randn(6, 2, 3, 2, generator=g) for _ in range(2)]
+    by_kernel = [[c.clone() for c in cores], [optimizer_state_like(c, opt) + 0.5 for c in cores]]
+    by_torch = [[c.clone() for c in cores], [optimizer_state_like(c, opt) + 0.5 for c in cores]]
+    apply_updates(*by_kernel, grads, opt.code, 0.2, 1e-8)
+    dense_update_with_torch_ops(*by_torch, grads, opt.code, 0.2, 1e-8)
+    for a, b in zip(by_kernel[0] + by_kernel[1], by_torch[0] + by_torch[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(by_kernel[0][0], cores[0])
