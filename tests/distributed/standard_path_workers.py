@@ -26,14 +26,17 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ttdist import TTEmbeddingBagCollection, TTEmbeddingBagConfig
+from ttdist import MixedEmbeddingBagCollection, TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.distributed import TTEmbeddingBagCollectionSharder
 
 ROWS, DIM, DENSE = [400, 300, 100], 16, 4
 FEATURES = [f"f{i}" for i in range(len(ROWS))]
 
 
-def table_configs(tt: bool) -> list[EmbeddingBagConfig]:
+def table_configs(tt: bool, mixed: bool = False) -> list[EmbeddingBagConfig]:
+    """TT tables (``tt``), TorchRec's, or (``mixed``) TT tables with TorchRec's t1 between them."""
+    if mixed:
+        return [c if c.name != "t1" else table_configs(False)[1] for c in table_configs(True)]
     if tt:
         return [TTEmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=DIM, feature_names=[f],
                                      tt_ranks=[8, 8]) for i, (n, f) in enumerate(zip(ROWS, FEATURES))]
@@ -68,12 +71,16 @@ OPTIMIZERS = {"sgd": (torch.optim.SGD, {"lr": 5.0}), "adagrad": (torch.optim.Ada
 
 
 def build(world_size: int, tt: bool, optimizer: str = "rowwise_adagrad", plan_sharding: Optional[dict[str, str]] = None,
-          global_size: int = 64, tables: Optional[list[EmbeddingBagConfig]] = None):
+          global_size: int = 64, tables: Optional[list[EmbeddingBagConfig]] = None, mixed: bool = False):
     """(DMP, dense optimizer) of the standard path; ``plan_sharding``: a sharding type per table
-    forced through ``ParameterConstraints`` (None: DMP plans alone)."""
+    forced through ``ParameterConstraints`` (None: DMP plans alone); ``mixed``: TT and TorchRec
+    tables in one ``MixedEmbeddingBagCollection``."""
     torch.manual_seed(0)
-    ebc_type = TTEmbeddingBagCollection if tt else EmbeddingBagCollection
-    ebc = ebc_type(tables=tables or table_configs(tt), device=torch.device("meta"))
+    if mixed:
+        ebc = MixedEmbeddingBagCollection(tables or table_configs(True, mixed=True), device=torch.device("meta"))
+    else:
+        ebc_type = TTEmbeddingBagCollection if tt else EmbeddingBagCollection
+        ebc = ebc_type(tables=tables or table_configs(tt), device=torch.device("meta"))
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[16, DIM],
                            over_arch_layer_sizes=[16, 1], dense_device=torch.device("cpu")))
     optimizer_class, kwargs = OPTIMIZERS[optimizer]
@@ -113,8 +120,8 @@ def run_pipeline(dmp, dense_optimizer, rank: int, world_size: int, steps: int, g
 
 
 def train_standard_path(rank: int, world_size: int, tt: bool, steps: int = 40, optimizer: str = "rowwise_adagrad",
-                        plan_sharding: Optional[dict[str, str]] = None) -> dict:
-    dmp, dense_optimizer = build(world_size, tt, optimizer, plan_sharding)
+                        plan_sharding: Optional[dict[str, str]] = None, mixed: bool = False) -> dict:
+    dmp, dense_optimizer = build(world_size, tt, optimizer, plan_sharding, mixed=mixed)
     before = local_embedding_weights(dmp)
     losses, pipelined = run_pipeline(dmp, dense_optimizer, rank, world_size, steps)
     moved = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(local_embedding_weights(dmp), before))

@@ -35,6 +35,19 @@ def test_default_planning_in_backward_optimizer_and_pipeline_train_as_torchrec_t
     assert drop(tt[1]["losses"]) >= drop(torchrec["losses"]), (tt[1]["losses"], torchrec["losses"])
 
 
+def test_mixed_collection_pipelines_both_children_and_2_ranks_equal_1_rank():
+    """A MixedEmbeddingBagCollection (TT t0, t2 and TorchRec's t1 between them) under DMP's own plan and
+    TrainPipelineSparseDist: the pipeline finds and pipelines both sharded children (it traces the
+    model), the loss falls, and 2 ranks give 1 rank's losses."""
+    runs = {ws: run_ranks(workers.train_standard_path, ws, True, 30, "rowwise_adagrad", None, True)[0] for ws in (1, 2)}
+    for result in runs.values():
+        assert result["pipelined"] == ["ShardedEmbeddingBagCollection", "ShardedTTEmbeddingBagCollection"], result
+        assert result["moved"] > 1e-3
+    losses = runs[1]["losses"]
+    assert sum(losses[:5]) / 5 - sum(losses[-5:]) / 5 > 0.03, losses
+    assert_close(runs[2]["losses"], losses, "2 ranks vs 1 rank")
+
+
 CASES = [  # (optimizer applied in backward, a sharding type per table): every type with every optimizer
     ("sgd", {"t0": "table_wise", "t1": "row_wise", "t2": "data_parallel"}),
     ("sgd", {"t0": "column_wise", "t1": "data_parallel", "t2": "row_wise"}),

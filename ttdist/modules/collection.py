@@ -189,8 +189,6 @@ class MixedEmbeddingBagCollection(nn.Module):
         self.tt = TTEmbeddingBagCollection(tt, is_weighted, device, seed, fused_params) if tt else None
         self.dense = EmbeddingBagCollection(dense, is_weighted=is_weighted, device=device) if dense else None
         self.feature_names = [f for c in self._configs for f in c.feature_names]
-        # (children's output keys, device) -> (columns of their side-by-side values in config order, dims)
-        self._merged_columns: dict[tuple, tuple[Tensor, list[int]]] = {}
 
     def embedding_bag_configs(self) -> list[AnyTableConfig]:
         return self._configs
@@ -207,31 +205,43 @@ class MixedEmbeddingBagCollection(nn.Module):
         dispatched = [(c, ctx, None if splits is None else splits.wait()) for c, ctx, splits in started]
         outputs = [child(features) if tensors is None else child.compute_and_output_dist(ctx, tensors.wait())
                    for child, ctx, tensors in dispatched]
-        return self._merge([out.wait() if hasattr(out, "wait") else out for out in outputs])
+        return merge_keyed_tensors([out.wait() if hasattr(out, "wait") else out for out in outputs],
+                                   self.feature_names)
 
-    def _merge(self, pooled: list[KeyedTensor]) -> KeyedTensor:
-        """The children's KeyedTensors ([B, sum of each one's dims], keys in the child's order) as one
-        in config order: their values side by side, columns reordered by one ``index_select``."""
-        keys = tuple(k for kt in pooled for k in kt.keys())
-        if len(pooled) == 1 and list(keys) == self.feature_names:
-            return pooled[0]
-        values = torch.cat([kt.values() for kt in pooled], dim=1)
-        merged = self._merged_columns.get((keys, values.device))
-        if merged is None:
-            dims = [d for kt in pooled for d in kt.length_per_key()]
-            start = dict(zip(keys, itertools.accumulate([0] + dims)))
-            width = dict(zip(keys, dims))
-            columns = torch.cat([torch.arange(start[f], start[f] + width[f]) for f in self.feature_names])
-            merged = self._merged_columns[(keys, values.device)] = (columns.to(values.device),
-                                                                    [width[f] for f in self.feature_names])
-        columns, dims = merged
-        return KeyedTensor(keys=self.feature_names, length_per_key=dims, values=values.index_select(1, columns))
+
+# (children's output keys, the merged keys, device) -> (columns of the children's values side by
+# side, in the merged order; the merged keys' dims)
+_MERGE_COLUMNS: dict[tuple, tuple[Tensor, list[int]]] = {}
+
+
+@torch.fx.wrap
+def merge_keyed_tensors(pooled: list[KeyedTensor], keys: list[str]) -> KeyedTensor:
+    """KeyedTensors ([B, sum of each one's dims], each in its own key order) -> one KeyedTensor with
+    ``keys`` in that order: their values side by side, columns reordered by one ``index_select``.
+    A leaf of torch.fx traces (TorchRec's train pipeline traces the model to find its sharded modules)."""
+    given = tuple(k for kt in pooled for k in kt.keys())
+    if len(pooled) == 1 and list(given) == keys:
+        return pooled[0]
+    values = torch.cat([kt.values() for kt in pooled], dim=1)
+    merged = _MERGE_COLUMNS.get((given, tuple(keys), values.device))
+    if merged is None:
+        dims = [d for kt in pooled for d in kt.length_per_key()]
+        start = dict(zip(given, itertools.accumulate([0] + dims)))
+        width = dict(zip(given, dims))
+        columns = torch.cat([torch.arange(start[k], start[k] + width[k]) for k in keys])
+        merged = _MERGE_COLUMNS[(given, tuple(keys), values.device)] = (columns.to(values.device),
+                                                                        [width[k] for k in keys])
+    columns, dims = merged
+    return KeyedTensor(keys=keys, length_per_key=dims, values=values.index_select(1, columns))
 
 
 def _start_input_dist(child: nn.Module, features: KeyedJaggedTensor) -> tuple[Any, Any]:
-    """(context, input-dist awaitable) of a TorchRec sharded module running its own forward, else (None, None)."""
+    """(context, input-dist awaitable) of a TorchRec sharded module running its own forward, else
+    (None, None): also while the model is traced (``features`` a ``torch.fx.Proxy``), so that the
+    trace records a call of each child, which TorchRec's train pipeline looks for."""
     own_forward = getattr(type(child), "forward", None)
-    if not hasattr(child, "input_dist") or getattr(child.forward, "__func__", None) is not own_forward:
+    if (isinstance(features, torch.fx.Proxy) or not hasattr(child, "input_dist")
+            or getattr(child.forward, "__func__", None) is not own_forward):
         return None, None
     ctx = child.create_context()
     return ctx, child.input_dist(ctx, features)
