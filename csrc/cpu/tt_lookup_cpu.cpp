@@ -639,23 +639,28 @@ std::vector<const scalar_t*> table_core_ptrs(const std::vector<Tensor>& cores, c
   return ptrs;
 }
 
-// Gradient of each unique row of table t: sum over its positions of scale * grad_output[bag, cols].
+// Gradient of each unique row of table t (U, D): sum over its positions of
+// scale * grad_output[bag, cols]. Every row has a position, whose term starts it: not zeroed.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
-                                 const std::vector<acc_t>& scale) {
+std::unique_ptr<acc_t[]> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
+                                       const std::vector<acc_t>& scale) {
   const TableBatch& tb = pr.batches[t];
   const int64_t D = pr.shapes[t].dim, U = tb.U;
-  std::vector<acc_t> grad(U * D, acc_t(0));
+  std::unique_ptr<acc_t[]> grad(new acc_t[U * D]);
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t ld = grad_output.size(1);
   at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      acc_t* g = grad.data() + u * D;
+      acc_t* g = grad.get() + u * D;
       for (int64_t n = tb.group[u]; n < tb.group[u + 1]; ++n) {
         const int64_t j = tb.order[n];
         const int64_t fb = pr.bag_of[j];
         const scalar_t* src = go + (fb % pr.B) * ld + pr.col_offset[fb / pr.B];
-        for (int64_t e = 0; e < D; ++e) g[e] += scale[j] * static_cast<acc_t>(src[e]);
+        if (n == tb.group[u]) {
+          for (int64_t e = 0; e < D; ++e) g[e] = scale[j] * static_cast<acc_t>(src[e]);
+        } else {
+          for (int64_t e = 0; e < D; ++e) g[e] += scale[j] * static_cast<acc_t>(src[e]);
+        }
       }
     }
   });
@@ -723,7 +728,7 @@ void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores
     if (pr.batches[t].empty()) continue;
     const auto grad_rows = row_gradients<acc_t, scalar_t>(pr, t, go, scale);
     const std::vector<acc_t*> out = buffers(t, pr.shapes[t], pr.core_begin[t]);
-    backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.data(), out);
+    backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.get(), out);
     consume(t, pr.batches[t], pr.shapes[t], pr.core_begin[t]);
   }
 }
