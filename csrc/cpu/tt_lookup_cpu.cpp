@@ -307,9 +307,24 @@ void backward_table_middle_out(const TableShape& s, const std::vector<const acc_
   });
 }
 
+// The trie walk's backward of the m rows of a three-core table under one prefix (i_0, i_1) (A, B
+// its core slices, C[k] and g + k * dim row k's last slice and gradient; dA the gradient of
+// P_0 = A), by the fused kernel of tt_gemm.h: false (nothing written) for shapes or dtypes it does
+// not take.
+template <typename acc_t, typename scalar_t>
+bool prefix_rows_acc(const TableShape& s, int64_t m, const scalar_t* A, const scalar_t* B, const scalar_t* const* C,
+                     const acc_t* g, acc_t* dA, acc_t* dB, acc_t* const* dC) {
+  if constexpr (kFastGemm<acc_t, scalar_t>) {
+    return fast_gemm<acc_t>().prefix_rows_acc(s.q[0], s.q[1], s.q[2], s.r[1], s.r[2], m, A, B, C, g, dA, dB, dC);
+  } else {
+    return false;
+  }
+}
+
 // Reverse-mode pass: grad_rows (U, D) -> dense core gradients, accumulated into `out[k]` (acc_t,
 // p_k * slice_k elements each, zero on entry): a trie walk over the sorted rows (prefix products
-// and their gradients shared by rows with a common prefix), or for three cores the middle-out
+// and their gradients shared by rows with a common prefix; for three cores, the rows under each
+// prefix P_1 in one fused kernel where it takes the shape), or for three cores the middle-out
 // order when that takes fewer multiply-adds.
 template <typename scalar_t>
 void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
@@ -333,8 +348,16 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
     PrefixStack<acc_t, scalar_t> stack(s, cores);
     std::vector<std::vector<acc_t>> dP;  // dP[k]: gradient of the current prefix P_k, k < d - 1
     for (int64_t k = 0; k + 1 < d; ++k) dP.emplace_back(s.Q[k] * s.r[k + 1], acc_t(0));
+    bool try_fused = d == 3;  // the rows under each prefix P_1 go to prefix_rows_acc
+    bool fused = false;       // the current prefix P_1 was pushed by prefix_rows_acc
+    std::vector<const scalar_t*> last_slices;  // its rows' slices of the last core
+    std::vector<acc_t*> last_grads;            // and their gradients
     // Pushes the finished prefix node at level k into its core slice and its parent.
     auto finalize = [&](int64_t k) {
+      if (k == 1 && fused) {
+        fused = false;
+        return;
+      }
       acc_t* dS = dcore[k] + stack.digit[k] * s.slice[k];
       if (k == 0) {
         for (int64_t e = 0; e < s.slice[0]; ++e) dS[e] += dP[0][e];
@@ -351,8 +374,29 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
         from = std::min(tb.first_diff(u - 1, u), d - 1);
         for (int64_t k = d - 2; k >= from; --k) finalize(k);
       }
-      stack.advance(tb.digits_of(u), from, d - 2);
-      stack.digit[d - 1] = tb.digits_of(u)[d - 1];
+      const int64_t* i = tb.digits_of(u);
+      if (try_fused) {  // rows u..e-1 share P_1 (from < 2: the trie walk's first row of it)
+        int64_t e = u + 1;
+        while (e < u1 && tb.first_diff(e - 1, e) == 2) ++e;
+        last_slices.clear();
+        last_grads.clear();
+        for (int64_t v = u; v < e; ++v) {
+          const int64_t c = tb.digits_of(v)[2];
+          last_slices.push_back(stack.slice(2, c));
+          last_grads.push_back(dcore[2] + c * s.slice[2]);
+        }
+        if (prefix_rows_acc<acc_t, scalar_t>(s, e - u, stack.slice(0, i[0]), stack.slice(1, i[1]), last_slices.data(),
+                                             grad_rows + u * s.dim, dP[0].data(), dcore[1] + i[1] * s.slice[1],
+                                             last_grads.data())) {
+          stack.advance(i, from, 0);
+          fused = true;
+          u = e - 1;
+          continue;
+        }
+        try_fused = false;  // not the kernel's shape (nor dtype): no later row's either
+      }
+      stack.advance(i, from, d - 2);
+      stack.digit[d - 1] = i[d - 1];
       // Leaf: W_row = P_{d-2} (Q_{d-2}, r_{d-1}) @ S_{d-1} (r_{d-1}, q_{d-1}).
       const int64_t M = s.Q[d - 2], K = s.r[d - 1], N = s.q[d - 1];
       const acc_t* g = grad_rows + u * s.dim;
@@ -595,23 +639,28 @@ std::vector<const scalar_t*> table_core_ptrs(const std::vector<Tensor>& cores, c
   return ptrs;
 }
 
-// Gradient of each unique row of table t: sum over its positions of scale * grad_output[bag, cols].
+// Gradient of each unique row of table t (U, D): sum over its positions of
+// scale * grad_output[bag, cols]. Every row has a position, whose term starts it: not zeroed.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
-                                 const std::vector<acc_t>& scale) {
+std::unique_ptr<acc_t[]> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
+                                       const std::vector<acc_t>& scale) {
   const TableBatch& tb = pr.batches[t];
   const int64_t D = pr.shapes[t].dim, U = tb.U;
-  std::vector<acc_t> grad(U * D, acc_t(0));
+  std::unique_ptr<acc_t[]> grad(new acc_t[U * D]);
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t ld = grad_output.size(1);
   at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
-      acc_t* g = grad.data() + u * D;
+      acc_t* g = grad.get() + u * D;
       for (int64_t n = tb.group[u]; n < tb.group[u + 1]; ++n) {
         const int64_t j = tb.order[n];
         const int64_t fb = pr.bag_of[j];
         const scalar_t* src = go + (fb % pr.B) * ld + pr.col_offset[fb / pr.B];
-        for (int64_t e = 0; e < D; ++e) g[e] += scale[j] * static_cast<acc_t>(src[e]);
+        if (n == tb.group[u]) {
+          for (int64_t e = 0; e < D; ++e) g[e] = scale[j] * static_cast<acc_t>(src[e]);
+        } else {
+          for (int64_t e = 0; e < D; ++e) g[e] += scale[j] * static_cast<acc_t>(src[e]);
+        }
       }
     }
   });
@@ -679,7 +728,7 @@ void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores
     if (pr.batches[t].empty()) continue;
     const auto grad_rows = row_gradients<acc_t, scalar_t>(pr, t, go, scale);
     const std::vector<acc_t*> out = buffers(t, pr.shapes[t], pr.core_begin[t]);
-    backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.data(), out);
+    backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.get(), out);
     consume(t, pr.batches[t], pr.shapes[t], pr.core_begin[t]);
   }
 }

@@ -71,6 +71,22 @@ def test_three_core_backward_orders_match_reference(q, ranks, rows, dtype):
     assert_lookup_matches_reference(tt, indices, torch.arange(0, indices.numel() + 1, 8), dtype)
 
 
+@pytest.mark.parametrize("dtype,ranks", [(torch.float32, [8, 8]), (torch.float32, [16, 8]), (torch.float64, [4, 4]),
+                                         (torch.float64, [8, 4])])
+def test_three_core_fused_prefix_rows_match_reference(dtype, ranks):
+    """The trie walk's fused kernel for the rows under one prefix (i_1, i_2) (q = (4, 4, 4), r_3
+    one vector: FBTT's shape at rank 8 in fp32; r_2 one or two vectors), for prefixes read by one
+    row and by three, against the reference."""
+    tt = ttdist.TTEmbeddingBag(4096, 64, ranks, tt_p_shapes=[16, 16, 16], tt_q_shapes=[4, 4, 4], dtype=dtype,
+                               include_last_offset=True)
+    g = torch.Generator().manual_seed(5)
+    prefixes = torch.randperm(256, generator=g)
+    alone = prefixes[:150] * 16 + torch.randint(0, 16, (150,), generator=g)
+    shared = (prefixes[150:200, None] * 16 + torch.tensor([0, 5, 9])).flatten()
+    indices = torch.cat([alone, shared])[torch.randperm(300, generator=g)]
+    assert_lookup_matches_reference(tt, indices, torch.arange(0, 301, 6), dtype)
+
+
 def assert_lookup_matches_reference(tt: ttdist.TTEmbeddingBag, indices, offsets, dtype) -> None:
     """The lookup's output and core gradients (for a random output gradient) against the fp64
     reference of the same cores; absolute tolerance relative to the largest entry, since a core
@@ -151,18 +167,20 @@ def test_forward_decompresses_only_requested_rows_not_the_table():
     assert grown < 200 * 2**20, f"forward+backward grew the RSS by {grown / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("q", [[4, 2, 2], [2, 2, 4]])  # middle-out / trie walk
-def test_cpu_backward_is_bitwise_reproducible_with_threads(q):
+@pytest.mark.parametrize("q,ranks", [([4, 2, 2], [16, 16]), ([2, 2, 4], [16, 16]), ([4, 4, 4], [8, 8])])
+def test_cpu_backward_is_bitwise_reproducible_with_threads(q, ranks):
     """Rows are split into chunks over the threads and the chunks' core gradients summed in chunk
-    order, so two calls give the same bits whatever the scheduling."""
+    order, so two calls give the same bits whatever the scheduling (middle-out, trie walk, trie
+    walk with the fused kernel)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        tt = ttdist.TTEmbeddingBag(300_000, 16, [16, 16], tt_q_shapes=q)
+        dim = math.prod(q)
+        tt = ttdist.TTEmbeddingBag(300_000, dim, ranks, tt_q_shapes=q)
         indices = torch.randint(0, 300_000, (4096,))
         offsets = torch.arange(0, 4097)
         spec, cores = tt._spec(), list(tt.tt_cores)
-        grad_out = torch.randn(4096, 16)
+        grad_out = torch.randn(4096, dim)
         args = (grad_out, cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets,
                 None, spec.num_rows, None)
         first = torch.ops.ttdist.tt_backward(*args)
