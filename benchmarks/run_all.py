@@ -448,7 +448,9 @@ def generate_readme() -> tuple[str, list[str]]:
         "under 15 min on 2 cores) and regenerates this file from the result files; "
         "`python benchmarks/run_all.py --readme` only regenerates it.",
         "",
-        f"**Machine of the CPU results:** {h['cpu']}, {h['cores']} cores, torch {h['torch']}"
+        f"**Machine that regenerated this file:** {h['cpu']}, {h['cores']} cores, torch {h['torch']} (a result "
+        "file made earlier may come from another machine of this pool: compare ratios within one file, not "
+        "absolute times across files)"
         + (f", GPU {h['gpu']}." if h["gpu"] else ". The GPU results (last section) come from `make gpu-check` on a "
            "lent GPU machine, named there."),
         "The machine is shared with other jobs; each result records the load average during its run, and wall "
