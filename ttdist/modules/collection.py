@@ -11,8 +11,6 @@ Symbols: F features (in config order), B batch size, D_f the dim of feature f's 
 """
 from __future__ import annotations
 
-import itertools
-
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -189,6 +187,7 @@ class MixedEmbeddingBagCollection(nn.Module):
         self.tt = TTEmbeddingBagCollection(tt, is_weighted, device, seed, fused_params) if tt else None
         self.dense = EmbeddingBagCollection(dense, is_weighted=is_weighted, device=device) if dense else None
         self.feature_names = [f for c in self._configs for f in c.feature_names]
+        self._feature_dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
 
     def embedding_bag_configs(self) -> list[AnyTableConfig]:
         return self._configs
@@ -205,34 +204,11 @@ class MixedEmbeddingBagCollection(nn.Module):
         dispatched = [(c, ctx, None if splits is None else splits.wait()) for c, ctx, splits in started]
         outputs = [child(features) if tensors is None else child.compute_and_output_dist(ctx, tensors.wait())
                    for child, ctx, tensors in dispatched]
-        return merge_keyed_tensors([out.wait() if hasattr(out, "wait") else out for out in outputs],
-                                   self.feature_names)
-
-
-# (children's output keys, the merged keys, device) -> (columns of the children's values side by
-# side, in the merged order; the merged keys' dims)
-_MERGE_COLUMNS: dict[tuple, tuple[Tensor, list[int]]] = {}
-
-
-@torch.fx.wrap
-def merge_keyed_tensors(pooled: list[KeyedTensor], keys: list[str]) -> KeyedTensor:
-    """KeyedTensors ([B, sum of each one's dims], each in its own key order) -> one KeyedTensor with
-    ``keys`` in that order: their values side by side, columns reordered by one ``index_select``.
-    A leaf of torch.fx traces (TorchRec's train pipeline traces the model to find its sharded modules)."""
-    given = tuple(k for kt in pooled for k in kt.keys())
-    if len(pooled) == 1 and list(given) == keys:
-        return pooled[0]
-    values = torch.cat([kt.values() for kt in pooled], dim=1)
-    merged = _MERGE_COLUMNS.get((given, tuple(keys), values.device))
-    if merged is None:
-        dims = [d for kt in pooled for d in kt.length_per_key()]
-        start = dict(zip(given, itertools.accumulate([0] + dims)))
-        width = dict(zip(given, dims))
-        columns = torch.cat([torch.arange(start[k], start[k] + width[k]) for k in keys])
-        merged = _MERGE_COLUMNS[(given, tuple(keys), values.device)] = (columns.to(values.device),
-                                                                        [width[k] for k in keys])
-    columns, dims = merged
-    return KeyedTensor(keys=keys, length_per_key=dims, values=values.index_select(1, columns))
+        pooled = [out.wait() if hasattr(out, "wait") else out for out in outputs]
+        # config order (a sharded child's keys follow its sharding): TorchRec's regroup, one fbgemm
+        # permute of the side-by-side values, and a torch.fx leaf
+        values = KeyedTensor.regroup(pooled, [self.feature_names])[0]
+        return KeyedTensor(keys=self.feature_names, length_per_key=self._feature_dims, values=values)
 
 
 def _start_input_dist(child: nn.Module, features: KeyedJaggedTensor) -> tuple[Any, Any]:
