@@ -4,10 +4,10 @@ import torch
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import ttdist
-from ttdist.modules.collection import MixedEmbeddingBagCollection
+from ttdist.modules.collection import MixedEmbeddingBagCollection, side_by_side
 
 TABLES = [
     ttdist.TTEmbeddingBagConfig(num_embeddings=1000, embedding_dim=8, name="t0", feature_names=["f0"], tt_ranks=[4, 4]),
@@ -54,6 +54,24 @@ def test_collection_equals_dense_ebc_in_config_order_for_any_key_order():
     (out.values() * upstream).sum().backward()
     (expected.values() * upstream).sum().backward()
     torch.testing.assert_close(tt.dense.embedding_bags["d0"].weight.grad, ebc.embedding_bags["d0"].weight.grad)
+
+
+def test_side_by_side_keeps_every_key_with_its_columns_and_gradient():
+    """The sharded collection's merge: keys in the children's order, each with its own columns."""
+    a = torch.randn(5, 2 + 3, requires_grad=True)
+    b = torch.randn(5, 4, requires_grad=True)
+    kts = [KeyedTensor(keys=["f2", "f0"], length_per_key=[2, 3], values=a),
+           KeyedTensor(keys=["f1"], length_per_key=[4], values=b)]
+    out = side_by_side(kts)
+    assert out.keys() == ["f2", "f0", "f1"] and out.length_per_key() == [2, 3, 4]
+    by_key = out.to_dict()
+    torch.testing.assert_close(by_key["f0"], a[:, 2:], rtol=0, atol=0)
+    torch.testing.assert_close(by_key["f1"], b, rtol=0, atol=0)
+    upstream = torch.randn(5, 9)
+    (out.values() * upstream).sum().backward()
+    torch.testing.assert_close(a.grad, upstream[:, :5], rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, upstream[:, 5:], rtol=0, atol=0)
+    assert side_by_side(kts[:1]) is kts[0]
 
 
 def test_weighted_features():

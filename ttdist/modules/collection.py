@@ -172,7 +172,9 @@ class MixedEmbeddingBagCollection(nn.Module):
 
     Holds a ``TTEmbeddingBagCollection`` (child ``tt``) and a TorchRec
     ``EmbeddingBagCollection`` (child ``dense``); TorchRec's planner and DMP walk into the
-    children and shard each with its own sharder. Output keys follow the config order.
+    children and shard each with its own sharder. Output keys follow the config order; once DMP
+    has sharded the children, the children's order (``side_by_side``), which is TorchRec's: a
+    sharded EmbeddingBagCollection orders its keys by sharding.
     """
 
     def __init__(self, tables: Sequence[AnyTableConfig], is_weighted: bool = False,
@@ -205,10 +207,24 @@ class MixedEmbeddingBagCollection(nn.Module):
         outputs = [child(features) if tensors is None else child.compute_and_output_dist(ctx, tensors.wait())
                    for child, ctx, tensors in dispatched]
         pooled = [out.wait() if hasattr(out, "wait") else out for out in outputs]
-        # config order (a sharded child's keys follow its sharding): TorchRec's regroup, one fbgemm
-        # permute of the side-by-side values, and a torch.fx leaf
+        if any(hasattr(child, "input_dist") for child, _, _ in dispatched):
+            return side_by_side(pooled)
+        # config order: TorchRec's regroup, one fbgemm permute of the side-by-side values
         values = KeyedTensor.regroup(pooled, [self.feature_names])[0]
         return KeyedTensor(keys=self.feature_names, length_per_key=self._feature_dims, values=values)
+
+
+@torch.fx.wrap  # a leaf when TorchRec's train pipeline traces the model
+def side_by_side(pooled: list[KeyedTensor]) -> KeyedTensor:
+    """The children's outputs as one KeyedTensor, keys in the children's own order: values [B, sum
+    of the children's dims], one ``cat`` (none for one child). Sharded children order their keys by
+    sharding, as TorchRec's sharded EmbeddingBagCollection does, so this is the order a sharded
+    collection returns; its consumers read by key (DLRM: ``to_dict()``)."""
+    if len(pooled) == 1:
+        return pooled[0]
+    return KeyedTensor(keys=[k for kt in pooled for k in kt.keys()],
+                       length_per_key=[n for kt in pooled for n in kt.length_per_key()],
+                       values=torch.cat([kt.values() for kt in pooled], dim=1))
 
 
 def _start_input_dist(child: nn.Module, features: KeyedJaggedTensor) -> tuple[Any, Any]:
