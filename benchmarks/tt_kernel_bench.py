@@ -12,6 +12,8 @@ Compares, in the same run and on the same indices:
 Formulas (per looked-up row, d cores, Q_k = q_1..q_k, ranks r_0..r_d):
   FLOPs = 2 * sum_{k=2..d} Q_{k-1} * r_{k-1} * q_k * r_k          (forward chain, no reuse)
   bytes = element size * (sum_k r_{k-1} q_k r_k  + D)              (core slices read + row written)
+Timing: medians over --repeat rounds; each round times one fwd and one fwd+bwd of every variant in
+turn, so the load of a shared machine falls on all of them alike and the ratios are side by side.
 Achieved GFLOP/s = forward FLOPs * rows / forward time; on CUDA also as a fraction of the
 device's plain fp32 peak (--peak-tflops; H200 SXM datasheet: 67).
 
@@ -51,26 +53,42 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FP32_PEAK_TFLOPS = {"H200": 67.0, "H100": 67.0, "A100": 19.5}
 
 
-def timeit(fn: Callable[[], None], device: str, repeat: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs (CUDA: synchronised after each)."""
+def measure_interleaved(variants: dict[str, Callable[[], torch.Tensor]], device: str, rounds: int,
+                        warmup: int = 2) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """fwd, bwd and fwd+bwd seconds of every variant (bwd = fwd+bwd - fwd), each the median over
+    ``rounds`` rounds; a round times one fwd and one fwd+bwd of every variant in turn (the order
+    reversed every other round), so a change of a shared machine's load falls on all of them alike.
+    A variant that raises is left out and reported in the second dict. CUDA: synchronised per call."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    calls = {name: (forward, lambda f=forward: f().float().sum().backward()) for name, forward in variants.items()}
+    errors: dict[str, str] = {}
 
+    def run(name: str, fn: Callable[[], object]) -> Optional[float]:
+        try:
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            return time.perf_counter() - t0
+        except Exception as e:  # a baseline that fails is reported; the others' figures stay
+            errors[name] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"{name} failed: {errors[name]}", flush=True)
+            return None
 
-def measure(forward: Callable[[], torch.Tensor], device: str, repeat: int) -> dict[str, float]:
-    """fwd, bwd, fwd+bwd seconds; bwd = fwd+bwd - fwd."""
-    fwd = timeit(lambda: forward(), device, repeat)
-    both = timeit(lambda: forward().float().sum().backward(), device, repeat)
-    return {"fwd_s": fwd, "bwd_s": max(both - fwd, 0.0), "fwd_bwd_s": both}
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in calls}
+    for r in range(warmup + rounds):
+        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            if name in errors:
+                continue
+            fwd, both = run(name, calls[name][0]), run(name, calls[name][1])
+            if r >= warmup and fwd is not None and both is not None:
+                times[name][0].append(fwd)
+                times[name][1].append(both)
+    out = {}
+    for name, (fwd, both) in times.items():
+        if name not in errors:
+            f, b = statistics.median(fwd), statistics.median(both)
+            out[name] = {"fwd_s": f, "bwd_s": max(b - f, 0.0), "fwd_bwd_s": b}
+    return out, errors
 
 
 def dense_fits(rows: int, dim: int, element_size: int, device: str) -> bool:
@@ -97,40 +115,29 @@ def bench_shape(name: str, shape: dict, bags: int, pooling: int, device: str, dt
     result = {"shape": name, "dtype": str(dtype).replace("torch.", ""), "p": p, "q": q, "ranks": ranks,
               "bags": bags, "pooling": pooling, "lookups": n}
     op_cores = [c.detach().clone().requires_grad_(True) for c in tt.tt_cores]
-    runs = {"ttdist": measure(lambda: tt(indices, offsets), device, repeat),
-            "ttdist_op": measure(lambda: tt_lookup(op_cores, tt._spec(), indices, full_offsets), device, repeat),
-            "ttdist_fused_sgd": measure(lambda: fused(indices, offsets), device, repeat)}
-    del op_cores
-
-    def reference_forward() -> Callable[[], torch.Tensor]:
-        cores = [c.detach().clone().requires_grad_(True) for c in tt.tt_cores]
-        return lambda: tt_forward_reference(cores, tt._spec(), indices, full_offsets)
-
-    def dense_forward() -> Callable[[], torch.Tensor]:
+    ref_cores = [c.detach().clone().requires_grad_(True) for c in tt.tt_cores]
+    variants = {"ttdist": lambda: tt(indices, offsets),
+                "ttdist_op": lambda: tt_lookup(op_cores, tt._spec(), indices, full_offsets),
+                "ttdist_fused_sgd": lambda: fused(indices, offsets)}
+    if with_reference:
+        variants["reference"] = lambda: tt_forward_reference(ref_cores, tt._spec(), indices, full_offsets)
+    if with_dense and dense_fits(rows, dim, tt.tt_cores[0].element_size(), device):
         dense = torch.nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device, dtype=dtype)
-        return lambda: dense(indices, offsets)
-
-    def fbtt_forward() -> Callable[[], torch.Tensor]:
-        # weight_dist="normal": FBTT's default "approx-normal" init fails under NumPy 2.
-        module = fbtt.TTEmbeddingBag(rows, dim, ranks, tt_p_shapes=p, tt_q_shapes=q, optimizer=fbtt.OptimType.SGD,
-                                     learning_rate=1e-9, sparse=True, use_cache=False, weight_dist="normal")
-        module = module.to(device)
-        return lambda: module(indices, full_offsets)
-
-    baselines = {"reference": (reference_forward, with_reference, max(2, repeat // 3)),
-                 "dense_embedding_bag": (dense_forward, with_dense and dense_fits(rows, dim, tt.tt_cores[0].element_size(),
-                                                                                   device), repeat),
-                 "fbtt": (fbtt_forward, fbtt is not None and dtype == torch.float32, repeat)}
-    for other, (build, wanted, times) in baselines.items():
-        if not wanted:
-            continue
-        try:  # a baseline that fails is reported; ttdist's own figures stay
-            runs[other] = measure(build(), device, times)
+        variants["dense_embedding_bag"] = lambda: dense(indices, offsets)
+    if fbtt is not None and dtype == torch.float32:
+        try:  # weight_dist="normal": FBTT's default "approx-normal" init fails under NumPy 2.
+            module = fbtt.TTEmbeddingBag(rows, dim, ranks, tt_p_shapes=p, tt_q_shapes=q, optimizer=fbtt.OptimType.SGD,
+                                         learning_rate=1e-9, sparse=True, use_cache=False,
+                                         weight_dist="normal").to(device)
+            variants["fbtt"] = lambda: module(indices, full_offsets)
         except Exception as e:
-            result.setdefault("errors", {})[other] = f"{type(e).__name__}: {str(e)[:500]}"
-            print(f"{other} failed at {bags} bags, {dtype}: {result['errors'][other]}", flush=True)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+            result.setdefault("errors", {})["fbtt"] = f"{type(e).__name__}: {str(e)[:500]}"
+    runs, errors = measure_interleaved(variants, device, repeat)
+    if errors:
+        result.setdefault("errors", {}).update(errors)
+    for name in ("ttdist", "ttdist_op", "ttdist_fused_sgd"):
+        if name not in runs:
+            raise RuntimeError(f"{name} failed at {bags} bags, {dtype}: {errors[name]}")
     f, b = tt.shapes[0].flops_per_row(), tt.shapes[0].bytes_per_row(tt.tt_cores[0].element_size())
     for run in runs.values():
         for key in ("fwd", "bwd", "fwd_bwd"):
@@ -175,7 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and batches")
-    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=None, help="measured rounds (default 10; quick 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense nn.EmbeddingBag baseline")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
