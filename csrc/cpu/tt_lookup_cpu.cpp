@@ -93,11 +93,20 @@ struct TableShape {
   int64_t num_rows = 1, dim = 1;
   int64_t valid_rows = 1;  // rows an index may name: num_rows, or the caller's table_num_rows
 
-  // The digits (i_0..i_{d-1}) of `row` into out[0..d).
+  std::vector<double> inv_p;        // 1 / p_k
+
+  // The digits (i_0..i_{d-1}) of `row` into out[0..d): one division per digit, by the double
+  // reciprocal (exact quotient after a correction) below 2^52, where the product is off by < 1; a
+  // 64-bit integer division (tens of cycles, not pipelined) was most of tt_prepare's time.
   void digits(int64_t row, int64_t* out) const {
     for (int64_t k = d - 1; k >= 0; --k) {
-      out[k] = row % p[k];
-      row /= p[k];
+      const int64_t pk = p[k];
+      int64_t quot = row < (int64_t(1) << 52) ? static_cast<int64_t>(static_cast<double>(row) * inv_p[k]) : row / pk;
+      int64_t rem = row - quot * pk;
+      while (rem < 0) --quot, rem += pk;
+      while (rem >= pk) ++quot, rem -= pk;
+      out[k] = rem;
+      row = quot;
     }
   }
 };
@@ -117,6 +126,7 @@ TableShape table_shape(const std::vector<Tensor>& cores, int64_t begin, int64_t 
   }
   TORCH_CHECK_VALUE(s.r.back() == 1, "ttdist: the last core must have r_out = 1");
   for (int64_t k = 0; k < d; ++k) s.num_rows *= s.p[k];
+  for (int64_t k = 0; k < d; ++k) s.inv_p.push_back(1.0 / static_cast<double>(s.p[k]));
   s.valid_rows = s.num_rows;
   int64_t acc = 1;
   for (int64_t k = 0; k < d; ++k) {

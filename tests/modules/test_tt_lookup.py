@@ -104,6 +104,19 @@ def assert_lookup_matches_reference(tt: ttdist.TTEmbeddingBag, indices, offsets,
                                    atol=tol["atol"] * max(1.0, float(expected.abs().max())))
 
 
+def test_row_digits_are_exact_across_the_int64_range():
+    """The CPU op splits a row into its digits with a double reciprocal below 2^52 and integer
+    division above: rows around 2^52 and up to ~2^60 (three ~1e6 cores) give the reference's rows."""
+    p = (1_000_003, 999_983, 999_979)  # primes: every digit of a row matters
+    gen = torch.Generator().manual_seed(0)
+    cores = [torch.rand(n, 1, 1, 1, generator=gen, dtype=torch.float64) + 0.5 for n in p]
+    top = math.prod(p)
+    special = [0, 1, p[2] - 1, p[2], p[1] * p[2] - 1, p[1] * p[2], 2**52 - 1, 2**52, 2**52 + 1, 2**53 + 7, top - 1]
+    rows = torch.tensor(special + torch.randint(0, top, (500,), generator=gen).tolist(), dtype=torch.int64)
+    out = torch.ops.ttdist.tt_forward(cores, [3], [0], [0], rows, torch.arange(rows.numel() + 1), None, None)
+    torch.testing.assert_close(out, tt_rows_reference(cores, rows), rtol=0, atol=0)
+
+
 def test_offsets_of_length_b_and_b_plus_1_agree():
     a = ttdist.TTEmbeddingBag(50, 8, [3], include_last_offset=False)
     b = ttdist.TTEmbeddingBag(50, 8, [3], include_last_offset=True)
