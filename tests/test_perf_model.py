@@ -372,3 +372,25 @@ def test_step_time_adds_the_dist_host_term_per_communicating_step(spec, profile)
     one = pm.Plan.synthetic(spec, 1, "row_wise")
     assert (pm.step_time(profile, spec, one, batch, hosted)["step_time_s"]
             == pytest.approx(pm.step_time(profile, spec, one, batch, links)["step_time_s"]))
+
+
+@pytest.mark.skipif(not RESULT.exists(), reason="no benchmarks/results/scaling_cpu.json")
+def test_colocated_slowdown_scales_every_compute_piece_by_the_other_placements_mlp_ratio(tmp_path):
+    """The other placements' MLP time at W = 2 made 1.3x slower: every predicted compute piece of a
+    W = 2 row grows by 1.3x (the collectives do not), and the row's own MLP time plays no part."""
+    data = json.loads(RESULT.read_text())
+    base = {(r["placement"], r["mode"], r["world_size"]): r for r in pm.validate(RESULT)["rows"]}
+    for e in data["entries"]:
+        if e["world_size"] == 2 and e["placement"] != "dp":
+            for k in pm.PLACEMENT_INDEPENDENT:
+                e["breakdown_s"][k] *= 1.3
+    slower = tmp_path / "scaling.json"
+    slower.write_text(json.dumps(data))
+    for r in pm.validate(slower)["rows"]:
+        b = base[(r["placement"], r["mode"], r["world_size"])]
+        if r["placement"] != "dp" or r["world_size"] != 2:
+            continue
+        assert r["colocated_compute_slowdown"] == pytest.approx(1.3 * b["colocated_compute_slowdown"])
+        for piece in ("lookup_fwd", "dense_fwd", "dense_bwd", "emb_glue", "dense_optimizer"):
+            assert r["predicted_breakdown_s"][piece] == pytest.approx(1.3 * b["predicted_breakdown_s"][piece]), piece
+        assert r["predicted_breakdown_s"]["allreduce"] == pytest.approx(b["predicted_breakdown_s"]["allreduce"])

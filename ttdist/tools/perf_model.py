@@ -99,6 +99,11 @@ other placements' median at the same mode and W (``placement_independent_check``
 more than DISTURBED_RATIO times that median is a disturbed measurement of a shared machine, not
 a cost of the placement, and is reported as such (the error is still counted).
 
+Co-located ranks (``validate``, CPU): W ranks sharing one host slow each other's compute (caches,
+memory bandwidth, clocks) beyond the ``cores`` term; every compute time of the 1-rank profile is
+multiplied by the measured / modelled MLP forward + backward of the OTHER placements at the same
+W and mode (median; ``colocated_slowdown``), the same leave-one-placement-out as the links.
+
 What the model does not know: GPU kernel times (the shipped predictions use CPU-measured
 profiles, and a what-if that divides them by an ASSUMED factor — see
 ``benchmarks/results/perf_model_predictions.json``'s assumptions), contention on shared links
@@ -116,6 +121,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -300,10 +306,11 @@ class Profile:
         return Profile.from_summaries(summaries, f"{source}: 1-rank {mode} entries ({placements}), pooled", reps)
 
 
-def scaled_profile(profile: Profile, speedup: float) -> Profile:
-    """Every compute time divided by ``speedup`` (a what-if, e.g. GPU kernels vs one CPU thread)."""
+def scaled_profile(profile: Profile, speedup: float, why: str = "ASSUMED, not measured") -> Profile:
+    """Every compute time divided by ``speedup`` (a what-if, e.g. GPU kernels vs one CPU thread,
+    or a measured slowdown: ``speedup`` < 1); ``why`` goes into the profile's source."""
     values = {k: (v / speedup if isinstance(v, float) else v) for k, v in asdict(profile).items()}
-    values["source"] = f"{profile.source}, every time / {speedup:g} (ASSUMED, not measured)"
+    values["source"] = f"{profile.source}, every time / {speedup:g} ({why})"
     return Profile(**values)
 
 
@@ -863,6 +870,22 @@ def in_step_dist_host(entries: Sequence[Mapping[str, Any]], all_entries: Sequenc
     return per_step, (1.0 / beta if beta < 1e15 else 0.0)
 
 
+def colocated_slowdown(entries: Sequence[Mapping[str, Any]], profile: Profile, spec: "ModelSpec",
+                       cores: Optional[int]) -> float:
+    """Median over ``entries`` (W > 1) of measured / modelled PLACEMENT_INDEPENDENT time (the
+    MLPs' forward and backward, the same work in every placement): how much W ranks sharing one
+    host's cores, caches and memory bandwidth slow each other's compute beyond the 1-rank
+    profile (the model's ``cores`` term already covers W > cores)."""
+    ratios = []
+    for e in entries:
+        plan = Plan.from_summary(spec, e["plan"], e["world_size"])
+        modelled = step_time(profile, spec, plan, e["batch_per_rank"], FittedLinks.from_json(e["links"]),
+                             cores=cores)["breakdown_s"]
+        ratios.append(sum(e["breakdown_s"][k] for k in PLACEMENT_INDEPENDENT)
+                      / sum(modelled[k] for k in PLACEMENT_INDEPENDENT))
+    return statistics.median(ratios) if ratios else 1.0
+
+
 def validate(scaling_json: str | Path) -> dict:
     """Predicted vs measured bytes (exact) and step times of every entry of a scaling JSON.
 
@@ -891,11 +914,15 @@ def validate(scaling_json: str | Path) -> dict:
                     mismatches.append({"rank": r, "collective": k, "counted": c, "predicted": predicted.get(k, 0)})
         others = [o for o in entries if o["world_size"] == w and o["placement"] != e["placement"]]
         link_models = {"micro_benchmark": FittedLinks.from_json(e["links"])}
+        profile, slowdown = profiles[e["mode"]], 1.0
         if w > 1 and others:
             per_step, per_byte = in_step_dist_host(others, entries)
             link_models["in_step_other_placements"] = dataclasses.replace(
                 in_step_links(others), dist_host_s_per_step=per_step, dist_host_s_per_byte=per_byte)
-        preds = {name: step_time(profiles[e["mode"]], spec, plan, e["batch_per_rank"], links, cores=cores)
+            slowdown = colocated_slowdown([o for o in others if o["mode"] == e["mode"]], profile, spec, cores)
+            profile = scaled_profile(profile, 1.0 / slowdown, f"{w} co-located ranks, fitted on the other placements")
+        preds = {name: step_time(profile if name != "micro_benchmark" else profiles[e["mode"]], spec, plan,
+                                 e["batch_per_rank"], links, cores=cores)
                  for name, links in link_models.items()}
         pred = preds.get("in_step_other_placements", preds["micro_benchmark"])
         rows.append({"placement": e["placement"], "mode": e["mode"], "world_size": w,
@@ -904,6 +931,7 @@ def validate(scaling_json: str | Path) -> dict:
                      "relative_error": pred["step_time_s"] / e["step_time_s"] - 1,
                      "predicted_step_s_by_links": {k: v["step_time_s"] for k, v in preds.items()},
                      "links": {k: asdict(v) for k, v in link_models.items()},
+                     "colocated_compute_slowdown": slowdown,
                      "repeat_step_times_s": e.get("repeat_step_times_s"),
                      "measured_breakdown_s": e["breakdown_s"], "predicted_breakdown_s": pred["breakdown_s"],
                      "bytes_equal": not mismatches, "byte_mismatches": mismatches,
@@ -925,7 +953,10 @@ def validate(scaling_json: str | Path) -> dict:
                      "least), so a row's own collectives are never fitted; the micro-benchmark's fit is reported "
                      "beside it (predicted_step_s_by_links), without the dist-step host term. The dist steps' host "
                      "work beyond W = 1 (per step and per byte) is fitted the same way, on the OTHER placements' "
-                     "exclusive dist-step times (links.in_step_other_placements.dist_host_*). "
+                     "exclusive dist-step times (links.in_step_other_placements.dist_host_*). Every compute time of "
+                     "the profile is multiplied by colocated_compute_slowdown: measured / modelled MLP forward + "
+                     "backward (the same work in every placement) of the OTHER placements at the same W and mode, "
+                     "median (ranks sharing the host slow each other's compute). "
                      "disturbed_measurements: entries whose placement-independent dense work is > "
                      f"{DISTURBED_RATIO:g}x the other placements' median (a disturbed run; the error still counts). "
                      "Entries: each (placement, mode, W)'s fastest of the scaling run's interleaved repeats."),
