@@ -97,8 +97,8 @@ void dense_update_(at::TensorList weights, at::TensorList optimizer_states, at::
     const int64_t rows = weight.dim() > 0 ? weight.size(0) : 1;
     TORCH_CHECK_VALUE(grads[i].sizes() == weight.sizes(), "ttdist: dense_update_: gradient ", i, " has shape ",
                       grads[i].sizes(), " but its weight has ", weight.sizes());
-    sparse_row_update_cpu(weight.view({rows, -1}), optimizer_states[i], at::arange(rows, weight.options().dtype(at::kLong)),
-                          grads[i].reshape({rows, -1}), optimizer, learning_rate, eps);
+    dense_row_update_cpu(weight.view({rows, -1}), optimizer_states[i], grads[i].reshape({rows, -1}), optimizer,
+                         learning_rate, eps);
   }
 }
 

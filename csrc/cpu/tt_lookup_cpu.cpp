@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <numeric>
 #include <memory>
 #include <type_traits>
 
@@ -867,6 +868,25 @@ void tt_backward_fused_cpu(const Tensor& grad_output, const std::vector<Tensor>&
   });
 }
 
+namespace {
+
+// The optimizer step on rows `ids` (unique, in range) of `weight` (rows, len) from `row_grads`
+// (ids.size(), len), after the state is checked.
+void update_listed_rows(const Tensor& weight, const Tensor& optimizer_state, const std::vector<int64_t>& ids,
+                        const Tensor& row_grads, int64_t optimizer, double learning_rate, double eps) {
+  const int64_t len = weight.size(1);
+  check_optimizer_state(weight, optimizer_state, weight.size(0), len, optimizer);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sparse_row_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g = row_grads.data_ptr<acc_t>();
+    acc_t* state = optimizer == kOptimSGD ? nullptr : optimizer_state.data_ptr<acc_t>();
+    update_rows<scalar_t>(weight.data_ptr<scalar_t>(), state, len, ids, [&](int64_t n) { return g + n * len; },
+                          optimizer, learning_rate, eps);
+  });
+}
+
+}  // namespace
+
 void sparse_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, const Tensor& row_ids_in,
                            const Tensor& row_grads_in, int64_t optimizer, double learning_rate, double eps) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "ttdist: sparse_row_update_ needs a contiguous 2-D weight");
@@ -875,7 +895,6 @@ void sparse_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, 
   const int64_t rows = weight.size(0), len = weight.size(1);
   TORCH_CHECK(row_grads.dim() == 2 && row_grads.size(0) == row_ids.numel() && row_grads.size(1) == len,
               "ttdist: row_grads must be (", row_ids.numel(), ", ", len, ")");
-  check_optimizer_state(weight, optimizer_state, rows, len, optimizer);
   std::vector<int64_t> ids(row_ids.data_ptr<int64_t>(), row_ids.data_ptr<int64_t>() + row_ids.numel());
   for (size_t n = 0; n < ids.size(); ++n)
     TORCH_CHECK_INDEX(ids[n] >= 0 && ids[n] < rows, "ttdist: row id ", ids[n], " at position ", n, " out of range [0, ",
@@ -885,13 +904,18 @@ void sparse_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, 
   const auto repeat = std::adjacent_find(sorted.begin(), sorted.end());
   TORCH_CHECK_VALUE(repeat == sorted.end(), "ttdist: row ids must be unique; row ", repeat == sorted.end() ? 0 : *repeat,
                     " repeats");
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "sparse_row_update_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* g = row_grads.data_ptr<acc_t>();
-    acc_t* state = optimizer == kOptimSGD ? nullptr : optimizer_state.data_ptr<acc_t>();
-    update_rows<scalar_t>(weight.data_ptr<scalar_t>(), state, len, ids, [&](int64_t n) { return g + n * len; },
-                          optimizer, learning_rate, eps);
-  });
+  update_listed_rows(weight, optimizer_state, ids, row_grads, optimizer, learning_rate, eps);
+}
+
+void dense_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, const Tensor& grad, int64_t optimizer,
+                          double learning_rate, double eps) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "ttdist: dense_update_ needs a contiguous 2-D weight");
+  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "ttdist: dense_update_: a gradient has shape ", grad.sizes(),
+                    " but its weight has ", weight.sizes());
+  std::vector<int64_t> ids(weight.size(0));
+  std::iota(ids.begin(), ids.end(), int64_t(0));
+  update_listed_rows(weight, optimizer_state, ids, grad.to(at::toOpMathType(weight.scalar_type())).contiguous(),
+                     optimizer, learning_rate, eps);
 }
 
 }  // namespace ttdist
