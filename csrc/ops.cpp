@@ -89,17 +89,7 @@ void tt_backward_fused_(const at::Tensor& grad_output, at::TensorList cores, at:
 // uses torch ops (sparse_row_update_'s CUDA duplicate check would wait for the device per core).
 void dense_update_(at::TensorList weights, at::TensorList optimizer_states, at::TensorList grads, int64_t optimizer,
                    double learning_rate, double eps) {
-  TORCH_CHECK_VALUE(weights.size() == optimizer_states.size() && weights.size() == grads.size(), "ttdist: dense_update_ ",
-                    "got ", weights.size(), " weights, ", optimizer_states.size(), " optimizer states and ", grads.size(),
-                    " gradients");
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const at::Tensor& weight = weights[i];
-    const int64_t rows = weight.dim() > 0 ? weight.size(0) : 1;
-    TORCH_CHECK_VALUE(grads[i].sizes() == weight.sizes(), "ttdist: dense_update_: gradient ", i, " has shape ",
-                      grads[i].sizes(), " but its weight has ", weight.sizes());
-    dense_row_update_cpu(weight.view({rows, -1}), optimizer_states[i], grads[i].reshape({rows, -1}), optimizer,
-                         learning_rate, eps);
-  }
+  dense_update_cpu(weights, optimizer_states, grads, optimizer, learning_rate, eps);
 }
 
 int64_t first_out_of_range(const at::Tensor& values, at::IntArrayRef length_per_feature,

@@ -907,15 +907,22 @@ void sparse_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, 
   update_listed_rows(weight, optimizer_state, ids, row_grads, optimizer, learning_rate, eps);
 }
 
-void dense_row_update_cpu(const Tensor& weight, const Tensor& optimizer_state, const Tensor& grad, int64_t optimizer,
-                          double learning_rate, double eps) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "ttdist: dense_update_ needs a contiguous 2-D weight");
-  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(), "ttdist: dense_update_: a gradient has shape ", grad.sizes(),
-                    " but its weight has ", weight.sizes());
-  std::vector<int64_t> ids(weight.size(0));
-  std::iota(ids.begin(), ids.end(), int64_t(0));
-  update_listed_rows(weight, optimizer_state, ids, grad.to(at::toOpMathType(weight.scalar_type())).contiguous(),
-                     optimizer, learning_rate, eps);
+void dense_update_cpu(at::TensorList weights, at::TensorList optimizer_states, at::TensorList grads, int64_t optimizer,
+                      double learning_rate, double eps) {
+  TORCH_CHECK_VALUE(weights.size() == optimizer_states.size() && weights.size() == grads.size(), "ttdist: dense_update_ ",
+                    "got ", weights.size(), " weights, ", optimizer_states.size(), " optimizer states and ", grads.size(),
+                    " gradients");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK_VALUE(grads[i].sizes() == weights[i].sizes(), "ttdist: dense_update_: gradient ", i, " has shape ",
+                      grads[i].sizes(), " but its weight has ", weights[i].sizes());
+    TORCH_CHECK(weights[i].is_contiguous(), "ttdist: dense_update_ needs a contiguous 2-D weight");
+    const int64_t rows = weights[i].dim() > 0 ? weights[i].size(0) : 1;
+    std::vector<int64_t> ids(rows);
+    std::iota(ids.begin(), ids.end(), int64_t(0));
+    update_listed_rows(weights[i].view({rows, -1}), optimizer_states[i], ids,
+                       grads[i].reshape({rows, -1}).to(at::toOpMathType(weights[i].scalar_type())).contiguous(),
+                       optimizer, learning_rate, eps);
+  }
 }
 
 }  // namespace ttdist

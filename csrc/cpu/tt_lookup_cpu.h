@@ -51,8 +51,9 @@ int64_t first_out_of_range_cpu(const at::Tensor& values, at::IntArrayRef length_
 void sparse_row_update_cpu(const at::Tensor& weight, const at::Tensor& optimizer_state, const at::Tensor& row_ids,
                            const at::Tensor& row_grads, int64_t optimizer, double learning_rate, double eps);
 
-// sparse_row_update_cpu on every row of `weight` (rows, len): `grad` shaped like it, no row ids.
-void dense_row_update_cpu(const at::Tensor& weight, const at::Tensor& optimizer_state, const at::Tensor& grad,
-                          int64_t optimizer, double learning_rate, double eps);
+// sparse_row_update_cpu on every row of each weight (its rows: the leading dimension), from its
+// gradient shaped like it; no row ids (schema and rationale in csrc/ops.cpp, dense_update_).
+void dense_update_cpu(at::TensorList weights, at::TensorList optimizer_states, at::TensorList grads, int64_t optimizer,
+                      double learning_rate, double eps);
 
 }  // namespace ttdist
