@@ -1,12 +1,14 @@
-"""Validation and normalisation of lookup inputs, before any kernel runs.
+"""Validation and normalisation of lookup inputs, before any core is read.
 
 Accepts nn.EmbeddingBag's bag layouts per feature block: ``offsets`` of F * B entries (bag
 starts) or, with ``include_last_offset``, F * B + 1 entries; returns the F * B + 1 form.
-Types, shapes and devices are checked here for every device; index and offset *values* are
-checked here for CPU tensors (errors name the table, the offending value and the valid range)
-and on the device for CUDA tensors, by the ops themselves, so that a lookup never makes the host
-wait for the GPU (see ``ttdist.ops``: such errors surface at the next op call or at
-``ttdist.ops.check_errors``, naming the table by its index).
+Types, shapes and devices are checked here for every device. Index and offset *values* are
+checked by the ops themselves before any core is read: on CPU by ``tt_prepare``'s plan builder,
+after which a caller that wants the table's name in the message re-runs this function with
+``check_values=True`` (errors name the table, the offending value and the valid range); on
+CUDA on the device, so that a lookup never makes the host wait for the GPU (see
+``ttdist.ops``: such errors surface at the next op call or at ``ttdist.ops.check_errors``,
+naming the table by its index).
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ def normalize_lookup_inputs(
     include_last_offset: bool,
     dtype: torch.dtype,
     device: Optional[torch.device] = None,
+    check_values: bool = True,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Checks and returns (indices int64 [N], offsets int64 [F * B + 1], weights [N] or None).
 
     ``device``: where the tables live; inputs elsewhere are rejected (ValueError).
+    ``check_values``: also check index and offset values of CPU tensors here (O(N) tensor ops);
+    False leaves them to the op, which checks them anyway.
     """
     for name, t in (("indices", indices), ("offsets", offsets)):
         if not isinstance(t, Tensor):
@@ -47,7 +52,7 @@ def normalize_lookup_inputs(
         raise ValueError(f"per_sample_weights are on {per_sample_weights.device} but indices on {indices.device}")
     indices, offsets = indices.long(), offsets.long()
     num_features, n = len(feature_names), indices.numel()
-    check_values = not indices.is_cuda  # CUDA: the ops check values on the device (no host sync)
+    check_values = check_values and not indices.is_cuda  # CUDA: the ops check values on the device (no host sync)
     if include_last_offset:
         if offsets.numel() < 1 or (offsets.numel() - 1) % num_features:
             raise ValueError(f"with include_last_offset=True, offsets must have F * B + 1 entries (F = {num_features}), got {offsets.numel()}")
