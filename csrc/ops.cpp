@@ -156,8 +156,9 @@ TORCH_LIBRARY(ttdist, m) {
   m.def("dense_update_(Tensor(a!)[] weights, Tensor(b!)[] optimizer_states, Tensor[] grads, int optimizer, "
         "float learning_rate, float eps) -> ()");
   // Position of the first of `values` (int32 / int64, grouped by feature: length_per_feature[f]
-  // each) outside [0, rows_per_feature[f]), or -1; one pass, for error messages that name the
-  // feature (CPU only: CUDA lookups check indices on the device).
+  // each) outside [0, rows_per_feature[f]), or -1; a feature with rows_per_feature[f] < 0 is not
+  // checked. One pass, for error messages that name the feature (CPU only: CUDA lookups check
+  // indices on the device).
   m.def("first_out_of_range(Tensor values, int[] length_per_feature, int[] rows_per_feature) -> int");
   // Waits for the device checks of every earlier CUDA op on `device` and raises the first bad
   // input they found (no-op on CPU). The CUDA ops also raise such an error at their next call.

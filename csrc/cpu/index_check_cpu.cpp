@@ -1,5 +1,6 @@
 // Range check of a KeyedJaggedTensor's values, feature by feature, in one pass (the sharded TT
-// collection runs it on CPU input before its input all-to-all; schema in csrc/ops.cpp).
+// collection runs it on CPU input before its input all-to-all, on the whole KJT, its own features
+// only; schema in csrc/ops.cpp).
 #include "tt_lookup_cpu.h"
 
 namespace ttdist {
@@ -23,7 +24,7 @@ int64_t first_out_of_range_cpu(const at::Tensor& values, at::IntArrayRef length_
     int64_t begin = 0;
     for (size_t f = 0; f < length_per_feature.size() && found < 0; ++f) {
       const int64_t end = begin + length_per_feature[f], rows = rows_per_feature[f];
-      for (int64_t i = begin; i < end; ++i) {
+      for (int64_t i = rows < 0 ? end : begin; i < end; ++i) {  // rows < 0: not checked
         if (x[i] < 0 || static_cast<int64_t>(x[i]) >= rows) {
           found = i;
           break;

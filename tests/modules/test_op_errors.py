@@ -108,6 +108,9 @@ def test_first_out_of_range_finds_the_first_bad_value_of_its_feature(dtype):
     assert first(torch.tensor([5, 0, 8, 9, 1], dtype=dtype), [2, 0, 3], [5, 1, 9]) == 0  # 5 is a row of feature 2 only
     assert first(torch.tensor([4, 0, -1, 0, 1], dtype=dtype), [2, 0, 3], [5, 1, 9]) == 2
     assert first(torch.tensor([], dtype=dtype), [0, 0], [1, 1]) == -1
+    # a feature with rows < 0 is not checked (another module's): the first bad value after it is found
+    assert first(torch.tensor([7, -3, 8, 9, 1], dtype=dtype), [2, 0, 3], [-1, 1, 9]) == 3
+    assert first(torch.tensor([7, -3, 8, 0, 1], dtype=dtype), [2, 0, 3], [-1, 1, 9]) == -1
     with pytest.raises(ValueError, match="lengths add up to 4 but there are 5 values"):
         first(torch.tensor([0, 0, 0, 0, 0], dtype=dtype), [2, 2], [5, 5])
 

@@ -77,8 +77,8 @@ class TwCwDist(nn.Module):
             self._dist = KJTAllToAll(pg, splits)
             self._out = PooledEmbeddingsAllToAll(pg, dim_per_rank, codecs=codecs)
 
-    def forward(self, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
-        kjt = permute_features(features, self.perm)
+    def forward(self, kjt: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
+        """``kjt``: the group's features, ordered as ``self.perm``."""
         return self._dist(kjt) if self.world_size > 1 else _no_comm(kjt)
 
     def output_dist(self, local: Tensor, batch: int) -> Awaitable[Tensor]:
@@ -103,10 +103,9 @@ class RwDist(nn.Module):
             self._dist = KJTAllToAll(pg, [len(units)] * world_size)
             self._out = PooledEmbeddingsAllToAll(pg, [sum(dims)] * world_size, codecs=codecs)
 
-    def forward(self, features: KeyedJaggedTensor, weights: Optional[Tensor]
-                ) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
-        """``weights``: per-index weights to attach (mean bags become weighted sums) or None."""
-        kjt = permute_features(features, self.perm)
+    def forward(self, kjt: KeyedJaggedTensor, weights: Optional[Tensor]) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
+        """``kjt``: the group's features, ordered as ``self.perm``; ``weights``: per-index weights to
+        attach (mean bags become weighted sums) or None."""
         if weights is not None:
             kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), weights=weights, lengths=kjt.lengths(),
                                     stride=kjt.stride())
@@ -142,8 +141,9 @@ class DpDist(nn.Module):
         self.local_units = units
         self.perm = [u.feature for u in units]
 
-    def forward(self, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
-        return _no_comm(permute_features(features, self.perm))
+    def forward(self, kjt: KeyedJaggedTensor) -> Awaitable[Awaitable[KeyedJaggedTensor]]:
+        """``kjt``: the group's features, ordered as ``self.perm``."""
+        return _no_comm(kjt)
 
     def output_dist(self, local: Tensor, batch: int) -> Awaitable[Tensor]:
         return NoWait(local)

@@ -51,12 +51,12 @@ from torchrec.optim.fused import FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
-from ttdist.distributed.dists import DpDist, RwDist, TwCwDist, Unit, pooled_codecs
+from ttdist.distributed.dists import DpDist, RwDist, TwCwDist, Unit, permute_features, pooled_codecs
 from ttdist.distributed.fused_params import TTFusedParams, resolve_fused_params
 from ttdist.distributed.shard_layout import (COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE, TTShard,
                                              replicated_cores, row_block, table_shards)
 from ttdist.modules.collection import (TTEmbeddingBagCollection, TTEmbeddingBagConfig, check_kjt_layout,
-                                       pooling_name, select_features, table_state_key)
+                                       feature_positions, pooling_name, table_state_key)
 from ttdist.modules.optim import OptimType, optimizer_state_like
 from ttdist.modules.tt_init import init_tt_cores, table_generator
 from ttdist.ops import POOLING_CODES, POOLING_SUM, FusedUpdate, LookupSpec, apply_updates, bag_scales, tt_lookup
@@ -343,42 +343,48 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         return TTShardingContext()
 
     def input_dist(self, ctx: TTShardingContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        features = self._check_input(features)
+        position = self._check_input(features)
         ctx.batch_size = features.stride()
-        return KJTListSplitsAwaitable([self._group_input(d, features) for d in self._input_dists], ctx)
+        return KJTListSplitsAwaitable([self._group_input(d, features, position) for d in self._input_dists], ctx)
 
-    def _group_input(self, group: nn.Module, features: KeyedJaggedTensor) -> Awaitable:
+    def _group_input(self, group: nn.Module, features: KeyedJaggedTensor, position: list[int]) -> Awaitable:
+        """The group's input dist of its features, taken from ``features`` (where this collection's
+        feature f is key ``position[f]``) in one permute."""
+        kjt = permute_features(features, [position[f] for f in group.perm])
         if not isinstance(group, RwDist):
-            return group(features)
+            return group(kjt)
         modes = [POOLING_CODES[pooling_name(self._configs[u.table])] for u in group.units]
         weights = None
         if self._is_weighted or any(m != POOLING_SUM for m in modes):
             # row-wise partial sums cannot divide by the bag length: weight instead
-            kjt = features.permute(group.perm)
             weights = bag_scales(kjt.offsets(), modes, kjt.values().numel(),
                                  kjt.weights() if self._is_weighted else None, torch.float32)
-        return group(features, weights)
+        return group(kjt, weights)
 
-    def _check_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """This collection's features of ``features``; raises naming the table, feature and rank for a
-        missing feature or (CPU input) an index out of range, before any collective. The other
-        ranks learn of it from their next collective, which fails (``ttdist.train`` reports the
-        peer's error); with ``raise_on_every_rank`` one all-reduce of error codes makes them raise
-        at once. CUDA input is checked by the ops on the device, without a host sync."""
+    def _check_input(self, features: KeyedJaggedTensor) -> list[int]:
+        """The position of each of this collection's features among the keys of ``features``; raises
+        naming the table, feature and rank for a missing feature or (CPU input) an index out of
+        range, before any collective. The other ranks learn of it from their next collective, which
+        fails (``ttdist.train`` reports the peer's error); with ``raise_on_every_rank`` one
+        all-reduce of error codes makes them raise at once. CUDA input is checked by the ops on the
+        device, without a host sync."""
         error: Optional[Exception] = None
         code = 0  # 0 ok, -1 an unsupported KJT layout, 1 a feature is missing, 2 + f an index of feature f out of range
+        position: list[int] = []
         try:
-            check_kjt_layout(features)
-            features = select_features(features, self.feature_names)
+            position = feature_positions(check_kjt_layout(features), self.feature_names)
         except ValueError as e:
             code, error = -1, ValueError(f"{e} (rank {self._rank})")
         except KeyError as e:
             code, error = 1, KeyError(f"{e.args[0]} (rank {self._rank})")
         values = features.values() if error is None else None
         if values is not None and not values.is_cuda and values.numel():
-            pos = torch.ops.ttdist.first_out_of_range(values, features.length_per_key(), self._feature_rows)
+            rows = [-1] * len(features.keys())  # another module's features: not checked here
+            for f, key in enumerate(position):
+                rows[key] = self._feature_rows[f]
+            pos = torch.ops.ttdist.first_out_of_range(values, features.length_per_key(), rows)
             if pos >= 0:
-                f = bisect.bisect_right(features.offset_per_key(), pos) - 1
+                f = position.index(bisect.bisect_right(features.offset_per_key(), pos) - 1)
                 cfg = self._configs[self._feature_tables[f]]
                 code, error = 2 + f, IndexError(
                     f"table '{cfg.name}', feature '{self.feature_names[f]}': index {int(values[pos])} is out of "
@@ -392,7 +398,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
                 error = self._peer_input_error(r, int(codes[r]))
         if error is not None:
             raise error
-        return features
+        return position
 
     def _peer_input_error(self, rank: int, code: int) -> Exception:
         if code == -1:

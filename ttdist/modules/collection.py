@@ -309,12 +309,18 @@ def check_jagged(kjt: KeyedJaggedTensor, device: Optional[torch.device] = None) 
     return kjt
 
 
+def feature_positions(keys: Sequence[str], names: Sequence[str]) -> list[int]:
+    """The position of each of ``names`` among a KeyedJaggedTensor's ``keys``; KeyError naming the
+    missing ones."""
+    index = {k: i for i, k in enumerate(keys)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise KeyError(f"features {missing} are missing from the KeyedJaggedTensor (its keys: {list(keys)})")
+    return [index[n] for n in names]
+
+
 def select_features(features: KeyedJaggedTensor, names: Sequence[str]) -> KeyedJaggedTensor:
     """The KJT restricted to ``names``, in that order (no copy when it already is)."""
     if list(features.keys()) == list(names):
         return features
-    index = {k: i for i, k in enumerate(features.keys())}
-    missing = [n for n in names if n not in index]
-    if missing:
-        raise KeyError(f"features {missing} are missing from the KeyedJaggedTensor (its keys: {features.keys()})")
-    return features.permute([index[n] for n in names])
+    return features.permute(feature_positions(features.keys(), names))
