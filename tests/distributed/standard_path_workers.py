@@ -24,7 +24,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from ttdist import MixedEmbeddingBagCollection, TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from ttdist.distributed import TTEmbeddingBagCollectionSharder
@@ -213,6 +213,7 @@ def pooled_error_with_codecs(rank: int, world_size: int, precision: Optional[str
                                    env=ShardingEnv.from_process_group(dist.GroupMember.WORLD))
     batch = next(local_batches(rank, world_size, 1, 8 * world_size))
     everyone = next(local_batches(0, 1, 1, 8 * world_size))
-    out = dmp(batch.sparse_features).wait().values()
-    expected = reference(everyone.sparse_features).values()[rank * 8:(rank + 1) * 8]
+    reference_out = reference(everyone.sparse_features)
+    out = KeyedTensor.regroup([dmp(batch.sparse_features).wait()], [reference_out.keys()])[0]  # by key
+    expected = reference_out.values()[rank * 8:(rank + 1) * 8]
     return float((out - expected).abs().max()), float(expected.abs().max())

@@ -11,7 +11,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 import ttdist
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner, tt_constraints
@@ -77,8 +77,11 @@ def pooled_equals_unsharded(rank: int, world_size: int, sharding_type: str) -> f
     _, ids, _ = global_batch(0, batch)
     local = range(rank * batch // world_size, (rank + 1) * batch // world_size)
     out = dmp(kjt_of(ids, local)).wait()
-    expected = reference(kjt_of(ids, range(batch))).values()[rank * len(local):(rank + 1) * len(local)]
-    return float((out.values() - expected).abs().max())
+    expected = reference(kjt_of(ids, range(batch)))
+    # read by key: the sharded output's keys follow its sharding, the unsharded one's the config
+    assert sorted(out.keys()) == sorted(expected.keys()), (out.keys(), expected.keys())
+    got = KeyedTensor.regroup([out], [expected.keys()])[0]
+    return float((got - expected.values()[rank * len(local):(rank + 1) * len(local)]).abs().max())
 
 
 def dlrm(tables, fused):

@@ -12,7 +12,9 @@ drive it as they drive a sharded ``EmbeddingBagCollection``:
   (a shard of a TT table is itself a TT table) looked up by ``ttdist.ops.tt_lookup``, the op and
   fused backward of the single-device module;
 * ``output_dist``: pooled all-to-all (the butterfly shuffle; TorchRec's qcomm codecs apply) ->
-  KeyedTensor in config order.
+  KeyedTensor whose keys follow the sharding, as a sharded TorchRec EBC's do (groups in order,
+  table-/column-wise features by owning rank); config order only where a feature's column shards
+  must be put back together. Read it by key (``to_dict()``), as DLRM does.
 
 Training is fused, as in TorchRec: the optimizer comes from the sharder's ``fused_params`` or
 from ``apply_optimizer_in_backward`` (``ttdist.distributed.fused_params``) and runs inside
@@ -255,9 +257,12 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         # A plain list, as in TorchRec's sharded modules: the dists' buffers are not model state.
         self._input_dists: list[nn.Module] = self._create_dists(codecs)
         self._feature_dims = [self._configs[t].embedding_dim for t in self._feature_tables]
-        self._pooled_is_values = len(self._input_dists) == 1 and [
-            (u.feature, u.columns) for u in self._input_dists[0].units] == [
-            (f, (0, dim)) for f, dim in enumerate(self._feature_dims)]
+        # Each feature in one unit (no column shards to join): the groups' outputs side by side are
+        # the output, keyed in unit order.
+        units = [u for d in self._input_dists for u in d.units]
+        self._units_are_keys = len(units) == len(self.feature_names)
+        self._output_keys = [self.feature_names[u.feature] for u in units] if self._units_are_keys else self.feature_names
+        self._output_dims = [self._feature_dims[u.feature] for u in units] if self._units_are_keys else self._feature_dims
         self._lookups = [_GroupLookup(self, d.local_units, [u.columns[1] - u.columns[0] for u in d.local_units],
                                       isinstance(d, RwDist)) for d in self._input_dists]
         self._anchor = torch.zeros(0, requires_grad=True, device=device, dtype=self._dtype)
@@ -424,11 +429,11 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
         return self.output_dist(ctx, self.compute(ctx, input))
 
     def _assemble(self, pooled: list[Tensor]) -> KeyedTensor:
-        """The groups' pooled outputs [B, sum of their units' dims] -> KeyedTensor in config order:
-        one group whose units are the features in order, each whole, is already its values;
-        otherwise the blocks are concatenated once."""
-        if self._pooled_is_values:
-            values = pooled[0]
+        """The groups' pooled outputs [B, sum of their units' dims] -> KeyedTensor: side by side, keys
+        in unit order, where every feature is one unit; otherwise in config order, each feature's
+        column shards joined (one concatenation)."""
+        if self._units_are_keys:
+            values = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
         else:
             pieces: dict[int, list[tuple[int, Tensor]]] = {}
             for group, out in zip(self._input_dists, pooled):
@@ -436,7 +441,7 @@ class ShardedTTEmbeddingBagCollection(ShardedModule[KJTList, list[Tensor], Keyed
                     pieces.setdefault(unit.feature, []).append((unit.columns[0], block))
             values = torch.cat([b for f in range(len(self.feature_names))
                                 for _, b in sorted(pieces[f], key=lambda x: x[0])], dim=1)
-        return KeyedTensor(keys=self.feature_names, length_per_key=self._feature_dims, values=values)
+        return KeyedTensor(keys=self._output_keys, length_per_key=self._output_dims, values=values)
 
     # ---------------------------------------------------------------------- replicated cores
     def _take_grads(self, cores: list[Tensor], grads: list[Tensor]) -> None:
