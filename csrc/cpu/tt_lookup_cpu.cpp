@@ -538,6 +538,14 @@ void attach_plan(Prepared& pr, Tensor plan) {
   pr.plan = std::move(plan);
 }
 
+// The looked-up rows of table t in [lo, hi), with their positions (build_plan).
+struct PlanPart {
+  int64_t t, lo, hi;
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // (row - lo, position), sorted by row, stably
+  int64_t U = 0;                                   // unique rows
+  int64_t u_at = 0, m_at = 0;                      // its first unique row and position in the table's plan
+};
+
 // Sorts (row, position) pairs by row, stably, so positions stay in their (ascending) input order
 // within a row: an LSD radix sort, 8 bits of the row per pass, passes up to max_row's top bit.
 void sort_by_row(std::vector<std::pair<int64_t, int64_t>>& pairs, int64_t max_row) {
@@ -570,50 +578,69 @@ Tensor build_plan(const Prepared& pr, const LookupArgs& a, const Tensor& indices
       TORCH_CHECK_INDEX(idx[j] >= 0 && idx[j] < pr.shapes[t].valid_rows, "ttdist: index ", idx[j], " at position ", j,
                         " of feature ", f, " (table ", t, ") is out of range [0, ", pr.shapes[t].valid_rows, ")");
   }
-  // (row, position) pairs of each table, sorted: unique rows and their positions in one pass.
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> pairs(T);
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      auto& pt = pairs[t];
+  // The (row, position) pairs of each table, split by row range into parts (several per table
+  // when there are fewer tables than threads), each sorted on its own: the parts of a table,
+  // concatenated, are its pairs sorted, so the plan does not depend on the split.
+  const int64_t per_table = std::max<int64_t>(1, (at::get_num_threads() + T - 1) / T);
+  std::vector<PlanPart> parts;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < per_table; ++k)
+      parts.push_back({t, pr.shapes[t].valid_rows * k / per_table, pr.shapes[t].valid_rows * (k + 1) / per_table});
+  const int64_t P = static_cast<int64_t>(parts.size());
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t x = p0; x < p1; ++x) {
+      PlanPart& part = parts[x];
       for (int64_t f = 0; f < F; ++f)
-        if (a.feature_table_map[f] == t)
-          for (int64_t j = off[f * pr.B]; j < off[(f + 1) * pr.B]; ++j) pt.emplace_back(idx[j], j);
-      sort_by_row(pt, pr.shapes[t].valid_rows - 1);
+        if (a.feature_table_map[f] == part.t)
+          for (int64_t j = off[f * pr.B]; j < off[(f + 1) * pr.B]; ++j)
+            if (idx[j] >= part.lo && idx[j] < part.hi) part.pairs.emplace_back(idx[j] - part.lo, j);
+      sort_by_row(part.pairs, part.hi - part.lo - 1);
+      for (size_t n = 0; n < part.pairs.size(); ++n)
+        part.U += (n == 0 || part.pairs[n].first != part.pairs[n - 1].first);
     }
   });
-  std::vector<int64_t> unique_count(T, 0);
-  int64_t total = kPlanHeader + 2 * T + 2 * pr.N;
-  for (int64_t t = 0; t < T; ++t) {
-    const auto& pt = pairs[t];
-    for (size_t n = 0; n < pt.size(); ++n) unique_count[t] += (n == 0 || pt[n].first != pt[n - 1].first);
-    total += (2 + pr.shapes[t].d) * unique_count[t] + 1 + static_cast<int64_t>(pt.size());
+  // Where each table and part writes: per table [rows U][group U + 1][order M][digits U * d].
+  std::vector<int64_t> table_at(T), U(T, 0), M(T, 0);
+  for (PlanPart& part : parts) {
+    part.u_at = U[part.t];
+    part.m_at = M[part.t];
+    U[part.t] += part.U;
+    M[part.t] += static_cast<int64_t>(part.pairs.size());
   }
+  int64_t total = kPlanHeader + 2 * T;
+  for (int64_t t = 0; t < T; ++t) {
+    table_at[t] = total;
+    total += (2 + pr.shapes[t].d) * U[t] + 1 + M[t];
+  }
+  total += 2 * pr.N;
   Tensor plan = at::empty({total}, at::TensorOptions().dtype(at::kLong));
   int64_t* base = plan.data_ptr<int64_t>();
   std::copy(header.begin(), header.end(), base);
-  int64_t* tables = base + kPlanHeader + 2 * T;
   int64_t* unique_of = base + total - pr.N;
   for (int64_t t = 0; t < T; ++t) {
-    const auto& pt = pairs[t];
-    const int64_t U = unique_count[t], M = static_cast<int64_t>(pt.size());
-    base[kPlanHeader + 2 * t] = U;
-    base[kPlanHeader + 2 * t + 1] = M;
-    const int64_t d = pr.shapes[t].d;
-    int64_t *rows = tables, *group = rows + U, *order = group + U + 1, *digits = order + M;
-    int64_t u = -1;
-    for (int64_t n = 0; n < M; ++n) {
-      if (n == 0 || pt[n].first != pt[n - 1].first) {
-        rows[++u] = pt[n].first;
-        group[u] = n;
-        pr.shapes[t].digits(rows[u], digits + u * d);
-      }
-      order[n] = pt[n].second;
-      unique_of[pt[n].second] = u;
-    }
-    group[U] = M;
-    tables = digits + U * d;
+    base[kPlanHeader + 2 * t] = U[t];
+    base[kPlanHeader + 2 * t + 1] = M[t];
+    base[table_at[t] + 2 * U[t]] = M[t];  // group[U]
   }
-  int64_t* bag_of = tables;
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t x = p0; x < p1; ++x) {
+      const PlanPart& part = parts[x];
+      const int64_t t = part.t, d = pr.shapes[t].d;
+      int64_t *rows = base + table_at[t], *group = rows + U[t], *order = group + U[t] + 1, *digits = order + M[t];
+      int64_t u = part.u_at - 1, n = part.m_at;
+      for (size_t i = 0; i < part.pairs.size(); ++i, ++n) {
+        const auto& [row, position] = part.pairs[i];
+        if (i == 0 || row != part.pairs[i - 1].first) {
+          rows[++u] = row + part.lo;
+          group[u] = n;
+          pr.shapes[t].digits(rows[u], digits + u * d);
+        }
+        order[n] = position;
+        unique_of[position] = u;
+      }
+    }
+  });
+  int64_t* bag_of = base + total - 2 * pr.N;
   at::parallel_for(0, F * pr.B, 1024, [&](int64_t b0, int64_t b1) {
     for (int64_t fb = b0; fb < b1; ++fb)
       for (int64_t j = off[fb]; j < off[fb + 1]; ++j) bag_of[j] = fb;

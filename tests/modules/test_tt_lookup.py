@@ -201,3 +201,29 @@ def test_cpu_backward_is_bitwise_reproducible_with_threads(q, ranks):
             assert all(torch.equal(a, b) for a, b in zip(first, torch.ops.ttdist.tt_backward(*args)))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("tables", [1, 3])
+def test_index_plan_is_the_same_for_any_number_of_threads(tables):
+    """tt_prepare splits a table's rows by range over the threads when there are fewer tables than
+    threads; the plan (sorted unique rows, positions per row, digits) must not depend on that split:
+    rows shared by many positions, rows at the ends of the range and a repeated id included."""
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(5)
+    tt = ttdist.TableBatchedTTEmbeddingBag(tables, [1000, 50_000, 7700][:tables], [16] * tables, [[4, 4]] * tables)
+    spec, cores = tt._spec(), list(tt.tt_cores)
+    batch = 64
+    ids = [torch.cat([torch.randint(0, n, (3 * batch - 3,), generator=g), torch.tensor([0, n - 1, 0])])
+           for n in [1000, 50_000, 7700][:tables]]
+    indices = torch.cat(ids)
+    offsets = torch.arange(0, indices.numel() + 1, 3)
+    args = (cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices, offsets, None,
+            spec.num_rows)
+    plans = []
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            plans.append(torch.ops.ttdist.tt_prepare(*args))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(plans[0], p) for p in plans[1:])
