@@ -284,13 +284,16 @@ void accumulate_in_chunks(const TableShape& s, int64_t U, const std::vector<acc_
 // A, B, C: the row's slices of the three cores. Middle-out wins when q_0 > q_2 (the demo's
 // q = (4, 2, 2): 3584 instead of 6656 per row); the trie walk when rows share prefixes or q_0 < q_2.
 bool middle_out_is_cheaper(const TableShape& s, const TableBatch& tb) {
-  if (s.d != 3) return false;
-  int64_t prefixes = tb.U > 0 ? 1 : 0;
-  for (int64_t u = 1; u < tb.U; ++u) prefixes += tb.first_diff(u - 1, u) <= 1;
+  if (s.d != 3 || tb.U == 0) return false;
   const int64_t q0 = s.q[0], q1 = s.q[1], q2 = s.q[2], r1 = s.r[1], r2 = s.r[2];
-  const int64_t trie = prefixes * 3 * q0 * r1 * q1 * r2 + tb.U * 2 * q0 * q1 * r2 * q2;
+  auto trie = [&](int64_t prefixes) { return prefixes * 3 * q0 * r1 * q1 * r2 + tb.U * 2 * q0 * q1 * r2 * q2; };
   const int64_t middle_out = tb.U * (2 * q0 * r1 * q1 * q2 + 3 * r1 * q1 * r2 * q2);
-  return middle_out < trie;
+  // the trie walk's cost grows with the distinct prefixes (1..U): count them only when that decides
+  if (middle_out >= trie(tb.U)) return false;
+  if (middle_out < trie(1)) return true;
+  int64_t prefixes = 1;
+  for (int64_t u = 1; u < tb.U; ++u) prefixes += tb.first_diff(u - 1, u) <= 1;
+  return middle_out < trie(prefixes);
 }
 
 // Middle-out backward of a three-core table (see middle_out_is_cheaper), fp32 / fp64.
@@ -499,8 +502,12 @@ Prepared describe(const std::vector<Tensor>& cores, const LookupArgs& a, const T
 // The header of the index plan this call needs (see IndexPlan above).
 std::vector<int64_t> plan_header(const Prepared& pr, const LookupArgs& a, const Tensor& indices, const Tensor& offsets) {
   uint64_t h = 0x243f6a8885a308d3ull;
+  // Four interleaved chains (one multiply's latency per element was the whole cost), then folded.
   auto mix = [&h](const int64_t* v, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) h = (h ^ static_cast<uint64_t>(v[i])) * 0x100000001b3ull + static_cast<uint64_t>(i);
+    uint64_t lane[4] = {h, h ^ 1, h ^ 2, h ^ 3};
+    for (int64_t i = 0; i < n; ++i)
+      lane[i & 3] = (lane[i & 3] ^ static_cast<uint64_t>(v[i])) * 0x100000001b3ull + static_cast<uint64_t>(i);
+    for (const uint64_t x : lane) h = (h ^ x) * 0x100000001b3ull;
   };
   mix(indices.data_ptr<int64_t>(), indices.numel());
   mix(offsets.data_ptr<int64_t>(), offsets.numel());
