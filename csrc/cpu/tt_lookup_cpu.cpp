@@ -179,6 +179,27 @@ std::vector<acc_t> position_scales(const LookupArgs& a, const int64_t* offsets, 
   return scale;
 }
 
+// Runs fn(begin, end) over [0, n) in chunks of `grain` items that the threads take as they free
+// up (OpenMP's dynamic schedule), so a thread slowed by the machine's other load does not hold the
+// others at the end of the region. Only for work whose results do not depend on which chunk or
+// thread computes an item (each item written by itself); fn must not throw.
+template <typename Fn>
+void parallel_chunks(int64_t n, int64_t grain, const Fn& fn) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t c = 0; c < chunks; ++c) fn(c * grain, std::min(n, (c + 1) * grain));
+}
+
+// Items per chunk of parallel_chunks: about 8 chunks per thread, at least `least`.
+int64_t dynamic_grain(int64_t n, int64_t least) {
+  return std::max<int64_t>(least, n / (8 * static_cast<int64_t>(at::get_num_threads())) + 1);
+}
+
 // Splits [0, U) into contiguous chunks, one per task, so each chunk walks its own trie.
 std::vector<int64_t> chunk_bounds(int64_t U, int64_t min_rows_per_chunk) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), U / min_rows_per_chunk));
@@ -220,15 +241,13 @@ template <typename scalar_t>
 void forward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
                    at::opmath_type<scalar_t>* rows_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t U = tb.U;
-  const auto bounds = chunk_bounds(U, 16);
-  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      PrefixStack<acc_t, scalar_t> stack(s, cores);
-      for (int64_t u = bounds[c]; u < bounds[c + 1]; ++u) {
-        const int64_t from = (u == bounds[c]) ? 0 : tb.first_diff(u - 1, u);
-        stack.advance(tb.digits_of(u), from, s.d - 1, rows_out + u * s.dim);
-      }
+  // A chunk starts its trie walk afresh: the same products as a longer walk, so any chunking
+  // gives the same rows.
+  parallel_chunks(tb.U, dynamic_grain(tb.U, 64), [&](int64_t u0, int64_t u1) {
+    PrefixStack<acc_t, scalar_t> stack(s, cores);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t from = (u == u0) ? 0 : tb.first_diff(u - 1, u);
+      stack.advance(tb.digits_of(u), from, s.d - 1, rows_out + u * s.dim);
     }
   });
 }
@@ -694,7 +713,7 @@ std::unique_ptr<acc_t[]> row_gradients(const Prepared& pr, int64_t t, const Tens
   std::unique_ptr<acc_t[]> grad(new acc_t[U * D]);
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t ld = grad_output.size(1);
-  at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
+  parallel_chunks(U, dynamic_grain(U, 64), [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       acc_t* g = grad.get() + u * D;
       for (int64_t n = tb.group[u]; n < tb.group[u + 1]; ++n) {
@@ -807,7 +826,7 @@ Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, con
       forward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), tb, rows.get());
       for (int64_t f = 0; f < F; ++f) {
         if (a.feature_table_map[f] != t) continue;
-        at::parallel_for(0, pr.B, 64, [&](int64_t b0, int64_t b1) {
+        parallel_chunks(pr.B, dynamic_grain(pr.B, 32), [&](int64_t b0, int64_t b1) {
           std::vector<acc_t> bag(D);
           for (int64_t b = b0; b < b1; ++b) {
             std::fill(bag.begin(), bag.end(), acc_t(0));
