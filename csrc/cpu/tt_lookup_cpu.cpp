@@ -605,9 +605,12 @@ Tensor build_plan(const Prepared& pr, const LookupArgs& a, const Tensor& indices
                         " of feature ", f, " (table ", t, ") is out of range [0, ", pr.shapes[t].valid_rows, ")");
   }
   // The (row, position) pairs of each table, split by row range into parts (several per table
-  // when there are fewer tables than threads), each sorted on its own: the parts of a table,
-  // concatenated, are its pairs sorted, so the plan does not depend on the split.
-  const int64_t per_table = std::max<int64_t>(1, (at::get_num_threads() + T - 1) / T);
+  // when there are fewer tables than threads and enough positions to share), each sorted on its
+  // own: the parts of a table, concatenated, are its pairs sorted, so the plan does not depend on
+  // the split.
+  constexpr int64_t kPositionsPerPart = 2048;  // below this, a parallel region costs more than it saves
+  const int64_t per_table = std::max<int64_t>(1, std::min<int64_t>((at::get_num_threads() + T - 1) / T,
+                                                                   pr.N / (T * kPositionsPerPart)));
   std::vector<PlanPart> parts;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < per_table; ++k)

@@ -206,13 +206,14 @@ def test_cpu_backward_is_bitwise_reproducible_with_threads(q, ranks):
 @pytest.mark.parametrize("tables", [1, 3])
 def test_index_plan_is_the_same_for_any_number_of_threads(tables):
     """tt_prepare splits a table's rows by range over the threads when there are fewer tables than
-    threads; the plan (sorted unique rows, positions per row, digits) must not depend on that split:
-    rows shared by many positions, rows at the ends of the range and a repeated id included."""
+    threads (one table here: 1, 2, 3, 3 parts); the plan (sorted unique rows, positions per row,
+    digits) must not depend on that split: rows shared by many positions, rows at the ends of the
+    range and a repeated id included."""
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(5)
     tt = ttdist.TableBatchedTTEmbeddingBag(tables, [1000, 50_000, 7700][:tables], [16] * tables, [[4, 4]] * tables)
     spec, cores = tt._spec(), list(tt.tt_cores)
-    batch = 64
+    batch = 2048  # enough positions to split: tt_prepare keeps a small table whole
     ids = [torch.cat([torch.randint(0, n, (3 * batch - 3,), generator=g), torch.tensor([0, n - 1, 0])])
            for n in [1000, 50_000, 7700][:tables]]
     indices = torch.cat(ids)
