@@ -612,9 +612,12 @@ Tensor build_plan(const Prepared& pr, const LookupArgs& a, const Tensor& indices
   const int64_t per_table = std::max<int64_t>(1, std::min<int64_t>((at::get_num_threads() + T - 1) / T,
                                                                    pr.N / (T * kPositionsPerPart)));
   std::vector<PlanPart> parts;
-  for (int64_t t = 0; t < T; ++t)
+  for (int64_t t = 0; t < T; ++t) {
+    // part k: [k * step + min(k, rest), ...), without the overflow of valid_rows * k near 2^63
+    const int64_t rows = pr.shapes[t].valid_rows, step = rows / per_table, rest = rows % per_table;
     for (int64_t k = 0; k < per_table; ++k)
-      parts.push_back({t, pr.shapes[t].valid_rows * k / per_table, pr.shapes[t].valid_rows * (k + 1) / per_table});
+      parts.push_back({t, k * step + std::min(k, rest), (k + 1) * step + std::min(k + 1, rest)});
+  }
   const int64_t P = static_cast<int64_t>(parts.size());
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t x = p0; x < p1; ++x) {

@@ -228,3 +228,26 @@ def test_index_plan_is_the_same_for_any_number_of_threads(tables):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(plans[0], p) for p in plans[1:])
+
+
+def test_index_plan_of_a_table_near_2_pow_60_rows_is_the_same_split_over_threads():
+    """The row ranges of the split are computed without valid_rows * k, which overflows int64 for
+    a table of 2^60 rows split 8 ways (it once dropped ids from the plan without an error)."""
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(1)
+    p = [1 << 20] * 3
+    rows = math.prod(p)
+    tt = ttdist.TableBatchedTTEmbeddingBag(1, [rows], [4], [[1, 1]], tt_p_shapes=[p], tt_q_shapes=[[4, 1, 1]])
+    spec, cores = tt._spec(), list(tt.tt_cores)
+    indices = torch.randint(0, rows, (1 << 15,), generator=g)
+    indices[:4] = torch.tensor([0, rows - 1, rows // 2, rows - 1])
+    args = (cores, spec.table_num_cores, spec.feature_table_map, spec.pooling_modes, indices,
+            torch.arange(0, indices.numel() + 1), None, spec.num_rows)
+    plans = []
+    try:
+        for n in (1, 8):
+            torch.set_num_threads(n)
+            plans.append(torch.ops.ttdist.tt_prepare(*args))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(plans[0], plans[1])
