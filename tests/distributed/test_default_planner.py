@@ -159,7 +159,7 @@ def test_dmp_without_plan_over_dlrm(world_size, optimizer):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_dmp_without_plan_over_mixed_tables(world_size):
-    results = run_ranks(w.dense_alone_then_mixed, world_size)
+    results = run_ranks(w.dense_alone_then_mixed, world_size, start_method="spawn")  # before ttdist is imported
     r = results[0]
     assert all(x["mixed"] == r["mixed"] for x in results)
     # the dense options' estimates are TorchRec's own, measured before ttdist was imported
