@@ -170,6 +170,28 @@ def test_data_parallel_compute_is_local_batch_plus_replica_step(spec, profile):
     assert tw["replicated_core_elements"] == 0  # table-wise cores are owned: updated inside the kernel
 
 
+def test_tt_and_torchrec_lookups_of_a_rank_are_one_piece(spec, profile):
+    """No collective separates a rank's TT and TorchRec lookups (both index all-to-alls start before
+    either lookup; the pooled all-to-alls are asynchronous), so the lookup pieces take the max over
+    the ranks of their sum: TT tables on rank 0 and TorchRec tables on rank 1 overlap; on one rank
+    they add up. W = 2, B = 100: 2 B * 7 = 1400 TT ids, 2 B * 19 = 3800 TorchRec ids."""
+    from torchrec.distributed.types import ParameterSharding
+
+    from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL
+
+    tt = {c.name: ParameterSharding(sharding_type="table_wise", compute_kernel=TT_COMPUTE_KERNEL, ranks=[0])
+          for c in spec.tt_configs}
+
+    def parts(eb_rank):
+        units = [(f, c.embedding_dim, eb_rank) for c in spec.eb_configs for f in c.feature_names]
+        return pm.step_time(profile, spec, pm.Plan(2, tt, units), 100, pm.PRESETS["nvlink+ib"])["breakdown_s"]
+
+    apart, together = parts(1), parts(0)
+    assert apart["lookup_fwd"] == pytest.approx(max(1e-6 * 1400, 1e-7 * 3800))  # 1.4 ms, not 1.4 + 0.38
+    assert apart["lookup_bwd_update"] == pytest.approx(max(4e-6 * 1400, 2e-7 * 3800))  # 5.6 ms, not 5.6 + 0.76
+    assert together["lookup_fwd"] == pytest.approx(1e-6 * 1400 + 1e-7 * 3800)
+    assert together["lookup_bwd_update"] == pytest.approx(4e-6 * 1400 + 2e-7 * 3800)
+
 def test_data_parallel_efficiency_stays_above_row_wise_at_scale(spec, profile):
     """Weak scaling on nvlink+ib: row-wise's pooled all-to-all grows with W (W*B partial sums per
     feature), DP's all-reduce does not; with TT tables only (table-wise TorchRec tables would look

@@ -39,11 +39,15 @@ Step time: the pipeline is synchronous (every collective is a barrier), so the c
     T = sum over pieces p of  X_p  +  sum over collectives c of  t_c,
     X_p = max_r x_p,r                         (own cores / GPUs per rank), or
     X_p = max(max_r x_p,r, sum_r x_p,r / cores)   (W ranks sharing `cores` CPU cores: oversubscribed)
-in the order: prep_tt, [TT index a2a + check all-reduce], fwd_tt, [TT pooled a2a fwd], prep_eb,
-[TBE index a2a], fwd_eb, [TBE pooled a2a fwd / row-wise reduce-scatter], glue, dense_fwd, other,
-[flag all-reduce], dense_bwd, [TBE pooled a2a bwd / row-wise all-gather], bwd_eb, [TT pooled a2a
-bwd], bwd_tt, replica_step, [TT replica all-reduce: 4 E_rep bytes, one call], [DDP all-reduce],
-opt. A data-parallel TT table thus costs a_fwd + a_bwd per local id, a_rep per core element and
+in the order: prep_tt, prep_eb, [TT index a2a + check all-reduce, TBE index a2a], fwd_tt + fwd_eb,
+[TT pooled a2a fwd, TBE pooled a2a fwd / row-wise reduce-scatter], glue, dense_fwd, other, [flag
+all-reduce], dense_bwd, [TBE and TT pooled a2a bwd / row-wise all-gather], bwd_eb + bwd_tt,
+replica_step, [TT replica all-reduce: 4 E_rep bytes, one call], [DDP all-reduce], opt. The TT and
+TorchRec lookups are one piece, x_r = fwd_tt,r + fwd_eb,r (bwd alike): no collective separates
+them on a rank (``MixedEmbeddingBagCollection.forward`` starts both index all-to-alls before
+either lookup; the pooled all-to-alls are asynchronous, awaited after both lookups forward and
+launched before either lookup backward), so a rank with few TT ids may take more TorchRec ids.
+A data-parallel TT table thus costs a_fwd + a_bwd per local id, a_rep per core element and
 one all-reduce of its cores whose size does not depend on B or W (ring: 2 (W-1)/W * bytes / beta). No overlap of communication with compute (ttdist runs the plain
 DMP forward, not TorchRec's pipelined train loop), so T is an upper bound for pipelined runs.
 
@@ -698,7 +702,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         + ar(byts.get("tt.input_check_all_reduce", 0), n["tt_check"] * (w > 1))
         + a2a(byts["ebc.index_all_to_all"], n["eb_index"])
         + host(tt_sum("tt.index_all_to_all"), n_tt) + host(byts["ebc.index_all_to_all"], n_eb),
-        "lookup_fwd": piece([p.tt_fwd_s_per_id * x for x in tt_ids]) + piece([p.ebc_fwd_s_per_id * x for x in eb_ids]),
+        # the TT and TorchRec lookups of a rank run back to back, no collective between them
+        "lookup_fwd": piece([p.tt_fwd_s_per_id * x + p.ebc_fwd_s_per_id * y for x, y in zip(tt_ids, eb_ids)]),
         # TorchRec's row-wise reduce-scatter moves (W-1)/W of its input over a ring, as an all-to-all
         "output_a2a_fwd": a2a(tt_sum("tt.pooled_all_to_all_forward"), n["tt_pooled"])
         + a2a(byts["ebc.pooled_all_to_all_forward"], n["eb_pooled"])
@@ -714,8 +719,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         + a2a(w * byts["ebc.pooled_all_gather_backward"], n["eb_row_wise"])
         + host(tt_sum("tt.pooled_all_to_all_backward"), n_tt)
         + host(byts["ebc.pooled_all_to_all_backward"] + w * byts["ebc.pooled_all_gather_backward"], n_eb),
-        "lookup_bwd_update": piece([p.tt_bwd_s_per_id * x for x in tt_ids])
-        + uniform(p.tt_replica_s_per_element * replicas) + piece([p.ebc_bwd_s_per_id * x for x in eb_ids]),
+        "lookup_bwd_update": piece([p.tt_bwd_s_per_id * x + p.ebc_bwd_s_per_id * y for x, y in zip(tt_ids, eb_ids)])
+        + uniform(p.tt_replica_s_per_element * replicas),
         "allreduce": ar(byts.get("tt.replicated_grad_all_reduce", 0), n["tt_replica"])
         + ar(byts["ddp_all_reduce"], n["ddp"]),
         "dense_optimizer": uniform(p.optimizer_s_per_step),
