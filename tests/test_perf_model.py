@@ -192,6 +192,35 @@ def test_tt_and_torchrec_lookups_of_a_rank_are_one_piece(spec, profile):
     assert together["lookup_fwd"] == pytest.approx(1e-6 * 1400 + 1e-7 * 3800)
     assert together["lookup_bwd_update"] == pytest.approx(4e-6 * 1400 + 2e-7 * 3800)
 
+
+def test_planner_charges_torchrec_lookups_the_profiles_cost(spec, profile):
+    """planner_plan's Topology makes TorchRec's estimator charge a TorchRec table's lookup the
+    profile's (fwd + bwd) per id / cpu_speedup, 3e-7 s here, not ~1e-9 s at its default (GPU) HBM
+    bandwidth; so at W = 8 the planner spreads the 19 TorchRec tables (at most ceil(19/8) = 3 a
+    rank) instead of stacking all 19 on one rank, as it did at the default bandwidth."""
+    from collections import Counter
+
+    from torchrec.distributed.planner import Topology
+
+    from ttdist.distributed import tt_costs
+
+    cfg = load_config(REPO / "configs/demo.yaml", SMALL)
+    assert pm.torchrec_lookup_s_per_id(cfg, 256, Topology(world_size=1, compute_device="cuda")) < 1e-8
+    for speedup in (1.0, 100.0):
+        topology = pm.planner_topology(cfg, 8, 256, profile, speedup)
+        assert pm.torchrec_lookup_s_per_id(cfg, 256, topology) == pytest.approx(3e-7 / speedup, rel=1e-9)
+    tt_costs.set_calibration(tt_costs.TTKernelCalibration(
+        "cpu", fwd_per_id=1e-7, fwd_per_row=3e-8, fwd_per_byte=5e-10, fwd_per_flop=2e-11, bwd_per_id=1e-8,
+        bwd_per_row=2e-7, bwd_per_byte=4e-10, bwd_per_flop=6e-11, update_per_param=1.5e-9))
+    try:
+        plan = pm.planner_plan(cfg, spec, 8, 256, profile)
+    finally:
+        tt_costs.set_calibration(None, "cpu")
+    per_rank = Counter(rank for *_, rank in plan.eb_units + plan.eb_column_wise)
+    assert len(spec.eb_configs) == 19 and sum(per_rank.values()) == 19
+    assert max(per_rank.values()) == 3
+
+
 def test_data_parallel_efficiency_stays_above_row_wise_at_scale(spec, profile):
     """Weak scaling on nvlink+ib: row-wise's pooled all-to-all grows with W (W*B partial sums per
     feature), DP's all-reduce does not; with TT tables only (table-wise TorchRec tables would look

@@ -128,7 +128,10 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:
+    from torchrec.distributed.planner import Topology
 
 GROUPS = ("table_column_wise", "row_wise")
 # The training loop's own check (ttdist.train.train_step: one small int64 all-reduce of per-rank
@@ -444,20 +447,58 @@ class Plan:
 SYNTHETIC_TT_SHARDINGS = ("table_wise", "row_wise", "data_parallel")
 
 
-def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, cpu_speedup: float = 1.0) -> Plan:
-    """What ttdist's planner picks for ``cfg``'s model on ``world_size`` GPUs: ``make_planner`` with
-    ``Topology(world_size=W, compute_device="cuda", local_world_size=min(W, 8))`` (8 GPUs per node,
-    as the presets; TorchRec's default puts all W on one host, and its to_sharding_plan then fails
-    at W = 512 with "Invalid device string: 'cuda:-28'") and the training's constraints
-    (``ttdist.model.plan_constraints``); the model is built on meta.
+def torchrec_lookup_s_per_id(cfg, batch_per_rank: int, topology: Topology) -> float:
+    """Seconds TorchRec's planner estimator charges one id of a TorchRec table on ``topology``:
+    forward + backward compute of the table-wise options, pooled over ``cfg``'s TorchRec tables
+    as ``Profile``'s ebc_fwd_s_per_id + ebc_bwd_s_per_id are (the model built on meta)."""
+    import torch
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+    from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator
 
-    Without a GPU here, the planner's TT kernel costs for cuda are this host's CPU calibration
-    (``tt_costs.calibration("cpu")``) divided by ``cpu_speedup`` — the same assumption as the
-    predictions it is used in."""
+    from ttdist.model import build_model, build_sharders, plan_constraints
+
+    constraints = plan_constraints(cfg, topology.compute_device)
+    enumerator = EmbeddingEnumerator(topology, batch_per_rank, constraints,
+                                     estimator=[EmbeddingPerfEstimator(topology, constraints)])
+    sharders = [s for s in build_sharders(cfg) if isinstance(s, EmbeddingBagCollectionSharder)]
+    options = [o for o in enumerator.enumerate(build_model(cfg, torch.device("meta")), sharders)
+               if o.sharding_type == "table_wise"]
+    seconds = sum(s.perf.fwd_compute + s.perf.bwd_compute for o in options for s in o.shards) / 1e3
+    return seconds / sum(topology.world_size * o.batch_size * sum(o.input_lengths) for o in options)
+
+
+def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile,
+                     cpu_speedup: float = 1.0) -> Topology:
+    """The ``Topology`` ``planner_plan`` plans on: W GPUs, 8 per node (as the presets; TorchRec's
+    default puts all W on one host, and its to_sharding_plan then fails at W = 512 with "Invalid
+    device string: 'cuda:-28'"), and the HBM bandwidth at which TorchRec's estimator charges a
+    TorchRec table's lookup what the predictions do, (ebc_fwd_s_per_id + ebc_bwd_s_per_id) /
+    ``cpu_speedup`` per id: at its default bandwidth (a GPU's) it charges 190-270x less than the
+    Criteo CPU profiles, and the planner then stacks the TorchRec tables on a few ranks. Its
+    compute estimate of the fused kernel on cuda is bytes / hbm_mem_bw, so one ratio sets it."""
+    from torchrec.distributed.planner import Topology
+    from torchrec.distributed.planner.constants import HBM_MEM_BW
+
+    charged = torchrec_lookup_s_per_id(cfg, batch_per_rank, Topology(world_size=1, compute_device="cuda"))
+    assumed = (profile.ebc_fwd_s_per_id + profile.ebc_bwd_s_per_id) / cpu_speedup
+    return Topology(world_size=world_size, compute_device="cuda", local_world_size=min(world_size, 8),
+                    hbm_mem_bw=HBM_MEM_BW * charged / assumed)
+
+
+def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, profile: Profile,
+                 cpu_speedup: float = 1.0) -> Plan:
+    """What ttdist's planner picks for ``cfg``'s model on ``world_size`` GPUs: ``make_planner`` on
+    ``planner_topology`` and the training's constraints (``ttdist.model.plan_constraints``); the
+    model is built on meta.
+
+    Its TorchRec lookups cost ``profile``'s per id divided by ``cpu_speedup`` (``planner_topology``);
+    without a GPU here, its TT kernel costs for cuda are this host's CPU calibration
+    (``tt_costs.calibration("cpu")``) divided by it — the same assumptions as the predictions it
+    is used in."""
     import dataclasses
 
     import torch
-    from torchrec.distributed.planner import Topology
 
     from ttdist.distributed import make_planner, tt_costs
     from ttdist.model import build_model, build_sharders, plan_constraints
@@ -471,7 +512,7 @@ def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, cpu
                                                      source=f"{cpu.source}, / {cpu_speedup:g} (ASSUMED cuda)"))
     try:
         model = build_model(cfg, torch.device("meta"))
-        planner = make_planner(Topology(world_size=world_size, compute_device="cuda", local_world_size=min(world_size, 8)),
+        planner = make_planner(planner_topology(cfg, world_size, batch_per_rank, profile, cpu_speedup),
                                batch_size=batch_per_rank,
                                constraints=plan_constraints(cfg, "cuda"),
                                optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
@@ -1009,7 +1050,7 @@ def config_predictions(profile_json: str | Path, batch_per_gpu: int, worlds: Seq
     all_worlds = sorted({1, *worlds})
 
     def plans_at(speedup: float) -> dict[str, dict[int, Plan]]:
-        return {kind: {w: planner_plan(cfg, spec, w, batch_per_gpu, speedup) if kind == "planner"
+        return {kind: {w: planner_plan(cfg, spec, w, batch_per_gpu, profile, speedup) if kind == "planner"
                        else Plan.synthetic(spec, w, kind) for w in all_worlds} for kind in PLAN_KINDS}
 
     def predictions(prof: Profile, plans: Mapping[str, Mapping[int, Plan]]) -> dict:
@@ -1059,7 +1100,9 @@ def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Seq
         "table-wise, least-loaded rank); planner = ttdist.distributed.make_planner with Topology(world_size=W, "
         "compute_device='cuda', local_world_size=min(W, 8)) and the training's constraints, at the same per-GPU batch; without a GPU its TT "
         "kernel costs are this host's CPU calibration (ttdist.distributed.tt_costs) divided by the same factor as "
-        "the compute of the prediction set (1, or the what-if's).",
+        "the compute of the prediction set (1, or the what-if's), and the Topology's hbm_mem_bw is set so that "
+        "TorchRec's estimator charges a TorchRec table's lookup the profile's ebc_fwd + ebc_bwd per id divided by "
+        "that factor (planner_topology).",
         "Ids hash uniformly over rows (row-wise shards get ids in proportion to their rows); 1 id per sample and feature.",
         "No overlap of communication with compute (an upper bound for pipelined training); no stragglers, no link "
         "contention beyond the per-GPU NIC.",
