@@ -11,6 +11,9 @@ from ttdist.tools.comm_volume import comm_volume
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.cardinality_scale=0.01", "model.tt_ranks=[4, 4]"]
+# a TT kernel calibration (tests/distributed/test_tt_costs.py's), so that no test measures this host's
+CALIBRATION = dict(fwd_per_id=1e-7, fwd_per_row=3e-8, fwd_per_byte=5e-10, fwd_per_flop=2e-11, bwd_per_id=1e-8,
+                   bwd_per_row=2e-7, bwd_per_byte=4e-10, bwd_per_flop=6e-11, update_per_param=1.5e-9)
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +212,7 @@ def test_planner_charges_torchrec_lookups_the_profiles_cost(spec, profile):
     for speedup in (1.0, 100.0):
         topology = pm.planner_topology(cfg, 8, 256, profile, speedup)
         assert pm.torchrec_lookup_s_per_id(cfg, 256, topology) == pytest.approx(3e-7 / speedup, rel=1e-9)
-    tt_costs.set_calibration(tt_costs.TTKernelCalibration(
-        "cpu", fwd_per_id=1e-7, fwd_per_row=3e-8, fwd_per_byte=5e-10, fwd_per_flop=2e-11, bwd_per_id=1e-8,
-        bwd_per_row=2e-7, bwd_per_byte=4e-10, bwd_per_flop=6e-11, update_per_param=1.5e-9))
+    tt_costs.set_calibration(tt_costs.TTKernelCalibration("cpu", **CALIBRATION))
     try:
         plan = pm.planner_plan(cfg, spec, 8, 256, profile)
     finally:
@@ -219,6 +220,40 @@ def test_planner_charges_torchrec_lookups_the_profiles_cost(spec, profile):
     per_rank = Counter(rank for *_, rank in plan.eb_units + plan.eb_column_wise)
     assert len(spec.eb_configs) == 19 and sum(per_rank.values()) == 19
     assert max(per_rank.values()) == 3
+
+
+def test_tt_kernel_profile_agrees_at_its_shape_and_charges_shards_their_work(spec, profile):
+    """A profile with the TT kernel's cost model fitted to it (the 1-rank table-wise run, B = 512)
+    charges that run exactly its flat per-id times, a data-parallel replica of the same B ids too;
+    elsewhere each shard costs what the kernel does for its ids: at W = 8 a row-wise shard (1/8 of
+    G_1: fewer distinct prefixes) 0.918x / 0.821x the flat forward / backward, and the table-wise
+    rank of t_cat_25 (1426 rows, 4096 ids: rows repeat) 0.733x / 0.362x. A what-if scales it too."""
+    import dataclasses
+
+    from ttdist.distributed.tt_costs import TTKernelCalibration
+
+    batch, links = 512, pm.PRESETS["nvlink+ib"]
+    one = pm.Plan.synthetic(spec, 1, "table_wise")
+    fitted = dataclasses.replace(profile, tt_kernel=pm.fitted_tt_kernel(profile, spec, [(one, batch)],
+                                                                        TTKernelCalibration("cpu", **CALIBRATION)))
+
+    def lookups(prof, plan):
+        parts = pm.step_time(prof, spec, plan, batch, links)["breakdown_s"]
+        return parts["lookup_fwd"], parts["lookup_bwd_update"]
+
+    for plan in (one, pm.Plan.synthetic(spec, 8, "data_parallel")):
+        assert lookups(fitted, plan) == pytest.approx(lookups(profile, plan))
+
+    def ratios(sharding, rank):
+        plan = pm.Plan.synthetic(spec, 8, sharding)
+        fwd, bwd = pm.tt_lookup_seconds(spec, plan, batch, fitted.tt_kernel)
+        ids = pm.ids_per_rank(spec, plan, batch)[0][rank]
+        return fwd[rank] / (profile.tt_fwd_s_per_id * ids), bwd[rank] / (profile.tt_bwd_s_per_id * ids)
+
+    assert ratios("row_wise", 0) == pytest.approx((0.918, 0.821), abs=1e-3)
+    assert ratios("table_wise", 6) == pytest.approx((0.733, 0.362), abs=1e-3)
+    rw = pm.Plan.synthetic(spec, 8, "row_wise")
+    assert lookups(pm.scaled_profile(fitted, 10), rw) == pytest.approx(tuple(x / 10 for x in lookups(fitted, rw)))
 
 
 def test_data_parallel_efficiency_stays_above_row_wise_at_scale(spec, profile):

@@ -51,7 +51,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -62,6 +62,7 @@ from ttdist.modules.tt_shapes import TTShape, make_tt_shape
 
 Direction = Literal["fwd", "bwd"]
 DIRECTIONS: tuple[Direction, ...] = ("fwd", "bwd")
+UNITS = ("id", "row", "byte", "flop")
 
 
 # ------------------------------------------------------------------------------ work of a batch
@@ -128,7 +129,14 @@ class TTKernelCalibration:
         """``(per id, per row, per byte, per flop)``: the order of ``batch_work``."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        return tuple(getattr(self, f"{direction}_per_{unit}") for unit in ("id", "row", "byte", "flop"))
+        return tuple(getattr(self, f"{direction}_per_{unit}") for unit in UNITS)
+
+    def scaled(self, fwd: float, bwd: float, update: float, **changes) -> TTKernelCalibration:
+        """Every forward coefficient times ``fwd``, backward one times ``bwd``, ``update_per_param``
+        times ``update``; ``changes``: other fields to replace (device, source)."""
+        factors = {"fwd": fwd, "bwd": bwd}
+        return replace(self, **{f"{d}_per_{u}": getattr(self, f"{d}_per_{u}") * factors[d] for d in DIRECTIONS
+                                for u in UNITS}, update_per_param=self.update_per_param * update, **changes)
 
 
 class TTCostModel:

@@ -35,6 +35,13 @@ Per-rank compute of the pieces (a_* from the profile):
     prep_eb,r = a_prep_eb * B * F_eb           fwd_eb,r = a_fwd_eb * ids_eb,r     bwd_eb,r = a_bwd_eb * ids_eb,r
     glue = m_glue * B (KeyedTensor assembly, feature selection)  dense_fwd = m_fwd * B    dense_bwd = m_bwd * B
     opt = c_opt     other = c_other
+A profile taken from a scaling JSON (``Profile.from_scaling``) instead charges rank r's TT lookups
+what the TT kernel's cost model (``ttdist.distributed.tt_costs``, this host's calibration of the
+profile's device) gives its shards: the kernel multiplies a prefix shared by several ids out once
+per batch, so a row-wise shard's ids (a slice of G_1: few distinct prefixes) or a larger batch
+cost less per id. Its coefficients are scaled per direction so that at the profile's own shape
+(every TT table whole on one rank, the profile's batch) it gives exactly a_fwd_tt * ids and
+a_bwd_tt * ids (``Profile.tt_kernel``).
 Step time: the pipeline is synchronous (every collective is a barrier), so the critical path is
     T = sum over pieces p of  X_p  +  sum over collectives c of  t_c,
     X_p = max_r x_p,r                         (own cores / GPUs per rank), or
@@ -132,6 +139,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:
     from torchrec.distributed.planner import Topology
+
+    from ttdist.distributed.tt_costs import TTKernelCalibration
 
 GROUPS = ("table_column_wise", "row_wise")
 # The training loop's own check (ttdist.train.train_step: one small int64 all-reduce of per-rank
@@ -248,6 +257,8 @@ class Profile:
     optimizer_s_per_step: float = 0.0
     other_s_per_step: float = 0.0
     source: str = ""
+    # the TT kernel's cost model fitted to tt_fwd/bwd_s_per_id (module docstring); None: a flat cost per id
+    tt_kernel: Optional[TTKernelCalibration] = None
 
     @staticmethod
     def from_summaries(summaries: Sequence[Mapping[str, Any]], source: str = "",
@@ -299,7 +310,10 @@ class Profile:
 
     @staticmethod
     def from_scaling(data: Mapping[str, Any], spec: "ModelSpec", mode: str = "weak", source: str = "") -> "Profile":
-        """Pooled over the 1-rank entries of ``mode`` of a scaling JSON (every placement it ran)."""
+        """Pooled over the 1-rank entries of ``mode`` of a scaling JSON (every placement it ran), with
+        this host's TT kernel calibration of the run's device fitted to it (``fitted_tt_kernel``)."""
+        from ttdist.distributed import tt_costs
+
         entries = [e for e in data["entries"] if e["world_size"] == 1 and e["mode"] == mode]
         if not entries:
             raise ValueError(f"{source or 'the scaling JSON'} has no 1-rank {mode} entry to take a profile from; "
@@ -310,15 +324,35 @@ class Profile:
             summaries += e["rank_summaries"]
             reps += [rep] * len(e["rank_summaries"])
         placements = ", ".join(e["placement"] for e in entries)
-        return Profile.from_summaries(summaries, f"{source}: 1-rank {mode} entries ({placements}), pooled", reps)
+        profile = Profile.from_summaries(summaries, f"{source}: 1-rank {mode} entries ({placements}), pooled", reps)
+        if spec.tt_configs:
+            runs = [(Plan.from_summary(spec, e["plan"], 1), e["batch_per_rank"]) for e in entries]
+            profile.tt_kernel = fitted_tt_kernel(profile, spec, runs, tt_costs.calibration(data["setup"]["device"]))
+        return profile
+
+
+def fitted_tt_kernel(profile: Profile, spec: "ModelSpec", runs: Sequence[tuple["Plan", int]],
+                     calibration: TTKernelCalibration) -> TTKernelCalibration:
+    """``calibration`` with its forward and backward coefficients scaled so that over ``runs``
+    (the profile's 1-rank runs: plan, batch) it charges the TT lookups what ``profile`` does,
+    tt_fwd_s_per_id and tt_bwd_s_per_id per id (the replicated cores' step stays
+    tt_replica_s_per_element: ``update_per_param`` is left as it is)."""
+    ids = fwd = bwd = 0.0
+    for plan, batch in runs:
+        f, b = tt_lookup_seconds(spec, plan, batch, calibration)
+        ids, fwd, bwd = ids + sum(ids_per_rank(spec, plan, batch)[0]), fwd + sum(f), bwd + sum(b)
+    return calibration.scaled(profile.tt_fwd_s_per_id * ids / fwd, profile.tt_bwd_s_per_id * ids / bwd, 1.0,
+                              source=f"{calibration.source}, scaled to the profile {profile.source}")
 
 
 def scaled_profile(profile: Profile, speedup: float, why: str = "ASSUMED, not measured") -> Profile:
     """Every compute time divided by ``speedup`` (a what-if, e.g. GPU kernels vs one CPU thread,
     or a measured slowdown: ``speedup`` < 1); ``why`` goes into the profile's source."""
-    values = {k: (v / speedup if isinstance(v, float) else v) for k, v in asdict(profile).items()}
-    values["source"] = f"{profile.source}, every time / {speedup:g} ({why})"
-    return Profile(**values)
+    values = {f.name: getattr(profile, f.name) / speedup for f in dataclasses.fields(profile)
+              if isinstance(getattr(profile, f.name), float)}
+    kernel = profile.tt_kernel and profile.tt_kernel.scaled(1 / speedup, 1 / speedup, 1 / speedup)
+    return dataclasses.replace(profile, **values, tt_kernel=kernel,
+                               source=f"{profile.source}, every time / {speedup:g} ({why})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,8 +530,6 @@ def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, pro
     without a GPU here, its TT kernel costs for cuda are this host's CPU calibration
     (``tt_costs.calibration("cpu")``) divided by it — the same assumptions as the predictions it
     is used in."""
-    import dataclasses
-
     import torch
 
     from ttdist.distributed import make_planner, tt_costs
@@ -506,10 +538,8 @@ def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, pro
 
     if not torch.cuda.is_available():
         cpu = tt_costs.calibration("cpu")
-        scaled = {f.name: getattr(cpu, f.name) / cpu_speedup for f in dataclasses.fields(cpu)
-                  if f.name.endswith(tuple(f"_per_{u}" for u in ("id", "row", "byte", "flop", "param")))}
-        tt_costs.set_calibration(dataclasses.replace(cpu, device="cuda", **scaled,
-                                                     source=f"{cpu.source}, / {cpu_speedup:g} (ASSUMED cuda)"))
+        tt_costs.set_calibration(cpu.scaled(1 / cpu_speedup, 1 / cpu_speedup, 1 / cpu_speedup, device="cuda",
+                                            source=f"{cpu.source}, / {cpu_speedup:g} (ASSUMED cuda)"))
     try:
         model = build_model(cfg, torch.device("meta"))
         planner = make_planner(planner_topology(cfg, world_size, batch_per_rank, profile, cpu_speedup),
@@ -660,19 +690,41 @@ def predicted_bytes_for_dmp(dmp, cfg, batch: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def ids_per_rank(spec: ModelSpec, plan: Plan, batch: int) -> tuple[list[float], list[float]]:
-    """(TT ids, TorchRec ids) each rank looks up per step (module docstring, uniform rows)."""
+def tt_table_shards(config, plan: Plan) -> list:
+    """The shards (``shard_layout.table_shards``) of TT table ``config`` under ``plan``."""
     from ttdist.distributed.shard_layout import table_shards
 
+    ps = plan.tt[config.name]
+    spec_ranks = ([s.placement.rank() for s in ps.sharding_spec.shards]
+                  if ps.sharding_spec is not None and ps.sharding_type == "column_wise" else None)
+    return table_shards(config.name, config.tt_shape(), ps.sharding_type, ps.ranks or [], plan.world_size, spec_ranks)
+
+
+def tt_lookup_seconds(spec: ModelSpec, plan: Plan, batch: int, calibration: TTKernelCalibration
+                      ) -> tuple[list[float], list[float]]:
+    """(forward, backward) seconds of each rank's TT lookups per step: the kernel cost model
+    (``TTCostModel.shard_costs``) of every shard on its rank, the ids uniform over rows."""
+    from ttdist.distributed.tt_costs import TTCostModel
+
+    model = TTCostModel(calibration)
+    fwd, bwd = [0.0] * plan.world_size, [0.0] * plan.world_size
+    for c in spec.tt_configs:
+        for cost in model.shard_costs(c.tt_shape(), plan.tt[c.name].sharding_type, tt_table_shards(c, plan), batch,
+                                      len(c.feature_names), plan.world_size):
+            fwd[cost.rank] += cost.fwd_seconds
+            bwd[cost.rank] += cost.bwd_seconds
+    return fwd, bwd
+
+
+def ids_per_rank(spec: ModelSpec, plan: Plan, batch: int) -> tuple[list[float], list[float]]:
+    """(TT ids, TorchRec ids) each rank looks up per step (module docstring, uniform rows)."""
     w = plan.world_size
     tt, eb = [0.0] * w, [0.0] * w
     for c in spec.tt_configs:
         ps = plan.tt[c.name]
         shape = c.tt_shape()
         nf = len(c.feature_names)
-        spec_ranks = ([s.placement.rank() for s in ps.sharding_spec.shards]
-                      if ps.sharding_spec is not None and ps.sharding_type == "column_wise" else None)
-        shards = table_shards(c.name, shape, ps.sharding_type, ps.ranks or [], w, spec_ranks)
+        shards = tt_table_shards(c, plan)
         if ps.sharding_type == "row_wise":
             for s in shards:
                 tt[s.rank] += nf * w * batch * s.local_shape(shape).num_embeddings / c.num_embeddings
@@ -698,6 +750,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
     w = plan.world_size
     p = profile
     tt_ids, eb_ids = ids_per_rank(spec, plan, batch)
+    tt_fwd, tt_bwd = (tt_lookup_seconds(spec, plan, batch, p.tt_kernel) if p.tt_kernel else
+                      ([p.tt_fwd_s_per_id * x for x in tt_ids], [p.tt_bwd_s_per_id * x for x in tt_ids]))
     f_tt = sum(len(c.feature_names) for c in spec.tt_configs)
     f_eb = sum(len(c.feature_names) for c in spec.eb_configs)
     replicas = replicated_core_elements(spec, plan)
@@ -744,7 +798,7 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         + a2a(byts["ebc.index_all_to_all"], n["eb_index"])
         + host(tt_sum("tt.index_all_to_all"), n_tt) + host(byts["ebc.index_all_to_all"], n_eb),
         # the TT and TorchRec lookups of a rank run back to back, no collective between them
-        "lookup_fwd": piece([p.tt_fwd_s_per_id * x + p.ebc_fwd_s_per_id * y for x, y in zip(tt_ids, eb_ids)]),
+        "lookup_fwd": piece([x + p.ebc_fwd_s_per_id * y for x, y in zip(tt_fwd, eb_ids)]),
         # TorchRec's row-wise reduce-scatter moves (W-1)/W of its input over a ring, as an all-to-all
         "output_a2a_fwd": a2a(tt_sum("tt.pooled_all_to_all_forward"), n["tt_pooled"])
         + a2a(byts["ebc.pooled_all_to_all_forward"], n["eb_pooled"])
@@ -760,7 +814,7 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         + a2a(w * byts["ebc.pooled_all_gather_backward"], n["eb_row_wise"])
         + host(tt_sum("tt.pooled_all_to_all_backward"), n_tt)
         + host(byts["ebc.pooled_all_to_all_backward"] + w * byts["ebc.pooled_all_gather_backward"], n_eb),
-        "lookup_bwd_update": piece([p.tt_bwd_s_per_id * x + p.ebc_bwd_s_per_id * y for x, y in zip(tt_ids, eb_ids)])
+        "lookup_bwd_update": piece([x + p.ebc_bwd_s_per_id * y for x, y in zip(tt_bwd, eb_ids)])
         + uniform(p.tt_replica_s_per_element * replicas),
         "allreduce": ar(byts.get("tt.replicated_grad_all_reduce", 0), n["tt_replica"])
         + ar(byts["ddp_all_reduce"], n["ddp"]),
@@ -1090,7 +1144,9 @@ def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Seq
     assumptions = [
         f"Weak scaling: {batch_per_gpu} samples per GPU at every W; efficiency = T(1)/T(W) of the same plan kind.",
         "Compute: per-id / per-sample / per-element times measured on one CPU rank (1 thread) of each config's model "
-        "(profile_json, pooled over its tw/rw/dp 1-rank runs); "
+        "(profile_json, pooled over its tw/rw/dp 1-rank runs); a TT shard costs what this host's TT kernel cost model "
+        "(ttdist.distributed.tt_costs: shared prefixes multiplied out once per batch) gives its ids, scaled to equal "
+        "the measured per-id times at the profile's shape (every table whole, its batch per rank); "
         + (f"the what-if divides every one by {what_if_speedup:g} (ASSUMED GPU-speed compute, not measured)."
            if what_if_speedup else "no GPU-speed what-if."),
         "Links: " + "; ".join(f"{n}: intra {c.intra.bandwidth / 1e9:g} GB/s {c.intra.latency * 1e6:g} us, inter "
