@@ -210,7 +210,7 @@ def test_planner_charges_torchrec_lookups_the_profiles_cost(spec, profile):
     cfg = load_config(REPO / "configs/demo.yaml", SMALL)
     assert pm.torchrec_lookup_s_per_id(cfg, 256, Topology(world_size=1, compute_device="cuda")) < 1e-8
     for speedup in (1.0, 100.0):
-        topology = pm.planner_topology(cfg, 8, 256, profile, speedup)
+        topology = pm.planner_topology(cfg, 8, 256, pm.scaled_profile(profile, speedup))
         assert pm.torchrec_lookup_s_per_id(cfg, 256, topology) == pytest.approx(3e-7 / speedup, rel=1e-9)
     tt_costs.set_calibration(tt_costs.TTKernelCalibration("cpu", **CALIBRATION))
     try:
@@ -220,6 +220,41 @@ def test_planner_charges_torchrec_lookups_the_profiles_cost(spec, profile):
     per_rank = Counter(rank for *_, rank in plan.eb_units + plan.eb_column_wise)
     assert len(spec.eb_configs) == 19 and sum(per_rank.values()) == 19
     assert max(per_rank.values()) == 3
+
+
+def test_planner_prices_tt_shards_with_the_profiles_kernel(spec, profile, monkeypatch):
+    """planner_plan gives the planner the TT kernel cost model the predictions charge: the one
+    fitted to the profile (Profile.tt_kernel), / cpu_speedup, not this host's raw calibration (it
+    did: with a calibration measured 2x faster than the profile, the planner's table-wise TT tables
+    cost half what step_time charged them, and it picked them); a profile without one leaves it
+    the raw calibration / cpu_speedup."""
+    import dataclasses
+
+    from ttdist.distributed import planner as tt_planner
+    from ttdist.distributed import tt_costs
+
+    cfg = load_config(REPO / "configs/demo.yaml", SMALL)
+    raw = tt_costs.TTKernelCalibration("cpu", **CALIBRATION)
+    fitted = dataclasses.replace(profile, tt_kernel=pm.fitted_tt_kernel(
+        profile, spec, [(pm.Plan.synthetic(spec, 1, "table_wise"), 512)], raw))
+    assert fitted.tt_kernel.fwd_per_id != pytest.approx(raw.fwd_per_id, rel=0.1)
+    seen, rate = [], tt_planner.tt_option_perf
+
+    def spy(option, topology, model):
+        seen.append(model.calibration)
+        return rate(option, topology, model)
+
+    monkeypatch.setattr(tt_planner, "tt_option_perf", spy)
+    tt_costs.set_calibration(raw)
+    try:
+        for prof, kernel in ((fitted, fitted.tt_kernel), (profile, raw)):
+            for speedup in (1.0, 100.0):
+                seen.clear()
+                pm.planner_plan(cfg, spec, 8, 256, prof, speedup)
+                assert seen and set(seen) == {kernel.scaled(1 / speedup, 1 / speedup, 1 / speedup)}
+    finally:
+        tt_costs.set_calibration(None, "cpu")
+    assert pm.scaled_profile(fitted, 100.0).tt_kernel == fitted.tt_kernel.scaled(0.01, 0.01, 0.01)
 
 
 def test_tt_kernel_profile_agrees_at_its_shape_and_charges_shards_their_work(spec, profile):

@@ -502,20 +502,19 @@ def torchrec_lookup_s_per_id(cfg, batch_per_rank: int, topology: Topology) -> fl
     return seconds / sum(topology.world_size * o.batch_size * sum(o.input_lengths) for o in options)
 
 
-def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile,
-                     cpu_speedup: float = 1.0) -> Topology:
+def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile) -> Topology:
     """The ``Topology`` ``planner_plan`` plans on: W GPUs, 8 per node (as the presets; TorchRec's
     default puts all W on one host, and its to_sharding_plan then fails at W = 512 with "Invalid
     device string: 'cuda:-28'"), and the HBM bandwidth at which TorchRec's estimator charges a
-    TorchRec table's lookup what the predictions do, (ebc_fwd_s_per_id + ebc_bwd_s_per_id) /
-    ``cpu_speedup`` per id: at its default bandwidth (a GPU's) it charges 190-270x less than the
+    TorchRec table's lookup what the predictions do, ``profile``'s ebc_fwd_s_per_id +
+    ebc_bwd_s_per_id per id: at its default bandwidth (a GPU's) it charges 190-270x less than the
     Criteo CPU profiles, and the planner then stacks the TorchRec tables on a few ranks. Its
     compute estimate of the fused kernel on cuda is bytes / hbm_mem_bw, so one ratio sets it."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.constants import HBM_MEM_BW
 
     charged = torchrec_lookup_s_per_id(cfg, batch_per_rank, Topology(world_size=1, compute_device="cuda"))
-    assumed = (profile.ebc_fwd_s_per_id + profile.ebc_bwd_s_per_id) / cpu_speedup
+    assumed = profile.ebc_fwd_s_per_id + profile.ebc_bwd_s_per_id
     return Topology(world_size=world_size, compute_device="cuda", local_world_size=min(world_size, 8),
                     hbm_mem_bw=HBM_MEM_BW * charged / assumed)
 
@@ -526,30 +525,27 @@ def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, pro
     ``planner_topology`` and the training's constraints (``ttdist.model.plan_constraints``); the
     model is built on meta.
 
-    Its TorchRec lookups cost ``profile``'s per id divided by ``cpu_speedup`` (``planner_topology``);
-    without a GPU here, its TT kernel costs for cuda are this host's CPU calibration
-    (``tt_costs.calibration("cpu")``) divided by it — the same assumptions as the predictions it
-    is used in."""
+    It plans with the compute costs the predictions charge, ``scaled_profile(profile,
+    cpu_speedup)``: its TorchRec lookups cost that profile's per id (``planner_topology``), its TT
+    shards what that profile's TT kernel cost model gives them (``Profile.tt_kernel``: this host's
+    calibration fitted to the profile, / ``cpu_speedup``; ``step_time`` charges the same), on a
+    GPU host too. Only a profile without a kernel (hand-made, ``from_summaries``) leaves the
+    planner this host's raw CPU calibration (``tt_costs.calibration("cpu")``) / ``cpu_speedup``."""
     import torch
 
     from ttdist.distributed import make_planner, tt_costs
+    from ttdist.distributed.tt_costs import TTCostModel
     from ttdist.model import build_model, build_sharders, plan_constraints
     from ttdist.modules.optim import OptimType
 
-    if not torch.cuda.is_available():
-        cpu = tt_costs.calibration("cpu")
-        tt_costs.set_calibration(cpu.scaled(1 / cpu_speedup, 1 / cpu_speedup, 1 / cpu_speedup, device="cuda",
-                                            source=f"{cpu.source}, / {cpu_speedup:g} (ASSUMED cuda)"))
-    try:
-        model = build_model(cfg, torch.device("meta"))
-        planner = make_planner(planner_topology(cfg, world_size, batch_per_rank, profile, cpu_speedup),
-                               batch_size=batch_per_rank,
-                               constraints=plan_constraints(cfg, "cuda"),
-                               optimizer=OptimType.parse(cfg.optim.embedding_optimizer))
-        return Plan.from_summary(spec, summarize_plan(planner.plan(model, build_sharders(cfg))), world_size)
-    finally:
-        if not torch.cuda.is_available():
-            tt_costs.set_calibration(None, "cuda")
+    kernel = profile.tt_kernel or tt_costs.calibration("cpu")
+    assumed = scaled_profile(dataclasses.replace(profile, tt_kernel=kernel), cpu_speedup)
+    planner = make_planner(planner_topology(cfg, world_size, batch_per_rank, assumed), batch_size=batch_per_rank,
+                           constraints=plan_constraints(cfg, "cuda"),
+                           optimizer=OptimType.parse(cfg.optim.embedding_optimizer),
+                           cost_model=TTCostModel(assumed.tt_kernel))
+    model = build_model(cfg, torch.device("meta"))
+    return Plan.from_summary(spec, summarize_plan(planner.plan(model, build_sharders(cfg))), world_size)
 
 
 def replicated_core_elements(spec: ModelSpec, plan: Plan) -> int:
@@ -1128,10 +1124,9 @@ def config_predictions(profile_json: str | Path, batch_per_gpu: int, worlds: Seq
                      "dense_param_bytes": spec.dense_param_bytes},
            "planner_plans": planner_counts(plans), "predictions": predictions(profile, plans)}
     if what_if_speedup:
-        fast = plans_at(what_if_speedup)
-        out["what_if"] = {"compute_speedup": what_if_speedup, "profile": asdict(scaled_profile(profile, what_if_speedup)),
-                          "planner_plans": planner_counts(fast),
-                          "predictions": predictions(scaled_profile(profile, what_if_speedup), fast)}
+        fast, fast_profile = plans_at(what_if_speedup), scaled_profile(profile, what_if_speedup)
+        out["what_if"] = {"compute_speedup": what_if_speedup, "profile": asdict(fast_profile),
+                          "planner_plans": planner_counts(fast), "predictions": predictions(fast_profile, fast)}
     return out
 
 
@@ -1154,11 +1149,11 @@ def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Seq
                               "per node" for n, c in PRESETS.items() if n in presets) + " (module docstring: sources).",
         "Plans: row_wise / table_wise / data_parallel put every TT table on that sharding type (TorchRec tables "
         "table-wise, least-loaded rank); planner = ttdist.distributed.make_planner with Topology(world_size=W, "
-        "compute_device='cuda', local_world_size=min(W, 8)) and the training's constraints, at the same per-GPU batch; without a GPU its TT "
-        "kernel costs are this host's CPU calibration (ttdist.distributed.tt_costs) divided by the same factor as "
-        "the compute of the prediction set (1, or the what-if's), and the Topology's hbm_mem_bw is set so that "
-        "TorchRec's estimator charges a TorchRec table's lookup the profile's ebc_fwd + ebc_bwd per id divided by "
-        "that factor (planner_topology).",
+        "compute_device='cuda', local_world_size=min(W, 8)) and the training's constraints, at the same per-GPU batch, "
+        "planning with the compute costs of its prediction set (measured, or the what-if's): its TT kernel costs are "
+        "the profile's fitted TT kernel cost model above, divided by the same factor as that set's compute (1, or the "
+        "what-if's), and the Topology's hbm_mem_bw is set so that TorchRec's estimator charges a TorchRec table's "
+        "lookup the profile's ebc_fwd + ebc_bwd per id divided by that factor (planner_plan, planner_topology).",
         "Ids hash uniformly over rows (row-wise shards get ids in proportion to their rows); 1 id per sample and feature.",
         "No overlap of communication with compute (an upper bound for pipelined training); no stragglers, no link "
         "contention beyond the per-GPU NIC.",
