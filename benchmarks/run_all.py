@@ -323,6 +323,9 @@ def section_scaling(name: str, d: dict) -> str:
 
 
 def section_perf(name_v: str, v: Optional[dict], name_p: str, p: Optional[dict]) -> str:
+    def plan_text(by_w: dict) -> str:
+        return ", ".join(f"{w}: {', '.join(f'{k} {n}' for k, n in plan['tt'].items())}" for w, plan in by_w.items())
+
     out = []
     if v:
         rows = [[r["placement"], r["mode"], r["world_size"], ", ".join(f"{k} {n}" for k, n in r["plan"]["tt"].items()),
@@ -348,9 +351,13 @@ def section_perf(name_v: str, v: Optional[dict], name_p: str, p: Optional[dict])
                 if part:
                     rows = [[k, *(f"{ms(x['step_time_s'])} ms, E={num(x['efficiency'])}" for x in pts)]
                             for k, pts in part["predictions"].items()]
-                    plans = "; ".join(f"{w}: {', '.join(f'{k} {n}' for k, n in plan['tt'].items())}"
-                                      for w, plan in part["planner_plans"].items())
-                    out += [f"{label} (the planner's TT plan per W: {plans}):", "",
+                    by_preset = part["planner_plans"]
+                    if any("tt" in x for x in by_preset.values()):  # older files: {W: plan}, one for every preset
+                        plans = f"the planner's TT plan per W, on TorchRec's default links: {plan_text(by_preset)}"
+                    else:
+                        plans = "the planner's TT plan per preset and W, planned on that preset's links: " + "; ".join(
+                            f"{preset}: {plan_text(by_w)}" for preset, by_w in by_preset.items())
+                    out += [f"{label} ({plans}):", "",
                             table(["preset / TT plan", *(f"W={w}" for w in worlds)], rows), ""]
     return "\n".join(out)
 

@@ -210,11 +210,11 @@ def test_planner_charges_torchrec_lookups_the_profiles_cost(spec, profile):
     cfg = load_config(REPO / "configs/demo.yaml", SMALL)
     assert pm.torchrec_lookup_s_per_id(cfg, 256, Topology(world_size=1, compute_device="cuda")) < 1e-8
     for speedup in (1.0, 100.0):
-        topology = pm.planner_topology(cfg, 8, 256, pm.scaled_profile(profile, speedup))
+        topology = pm.planner_topology(cfg, 8, 256, pm.scaled_profile(profile, speedup), pm.PRESETS["nvlink+ib"])
         assert pm.torchrec_lookup_s_per_id(cfg, 256, topology) == pytest.approx(3e-7 / speedup, rel=1e-9)
     tt_costs.set_calibration(tt_costs.TTKernelCalibration("cpu", **CALIBRATION))
     try:
-        plan = pm.planner_plan(cfg, spec, 8, 256, profile)
+        plan = pm.planner_plan(cfg, spec, 8, 256, profile, links=pm.PRESETS["nvlink+ib"])
     finally:
         tt_costs.set_calibration(None, "cpu")
     per_rank = Counter(rank for *_, rank in plan.eb_units + plan.eb_column_wise)
@@ -250,11 +250,64 @@ def test_planner_prices_tt_shards_with_the_profiles_kernel(spec, profile, monkey
         for prof, kernel in ((fitted, fitted.tt_kernel), (profile, raw)):
             for speedup in (1.0, 100.0):
                 seen.clear()
-                pm.planner_plan(cfg, spec, 8, 256, prof, speedup)
+                pm.planner_plan(cfg, spec, 8, 256, prof, speedup, pm.PRESETS["nvlink+ib"])
                 assert seen and set(seen) == {kernel.scaled(1 / speedup, 1 / speedup, 1 / speedup)}
     finally:
         tt_costs.set_calibration(None, "cpu")
     assert pm.scaled_profile(fitted, 100.0).tt_kernel == fitted.tt_kernel.scaled(0.01, 0.01, 0.01)
+
+
+def test_planner_plans_on_the_presets_links(profile, monkeypatch):
+    """The planner plans each preset on its links: planner_topology sets the Topology's
+    intra_host_bw / inter_host_bw to the preset's intra- / inter-node bandwidth in TorchRec's
+    bytes/ms and local_world_size to its GPUs per node (it had TorchRec's defaults, 600 / 12.5 GiB/s,
+    so at Criteo Terabyte W = 64 it charged row-wise's pooled all-to-all across nodes 70 ms where
+    nvlink+ib's 25 GB/s charges 38 ms, and picked data-parallel TT tables, E 0.839 vs row-wise's
+    0.911). At W = 1 (no collective) every bandwidth is infinite, whatever the preset, and
+    config_predictions plans it once per speed; W > 1 once per (preset, W, speed)."""
+    from torchrec.distributed.planner.types import CollectiveType
+
+    from ttdist.distributed import tt_costs
+    from ttdist.distributed.planner import _comms_bw
+
+    cfg = load_config(REPO / "configs/demo.yaml", SMALL)
+    for name, links in pm.PRESETS.items():
+        topology = pm.planner_topology(cfg, 64, 256, profile, links)
+        assert topology.inter_host_bw == pytest.approx(links.inter.bandwidth / 1e3, rel=1e-12)
+        assert topology.intra_host_bw == pytest.approx(links.intra.bandwidth / 1e3, rel=1e-12)
+        assert topology.local_world_size == links.gpus_per_node
+        assert _comms_bw(topology, CollectiveType.ALL_TO_ALL, 64) == pytest.approx(25e9 / 1e3)  # HDR, not 12.5 GiB/s
+    assert pm.planner_topology(cfg, 8, 256, profile, pm.PRESETS["nvlink+ib"]).intra_host_bw == pytest.approx(450e6)
+    for links in (None, *pm.PRESETS.values()):
+        one = pm.planner_topology(cfg, 1, 256, profile, links)
+        assert (one.intra_host_bw, one.inter_host_bw, one.local_world_size) == (math.inf, math.inf, 1)
+    with pytest.raises(ValueError, match="links"):
+        pm.planner_topology(cfg, 8, 256, profile)
+
+    calls = []
+
+    def fake_plan(cfg, spec, world_size, batch_per_rank, profile, cpu_speedup=1.0, links=None):
+        calls.append((links and links.name, world_size, cpu_speedup))
+        return pm.Plan.synthetic(spec, world_size, "row_wise" if links and links.name == "nvlink+ib" else "table_wise")
+
+    monkeypatch.setattr(pm, "planner_plan", fake_plan)
+    tt_costs.set_calibration(tt_costs.TTKernelCalibration("cpu", **CALIBRATION))
+    try:
+        out = pm.config_predictions(REPO / "benchmarks/results/perf_model_profile_criteo_kaggle.json", 256, [8, 64],
+                                    list(pm.PRESETS), what_if_speedup=100.0)
+    finally:
+        tt_costs.set_calibration(None, "cpu")
+    assert sorted(calls, key=str) == sorted([(None, 1, s) for s in (1.0, 100.0)] + [
+        (name, w, s) for name in pm.PRESETS for w in (8, 64) for s in (1.0, 100.0)], key=str)
+    for part in (out, out["what_if"]):
+        assert set(part["planner_plans"]) == set(pm.PRESETS)
+        assert part["planner_plans"]["nvlink+ib"][64]["tt"] == {"row_wise": 7}
+        assert part["planner_plans"]["ib"][64]["tt"] == {"table_wise": 7}
+        assert part["planner_plans"]["ib"][1] == part["planner_plans"]["nvlink+ib"][1]
+        assert [p["step_time_s"] for p in part["predictions"]["nvlink+ib/planner"][1:]] == \
+            [p["step_time_s"] for p in part["predictions"]["nvlink+ib/row_wise"][1:]]
+        assert [p["step_time_s"] for p in part["predictions"]["ib/planner"]] == \
+            [p["step_time_s"] for p in part["predictions"]["ib/table_wise"]]
 
 
 def test_tt_kernel_profile_agrees_at_its_shape_and_charges_shards_their_work(spec, profile):

@@ -502,26 +502,49 @@ def torchrec_lookup_s_per_id(cfg, batch_per_rank: int, topology: Topology) -> fl
     return seconds / sum(topology.world_size * o.batch_size * sum(o.input_lengths) for o in options)
 
 
-def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile) -> Topology:
-    """The ``Topology`` ``planner_plan`` plans on: W GPUs, 8 per node (as the presets; TorchRec's
-    default puts all W on one host, and its to_sharding_plan then fails at W = 512 with "Invalid
-    device string: 'cuda:-28'"), and the HBM bandwidth at which TorchRec's estimator charges a
+def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile,
+                     links: Optional[Cluster] = None) -> Topology:
+    """The ``Topology`` ``planner_plan`` plans on: W GPUs on the links of the preset ``links``, so
+    that the planner prices a collective on the links ``step_time`` charges it on: its GPUs per
+    node as local_world_size (TorchRec's default puts all W on one host, and its to_sharding_plan
+    then fails at W = 512 with "Invalid device string: 'cuda:-28'"), its intra- / inter-node
+    bandwidths as intra_host_bw / inter_host_bw (bytes/s -> TorchRec's bytes/ms; with TorchRec's
+    defaults, 600 / 12.5 GiB/s, it charged row-wise's pooled all-to-all across nodes 2x what the
+    presets' 25 GB/s InfiniBand does). At W = 1 nothing is communicated and ``step_time`` charges
+    no collective, but the estimators still charge a table-wise table's pooled output bytes /
+    intra_host_bw (a data-parallel one nothing), which tipped the W = 1 plan with the bandwidth;
+    so at W = 1 every bandwidth is infinite, whatever ``links`` (which may then be None), and the
+    W = 1 plan depends on no link. And the HBM bandwidth at which TorchRec's estimator charges a
     TorchRec table's lookup what the predictions do, ``profile``'s ebc_fwd_s_per_id +
     ebc_bwd_s_per_id per id: at its default bandwidth (a GPU's) it charges 190-270x less than the
     Criteo CPU profiles, and the planner then stacks the TorchRec tables on a few ranks. Its
-    compute estimate of the fused kernel on cuda is bytes / hbm_mem_bw, so one ratio sets it."""
+    compute estimate of the fused kernel on cuda is bytes / hbm_mem_bw, so one ratio sets it.
+
+    TorchRec's own link model stays: an all-to-all costs bytes / intra_host_bw if its W ranks fit
+    in a node, else bytes / inter_host_bw (``step_time``: the (W-1)/W of the bytes that leave a
+    rank, split over both links), an all-reduce bytes / (inter_host_bw * local_world_size) ("1
+    NIC per GPU"; ``step_time``: 2 (W-1)/W bytes / the link's bandwidth); no per-message latency
+    (``make_planner``'s collective_latency_ms stays 0)."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.constants import HBM_MEM_BW
 
+    if world_size == 1:
+        intra = inter = math.inf
+    elif links is None:
+        raise ValueError(f"planner_topology needs the links of {world_size} GPUs (a PRESETS cluster)")
+    else:
+        intra, inter = links.intra.bandwidth / 1e3, links.inter.bandwidth / 1e3
     charged = torchrec_lookup_s_per_id(cfg, batch_per_rank, Topology(world_size=1, compute_device="cuda"))
     assumed = profile.ebc_fwd_s_per_id + profile.ebc_bwd_s_per_id
-    return Topology(world_size=world_size, compute_device="cuda", local_world_size=min(world_size, 8),
-                    hbm_mem_bw=HBM_MEM_BW * charged / assumed)
+    return Topology(world_size=world_size, compute_device="cuda",
+                    local_world_size=1 if world_size == 1 else min(world_size, links.gpus_per_node),
+                    hbm_mem_bw=HBM_MEM_BW * charged / assumed, intra_host_bw=intra, inter_host_bw=inter)
 
 
 def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, profile: Profile,
-                 cpu_speedup: float = 1.0) -> Plan:
-    """What ttdist's planner picks for ``cfg``'s model on ``world_size`` GPUs: ``make_planner`` on
+                 cpu_speedup: float = 1.0, links: Optional[Cluster] = None) -> Plan:
+    """What ttdist's planner picks for ``cfg``'s model on ``world_size`` GPUs connected by
+    ``links`` (a PRESETS cluster; ignored, may be None, at W = 1): ``make_planner`` on
     ``planner_topology`` and the training's constraints (``ttdist.model.plan_constraints``); the
     model is built on meta.
 
@@ -540,7 +563,8 @@ def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, pro
 
     kernel = profile.tt_kernel or tt_costs.calibration("cpu")
     assumed = scaled_profile(dataclasses.replace(profile, tt_kernel=kernel), cpu_speedup)
-    planner = make_planner(planner_topology(cfg, world_size, batch_per_rank, assumed), batch_size=batch_per_rank,
+    planner = make_planner(planner_topology(cfg, world_size, batch_per_rank, assumed, links),
+                           batch_size=batch_per_rank,
                            constraints=plan_constraints(cfg, "cuda"),
                            optimizer=OptimType.parse(cfg.optim.embedding_optimizer),
                            cost_model=TTCostModel(assumed.tt_kernel))
@@ -1089,8 +1113,10 @@ PLAN_KINDS = ("row_wise", "table_wise", "data_parallel", "planner")
 def config_predictions(profile_json: str | Path, batch_per_gpu: int, worlds: Sequence[int], presets: Sequence[str],
                        scale: Optional[float] = None, what_if_speedup: Optional[float] = None) -> dict:
     """Weak-scaling predictions of the model a profile JSON ran (its config and overrides), for
-    every plan kind of PLAN_KINDS (all TT tables one sharding type, or the planner's plan) and
-    every preset cluster; with ``what_if_speedup``, again with every compute time divided by it."""
+    every plan kind of PLAN_KINDS (all TT tables one sharding type, or the planner's plan, planned
+    on that preset's links) and every preset cluster; with ``what_if_speedup``, again with every
+    compute time divided by it (and the planner's plans planned again with those costs).
+    ``planner_plans``: {preset: {W: the planner's sharding counts}}."""
     data = json.loads(Path(profile_json).read_text())
     setup = data["setup"]
     extra = [f"data.cardinality_scale={scale}"] if scale else []
@@ -1099,16 +1125,25 @@ def config_predictions(profile_json: str | Path, batch_per_gpu: int, worlds: Seq
     profile = Profile.from_scaling(data, spec, "weak", str(profile_json))
     all_worlds = sorted({1, *worlds})
 
-    def plans_at(speedup: float) -> dict[str, dict[int, Plan]]:
-        return {kind: {w: planner_plan(cfg, spec, w, batch_per_gpu, profile, speedup) if kind == "planner"
-                       else Plan.synthetic(spec, w, kind) for w in all_worlds} for kind in PLAN_KINDS}
+    def plans_at(speedup: float) -> tuple[dict[str, dict[int, Plan]], dict[str, dict[int, Plan]]]:
+        """The synthetic kinds' plans, and the planner's per preset, planned on that preset's links
+        (``planner_topology``); its W = 1 plan, which depends on no link, once for all presets."""
+        synthetic = {kind: {w: Plan.synthetic(spec, w, kind) for w in all_worlds}
+                     for kind in PLAN_KINDS if kind != "planner"}
+        one = {1: planner_plan(cfg, spec, 1, batch_per_gpu, profile, speedup)}
+        planner = {name: one | {w: planner_plan(cfg, spec, w, batch_per_gpu, profile, speedup, PRESETS[name])
+                                for w in all_worlds if w != 1} for name in presets}
+        return synthetic, planner
 
-    def predictions(prof: Profile, plans: Mapping[str, Mapping[int, Plan]]) -> dict:
-        return {f"{name}/{kind}": weak_scaling(prof, spec, batch_per_gpu, plans[kind], PRESETS[name])
+    def predictions(prof: Profile, plans: tuple[Mapping[str, Mapping[int, Plan]], Mapping[str, Mapping[int, Plan]]]
+                    ) -> dict:
+        synthetic, planner = plans
+        return {f"{name}/{kind}": weak_scaling(prof, spec, batch_per_gpu,
+                                               planner[name] if kind == "planner" else synthetic[kind], PRESETS[name])
                 for name in presets for kind in PLAN_KINDS}
 
-    def planner_counts(plans: Mapping[str, Mapping[int, Plan]]) -> dict:
-        return {w: p.sharding_counts() for w, p in plans["planner"].items()}
+    def planner_counts(plans: tuple[Mapping, Mapping[str, Mapping[int, Plan]]]) -> dict:
+        return {name: {w: p.sharding_counts() for w, p in per_world.items()} for name, per_world in plans[1].items()}
 
     plans = plans_at(1.0)
 
@@ -1149,7 +1184,11 @@ def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Seq
                               "per node" for n, c in PRESETS.items() if n in presets) + " (module docstring: sources).",
         "Plans: row_wise / table_wise / data_parallel put every TT table on that sharding type (TorchRec tables "
         "table-wise, least-loaded rank); planner = ttdist.distributed.make_planner with Topology(world_size=W, "
-        "compute_device='cuda', local_world_size=min(W, 8)) and the training's constraints, at the same per-GPU batch, "
+        "compute_device='cuda') on each preset's links (planned per preset: local_world_size = min(W, its GPUs per "
+        "node), intra_host_bw / inter_host_bw = its intra- / inter-node bandwidth; at W = 1, where nothing is "
+        "communicated, infinite bandwidths, one plan for every preset; otherwise TorchRec's link model: an "
+        "all-to-all at one link's bandwidth, an all-reduce at inter_host_bw x local_world_size, no latency) and the "
+        "training's constraints, at the same per-GPU batch, "
         "planning with the compute costs of its prediction set (measured, or the what-if's): its TT kernel costs are "
         "the profile's fitted TT kernel cost model above, divided by the same factor as that set's compute (1, or the "
         "what-if's), and the Topology's hbm_mem_bw is set so that TorchRec's estimator charges a TorchRec table's "
@@ -1191,8 +1230,9 @@ def print_predictions(pred: dict) -> None:
             if not part:
                 continue
             preds = part["predictions"]
-            print(f"  {label}; the planner's TT plan: "
-                  + ", ".join(f"W={w}: {p['tt']}" for w, p in part["planner_plans"].items()))
+            print(f"  {label}; the planner's TT plan per preset: " + "; ".join(
+                f"{preset}: " + ", ".join(f"W={w}: {p['tt']}" for w, p in plans.items())
+                for preset, plans in part["planner_plans"].items()))
             print(f"  {'preset/plan':<26}" + "".join(f"{'W=' + str(w):>22}" for w in worlds))
             for key, pts in preds.items():
                 print(f"  {key:<26}" + "".join(f"{p['step_time_s'] * 1e3:>10.2f} ms E={p['efficiency']:<6.3f}" for p in pts))
