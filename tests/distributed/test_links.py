@@ -10,7 +10,7 @@ from tests.distributed.harness import run_ranks
 from tests.distributed.test_tt_costs import MODEL, tt_model
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner
 from ttdist.distributed.links import LinkModel
-from ttdist.distributed.planner import TTCollectivesPerfModel, tt_collective_calls
+from ttdist.distributed.planner import TTCollectivesPerfModel, torchrec_collective_calls, tt_collective_calls
 from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE
 
 # The demo's seven TT tables (rows at 5 % of Criteo Kaggle), dim 16, ranks 16.
@@ -39,6 +39,44 @@ def test_rating_adds_the_calls_of_the_plan_to_torchrec_rating():
     plan = [pick[("a", TABLE_WISE)], pick[("b", DATA_PARALLEL)]]
     torchrec_rating = NoopPerfModel(topology).rate(plan)
     assert TTCollectivesPerfModel(topology, 0.75).rate(plan) == pytest.approx(torchrec_rating + 0.75 * 6)
+
+
+
+@pytest.mark.parametrize("types,calls", [
+    ({TABLE_WISE}, 5), ({TABLE_WISE, COLUMN_WISE}, 10), ({ROW_WISE}, 5), ({DATA_PARALLEL}, 0),
+    ({TABLE_WISE, DATA_PARALLEL}, 5), ({"table_row_wise"}, 7), ({TABLE_WISE, "table_column_wise"}, 10), (set(), 0)])
+def test_collective_calls_of_torchrec_tables(types, calls):
+    """TorchRec runs one input and one output dist per sharding type: ids' KJTAllToAll (3 calls),
+    pooled all-to-all (row-wise: reduce-scatter) fwd + bwd; table-row-wise 2 + 2 (within, across
+    nodes); data-parallel tables ride DDP's all-reduce."""
+    assert torchrec_collective_calls(types) == calls
+
+
+def test_rating_counts_the_calls_of_torchrec_sharding_groups():
+    """The 19 plain tables split over table- and column-wise are two EBC groups: 5 calls more than
+    all table-wise (TorchRec's summed perf alike or not); the TT collection's calls add to them."""
+    import torch
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    topology = Topology(world_size=2, compute_device="cpu")
+    planner = make_planner(topology, batch_size=512, cost_model=MODEL)
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name=n, num_embeddings=1000, embedding_dim=16,
+                                                     feature_names=[f"f_{n}"]) for n in ("x", "y")],
+                                 device=torch.device("meta"))
+    options = planner._enumerator.enumerate(ebc, [EmbeddingBagCollectionSharder()])
+    options += planner._enumerator.enumerate(tt_model(("a", 200_000, 16, 16)), [TTEmbeddingBagCollectionSharder()])
+    pick = {(o.name, o.sharding_type): o for o in options}
+    for o in options:
+        for rank, shard in enumerate(o.shards):
+            shard.rank = rank % 2
+    one = [pick[("x", TABLE_WISE)], pick[("y", TABLE_WISE)], pick[("a", TABLE_WISE)]]
+    two = [pick[("x", TABLE_WISE)], pick[("y", COLUMN_WISE)], pick[("a", TABLE_WISE)]]
+    dp = [pick[("x", TABLE_WISE)], pick[("y", DATA_PARALLEL)], pick[("a", TABLE_WISE)]]
+    for plan, calls in ((one, 5 + 5), (two, 10 + 5), (dp, 5 + 5)):
+        assert TTCollectivesPerfModel(topology, 0.75).rate(plan) == pytest.approx(
+            NoopPerfModel(topology).rate(plan) + 0.75 * calls)
 
 
 def _demo_plan(links: LinkModel) -> dict[str, str]:

@@ -189,7 +189,9 @@ def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict
     ``batch_size``: per-rank batch size, as TorchRec's planner expects. ``cost_model``: the TT
     kernel's cost (default: calibrated on ``topology.compute_device``, ``tt_costs``).
     ``collective_latency_ms``: the price of one collective call (``links.measure_links``), which
-    ``TTCollectivesPerfModel`` adds to every proposal's rating per call its TT groups make.
+    ``TTCollectivesPerfModel`` adds to every proposal's rating per call its sharding groups make
+    per step: the TT collection's (``tt_collective_calls``) and every TorchRec embedding module's
+    (``torchrec_collective_calls``).
     """
     estimators = [TTPerfEstimator(topology, constraints, cost_model), TTStorageEstimator(topology, constraints, optimizer)]
     enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints,
@@ -199,9 +201,18 @@ def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict
                                     performance_model=TTCollectivesPerfModel(topology, collective_latency_ms))
 
 
-# Collective calls per step of one group of the sharded TT collection (ttdist/distributed/dists.py):
-# the ids' all-to-all (splits, lengths, values) and the pooled all-to-all forward and backward.
-CALLS_PER_SHARDED_GROUP = 5
+# Collective calls per step of one sharding group: the ids' KJTAllToAll (TorchRec's, which the TT
+# collection's dists use too, ttdist/distributed/dists.py: one all-to-all of the splits, then one
+# per tensor, lengths and values; unweighted) and the pooled embeddings' dist forward and backward.
+INDEX_ALL_TO_ALL_CALLS = 3
+# A TT group (table-/column-wise or row-wise: pooled all-to-all) and a TorchRec table-, column-,
+# table-column- or row-wise group (PooledEmbeddingsAllToAll; row-wise: PooledEmbeddingsReduceScatter
+# forward, its all-gather backward): one call forward, one backward.
+CALLS_PER_SHARDED_GROUP = INDEX_ALL_TO_ALL_CALLS + 2
+# A TorchRec table-row-wise or grid-sharded group (TwRwPooledEmbeddingDist, GridPooledEmbeddingDist):
+# a reduce-scatter within the node, then an all-to-all across nodes, forward and backward.
+CALLS_PER_TWRW_GROUP = INDEX_ALL_TO_ALL_CALLS + 4
+_TWRW_TYPES = {"table_row_wise", "grid_shard"}
 
 
 def tt_collective_calls(sharding_types: set[str]) -> int:
@@ -213,15 +224,38 @@ def tt_collective_calls(sharding_types: set[str]) -> int:
     return CALLS_PER_SHARDED_GROUP * groups + replicas
 
 
+def torchrec_collective_calls(sharding_types: set[str]) -> int:
+    """Collective calls per step of a TorchRec embedding-bag collection whose tables have these
+    sharding types: TorchRec builds one sharding, with its own input and output dists, per type,
+    so every type is a group (``CALLS_PER_SHARDED_GROUP``; table-row-wise and grid:
+    ``CALLS_PER_TWRW_GROUP``), except data-parallel, whose tables communicate only their
+    gradients, in DDP's all-reduce of the dense parameters (counted by no plan: every plan has it)."""
+    sharded = sharding_types - {DATA_PARALLEL}
+    twrw = sharded & _TWRW_TYPES
+    return CALLS_PER_SHARDED_GROUP * len(sharded - twrw) + CALLS_PER_TWRW_GROUP * len(twrw)
+
+
+def plan_collective_calls(plan: list[ShardingOption]) -> int:
+    """Collective calls per step of the sharded modules of a proposal: per module (its path),
+    ``tt_collective_calls`` of a TT collection's sharding types, ``torchrec_collective_calls`` of
+    any other's."""
+    types: dict[tuple[str, bool], set[str]] = {}
+    for o in plan:
+        types.setdefault((o.path, o.module_type_key == TT_MODULE_KEY), set()).add(o.sharding_type)
+    return sum(tt_collective_calls(t) if is_tt else torchrec_collective_calls(t) for (_, is_tt), t in types.items())
+
+
 class TTCollectivesPerfModel(NoopPerfModel):
     """TorchRec's rating of a proposal (the slowest rank's summed perf) plus ``latency_ms`` for
-    every collective call its TT tables make per step (``tt_collective_calls``).
+    every collective call its sharding groups make per step (``plan_collective_calls``): those of
+    the TT collection and those of the TorchRec embedding modules.
 
     TorchRec rates tables one at a time and its topology has bandwidths only; but a call costs
     its latency once per sharding group, however many tables share it. Where calls are dear (gloo:
     about a millisecond), a plan with fewer groups, or data-parallel tables with no all-to-all,
     wins although TorchRec's per-table sums are alike: its proposers (UniformProposer among them)
-    offer such plans, this rating tells them apart.
+    offer such plans, this rating tells them apart — for TorchRec's tables too, which it would
+    otherwise split over two sharding types (two input and two output dists) for free.
     """
 
     def __init__(self, topology: Topology, latency_ms: float = 0.0) -> None:
@@ -229,8 +263,7 @@ class TTCollectivesPerfModel(NoopPerfModel):
         self._latency = latency_ms
 
     def rate(self, plan: list[ShardingOption]) -> float:
-        types = {o.sharding_type for o in plan if o.module_type_key == TT_MODULE_KEY}
-        return super().rate(plan) + self._latency * tt_collective_calls(types)
+        return super().rate(plan) + self._latency * plan_collective_calls(plan)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -765,6 +765,7 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
               cores: Optional[int] = None, calls: Optional[Mapping[str, int]] = None) -> dict:
     """Predicted step time and its pieces (module docstring). ``cores``: CPU cores the W ranks
     share (None: one device each). ``calls``: collective calls per step (default: ttdist's)."""
+    from ttdist.distributed.planner import INDEX_ALL_TO_ALL_CALLS
     from ttdist.tools.comm_volume import plan_layout
 
     w = plan.world_size
@@ -789,10 +790,10 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
     tt_groups = {("row_wise" if ps.sharding_type == "row_wise" else "table_column_wise")
                  for ps in plan.tt.values() if ps.sharding_type != "data_parallel"}
     eb_groups = plan.eb_groups()
-    default_calls = {"tt_index": 3 * len(tt_groups), "tt_pooled": len(tt_groups),
+    default_calls = {"tt_index": INDEX_ALL_TO_ALL_CALLS * len(tt_groups), "tt_pooled": len(tt_groups),
                      "tt_check": int(byts.get("tt.input_check_all_reduce", 0) > 0),
                      "tt_replica": int(byts.get("tt.replicated_grad_all_reduce", 0) > 0),
-                     "eb_index": 3 * len(eb_groups), "eb_pooled": len(set(eb_groups) - {"row_wise"}),
+                     "eb_index": INDEX_ALL_TO_ALL_CALLS * len(eb_groups), "eb_pooled": len(set(eb_groups) - {"row_wise"}),
                      "eb_row_wise": int("row_wise" in eb_groups), "flag": int(w > 1),
                      "ddp": max(1, math.ceil(spec.dense_param_bytes / 25e6))}
     n = {**default_calls, **(calls or {})}
