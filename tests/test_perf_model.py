@@ -568,3 +568,31 @@ def test_colocated_slowdown_scales_every_compute_piece_by_the_other_placements_m
         for piece in ("lookup_fwd", "dense_fwd", "dense_bwd", "emb_glue", "dense_optimizer"):
             assert r["predicted_breakdown_s"][piece] == pytest.approx(1.3 * b["predicted_breakdown_s"][piece]), piece
         assert r["predicted_breakdown_s"]["allreduce"] == pytest.approx(b["predicted_breakdown_s"]["allreduce"])
+
+
+def test_planner_prices_a_call_what_step_time_charges_one_all_to_all(profile, monkeypatch):
+    """planner_plan gives make_planner the per-call latency step_time charges one all-to-all at
+    that W on the preset's links, (W-1) alpha (intra-node link within a node, else inter-node);
+    it planned with 0, so the planner's rating knew no latency while step_time charged ~0.3 ms a
+    call at W = 64 on HDR."""
+    import ttdist.distributed as tt_distributed
+
+    cfg = load_config(REPO / "configs/demo.yaml", SMALL)
+    spec = pm.ModelSpec.from_config(cfg)
+    seen = []
+
+    class Planned(Exception):
+        pass
+
+    def spy(*args, collective_latency_ms=0.0, **kwargs):
+        seen.append(collective_latency_ms)
+        raise Planned
+
+    monkeypatch.setattr(tt_distributed, "make_planner", spy)
+    for world, links, latency_ms in ((1, None, 0.0), (8, pm.PRESETS["nvlink+ib"], 7 * 2e-3),
+                                     (64, pm.PRESETS["nvlink+ib"], 63 * 5e-3), (8, pm.PRESETS["ib"], 7 * 5e-3)):
+        with pytest.raises(Planned):
+            pm.planner_plan(cfg, spec, world, 256, profile, 100.0, links)
+        assert seen[-1] == pytest.approx(latency_ms, rel=1e-12)
+        if world > 1:
+            assert pm.all_to_all_time(0.0, 1, world, links) == pytest.approx(latency_ms / 1e3, rel=1e-12)

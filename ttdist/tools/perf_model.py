@@ -211,6 +211,13 @@ def fit_alpha_beta(sizes: Sequence[float], seconds: Sequence[float]) -> dict:
     return {"alpha_s": alpha, "beta_bytes_per_s": 1.0 / slope}
 
 
+def all_to_all_call_latency(world: int, cluster: Cluster) -> float:
+    """Seconds ``all_to_all_time`` charges one all-to-all call of ``world`` ranks on a preset
+    beyond its bytes: the per-peer latency serialised, (W-1) alpha, of the intra-node link when
+    the W ranks fit in a node, else of the inter-node link; 0 at W = 1."""
+    return (world - 1) * (cluster.intra if world <= cluster.gpus_per_node else cluster.inter).latency
+
+
 def all_to_all_time(nbytes: float, calls: int, world: int, cluster: Cluster | FittedLinks) -> float:
     """Time of ``calls`` all-to-alls moving at most ``nbytes`` per rank in all (module docstring)."""
     if world == 1 or calls == 0:
@@ -218,10 +225,11 @@ def all_to_all_time(nbytes: float, calls: int, world: int, cluster: Cluster | Fi
     if isinstance(cluster, FittedLinks):
         return calls * cluster.a2a_alpha + nbytes / cluster.a2a_beta
     g = cluster.gpus_per_node
+    latency = calls * all_to_all_call_latency(world, cluster)
     if world <= g:
-        return calls * (world - 1) * cluster.intra.latency + nbytes * (world - 1) / world / cluster.intra.bandwidth
-    return calls * (world - 1) * cluster.inter.latency + max(nbytes * (g - 1) / world / cluster.intra.bandwidth,
-                                                            nbytes * (world - g) / world / cluster.inter.bandwidth)
+        return latency + nbytes * (world - 1) / world / cluster.intra.bandwidth
+    return latency + max(nbytes * (g - 1) / world / cluster.intra.bandwidth,
+                         nbytes * (world - g) / world / cluster.inter.bandwidth)
 
 
 def all_reduce_time(nbytes: float, calls: int, world: int, cluster: Cluster | FittedLinks) -> float:
@@ -523,8 +531,8 @@ def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile
     TorchRec's own link model stays: an all-to-all costs bytes / intra_host_bw if its W ranks fit
     in a node, else bytes / inter_host_bw (``step_time``: the (W-1)/W of the bytes that leave a
     rank, split over both links), an all-reduce bytes / (inter_host_bw * local_world_size) ("1
-    NIC per GPU"; ``step_time``: 2 (W-1)/W bytes / the link's bandwidth); no per-message latency
-    (``make_planner``'s collective_latency_ms stays 0)."""
+    NIC per GPU"; ``step_time``: 2 (W-1)/W bytes / the link's bandwidth). The Topology has no
+    per-message latency: ``planner_plan`` gives ``make_planner`` a price per call instead."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.constants import HBM_MEM_BW
 
@@ -553,7 +561,14 @@ def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, pro
     shards what that profile's TT kernel cost model gives them (``Profile.tt_kernel``: this host's
     calibration fitted to the profile, / ``cpu_speedup``; ``step_time`` charges the same), on a
     GPU host too. Only a profile without a kernel (hand-made, ``from_summaries``) leaves the
-    planner this host's raw CPU calibration (``tt_costs.calibration("cpu")``) / ``cpu_speedup``."""
+    planner this host's raw CPU calibration (``tt_costs.calibration("cpu")``) / ``cpu_speedup``.
+
+    It prices every collective call of a plan (``TTCollectivesPerfModel``: every sharding group's,
+    TT and TorchRec) at what ``step_time`` charges one all-to-all call at this W on ``links``,
+    ``all_to_all_call_latency``: (W-1) alpha, the per-peer latency serialised (0 at W = 1). The
+    all-to-alls are nearly all of a plan's calls; its one replicated-core all-reduce, which
+    ``step_time`` charges 2 ceil(log2 W) alpha, is priced as an all-to-all too (less at W < 7,
+    more at W > 7: 63 alpha, not 12, at W = 64)."""
     import torch
 
     from ttdist.distributed import make_planner, tt_costs
@@ -563,11 +578,12 @@ def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, pro
 
     kernel = profile.tt_kernel or tt_costs.calibration("cpu")
     assumed = scaled_profile(dataclasses.replace(profile, tt_kernel=kernel), cpu_speedup)
+    latency_s = all_to_all_call_latency(world_size, links) if world_size > 1 else 0.0
     planner = make_planner(planner_topology(cfg, world_size, batch_per_rank, assumed, links),
                            batch_size=batch_per_rank,
                            constraints=plan_constraints(cfg, "cuda"),
                            optimizer=OptimType.parse(cfg.optim.embedding_optimizer),
-                           cost_model=TTCostModel(assumed.tt_kernel))
+                           cost_model=TTCostModel(assumed.tt_kernel), collective_latency_ms=latency_s * 1e3)
     model = build_model(cfg, torch.device("meta"))
     return Plan.from_summary(spec, summarize_plan(planner.plan(model, build_sharders(cfg))), world_size)
 
@@ -1188,7 +1204,9 @@ def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Seq
         "compute_device='cuda') on each preset's links (planned per preset: local_world_size = min(W, its GPUs per "
         "node), intra_host_bw / inter_host_bw = its intra- / inter-node bandwidth; at W = 1, where nothing is "
         "communicated, infinite bandwidths, one plan for every preset; otherwise TorchRec's link model: an "
-        "all-to-all at one link's bandwidth, an all-reduce at inter_host_bw x local_world_size, no latency) and the "
+        "all-to-all at one link's bandwidth, an all-reduce at inter_host_bw x local_world_size; and every collective "
+        "call of the plan's sharding groups, TT and TorchRec, priced at what the predictions charge one all-to-all "
+        "call at that W, (W-1) x the per-message latency, the all-reduces too) and the "
         "training's constraints, at the same per-GPU batch, "
         "planning with the compute costs of its prediction set (measured, or the what-if's): its TT kernel costs are "
         "the profile's fitted TT kernel cost model above, divided by the same factor as that set's compute (1, or the "
