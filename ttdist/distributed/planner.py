@@ -31,6 +31,7 @@ from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator
 from torchrec.distributed.planner.types import (BasicCommsBandwidths, CollectiveType, ParameterConstraints, Perf,
                                                ShardEstimator, ShardingOption, Storage)
 from torchrec.distributed.planner.utils import sharder_name
+from torchrec.distributed.types import ShardingType
 
 from ttdist.distributed.embeddingbag import TT_COMPUTE_KERNEL
 from ttdist.distributed.fused_params import resolve_fused_params
@@ -212,7 +213,7 @@ CALLS_PER_SHARDED_GROUP = INDEX_ALL_TO_ALL_CALLS + 2
 # A TorchRec table-row-wise or grid-sharded group (TwRwPooledEmbeddingDist, GridPooledEmbeddingDist):
 # a reduce-scatter within the node, then an all-to-all across nodes, forward and backward.
 CALLS_PER_TWRW_GROUP = INDEX_ALL_TO_ALL_CALLS + 4
-_TWRW_TYPES = {"table_row_wise", "grid_shard"}
+_TWRW_TYPES = {ShardingType.TABLE_ROW_WISE.value, ShardingType.GRID_SHARD.value}
 
 
 def tt_collective_calls(sharding_types: set[str]) -> int:
