@@ -277,6 +277,15 @@ def test_planner_plans_on_the_presets_links(profile, monkeypatch):
         assert topology.intra_host_bw == pytest.approx(links.intra.bandwidth / 1e3, rel=1e-12)
         assert topology.local_world_size == links.gpus_per_node
         assert _comms_bw(topology, CollectiveType.ALL_TO_ALL, 64) == pytest.approx(25e9 / 1e3)  # HDR, not 12.5 GiB/s
+        for world in (8, 64):  # the planner prices an all-reduce's bytes as step_time charges them
+            bus = 1e3 * _comms_bw(pm.planner_topology(cfg, world, 256, profile, links), CollectiveType.ALL_REDUCE, world)
+            charged = pm.all_reduce_time(1e9, 1, world, links) - pm.all_reduce_time(0.0, 1, world, links)
+            assert charged == pytest.approx(2 * (world - 1) / world * 1e9 / bus, rel=1e-12)
+    # nvlink+ib across nodes: 8 HDR NICs per node (200 GB/s), not one (25 GB/s); PCIe within a node: 25, not 200
+    for name, world, bus in (("nvlink+ib", 64, 200e9), ("pcie+ib", 8, 25e9)):
+        links = pm.PRESETS[name]
+        charged = pm.all_reduce_time(1e9, 1, world, links) - pm.all_reduce_time(0.0, 1, world, links)
+        assert charged == pytest.approx(2 * (world - 1) / world * 1e9 / bus)
     assert pm.planner_topology(cfg, 8, 256, profile, pm.PRESETS["nvlink+ib"]).intra_host_bw == pytest.approx(450e6)
     for links in (None, *pm.PRESETS.values()):
         one = pm.planner_topology(cfg, 1, 256, profile, links)

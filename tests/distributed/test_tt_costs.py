@@ -14,7 +14,7 @@ import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import CollectiveType
+from torchrec.distributed.planner.types import BasicCommsBandwidths, CollectiveType
 
 from ttdist.distributed import (TTEmbeddingBagCollectionSharder, TTPerfEstimator, TTStorageEstimator, make_planner,
                                 tt_constraints)
@@ -143,6 +143,30 @@ def test_estimator_perf_is_the_formula():
                                                       + 1.5e-9 * shape.num_parameters))
         assert dp.fwd_comms == dp.input_dist_comms == 0
         assert dp.bwd_comms == pytest.approx((world - 1) / world * 2 * 4 * shape.num_parameters / all_reduce)
+
+
+def test_all_reduce_priced_on_the_hosts_links_and_nics():
+    """A replicated core's all-reduce runs on the host's links when its ranks share a host, else on
+    the slower of those and the host's NICs together (one per GPU). TorchRec's BasicCommsBandwidths
+    takes inter_host_bw * local_world_size in every case: 8 GPUs on PCIe (25 GB/s) at 200 GB/s."""
+    pcie, nvlink = (25e6, 25e6), (450e6, 25e6)  # (intra, inter) bytes/ms: 25 / 450 GB/s, HDR 25 GB/s
+
+    def bus(world: int, links: tuple[float, float]) -> float:
+        topology = Topology(world_size=world, local_world_size=8, compute_device="cuda", intra_host_bw=links[0],
+                            inter_host_bw=links[1])
+        return _comms_bw(topology, CollectiveType.ALL_REDUCE, world)
+
+    assert bus(8, pcie) == 25e6 and bus(64, pcie) == 25e6
+    assert bus(8, nvlink) == 450e6 and bus(64, nvlink) == 8 * 25e6
+    assert bus(2, (450e6, 25e6)) == 450e6  # a group of 2 within the host
+
+    class Measured(BasicCommsBandwidths):  # a model of the links given by the user is used as it is
+        def get_bw(self, local_world_size, world_size, collective_type):
+            return 123.0
+
+    custom = Topology(world_size=8, local_world_size=8, compute_device="cuda",
+                      generalized_comms_bandwidths=Measured(intra_host_bw=1.0, inter_host_bw=1.0))
+    assert _comms_bw(custom, CollectiveType.ALL_REDUCE, 8) == 123.0
 
 
 def test_data_parallel_when_communication_is_expensive_and_cores_small():

@@ -125,12 +125,30 @@ class TTPerfEstimator(ShardEstimator):
                 tt_option_perf(option, self._topology, model)
 
 
+def all_reduce_bus_bandwidth(world_size: int, local_world_size: int, intra_host_bw: float,
+                             inter_host_bw: float) -> float:
+    """Bus bandwidth of an all-reduce over ``world_size`` ranks, ``local_world_size`` per host
+    (any unit): the intra-host links' when the ranks share a host, else the slower of the
+    intra-host links and the host's NICs together, one per GPU (NCCL runs one ring per NIC, each
+    crossing the host boundary once: 8 HDR NICs carry 8 x 25 GB/s, capped by NVLink; NVIDIA/nccl
+    issue 412). TorchRec's ``BasicCommsBandwidths`` takes ``inter_host_bw * local_world_size`` in
+    every case, 8x too fast for 8 GPUs on PCIe (25 GB/s) whether or not they span hosts."""
+    if world_size <= local_world_size:
+        return intra_host_bw
+    return min(intra_host_bw, inter_host_bw * local_world_size)
+
+
 def _comms_bw(topology: Topology, collective: CollectiveType, group_size: int) -> float:
-    """TorchRec's bandwidth (bytes/ms) of a collective over ``group_size`` ranks."""
-    bandwidths = getattr(topology, "_comms_bandwidths", None) or BasicCommsBandwidths(
-        inter_host_bw=topology.inter_host_bw, intra_host_bw=topology.intra_host_bw)
-    return bandwidths.get_bw(local_world_size=min(topology.local_world_size, group_size), world_size=group_size,
-                             collective_type=collective)
+    """Bandwidth (bytes/ms) of a collective over ``group_size`` ranks: TorchRec's, but an
+    all-reduce on TorchRec's default bandwidths (no custom ``comms_bandwidths`` on the Topology)
+    at ``all_reduce_bus_bandwidth``."""
+    custom = getattr(topology, "_comms_bandwidths", None)
+    bandwidths = custom or BasicCommsBandwidths(inter_host_bw=topology.inter_host_bw,
+                                                intra_host_bw=topology.intra_host_bw)
+    local = min(topology.local_world_size, group_size)
+    if collective == CollectiveType.ALL_REDUCE and type(bandwidths) is BasicCommsBandwidths:
+        return all_reduce_bus_bandwidth(group_size, local, bandwidths.intra_host_bw, bandwidths.inter_host_bw)
+    return bandwidths.get_bw(local_world_size=local, world_size=group_size, collective_type=collective)
 
 
 def tt_option_perf(option: ShardingOption, topology: Topology, model: TTCostModel) -> None:

@@ -65,7 +65,10 @@ Collective time (S as above, n the number of calls of that collective per step):
         (per-peer latency serialised: a conservative upper bound; the bytes to ranks on other
         nodes cross the inter-node link, the rest NVLink/PCIe, both at once)
     GPU presets, all-reduce:   t = 2 (W-1)/W * S / beta + 2 ceil(log2 W) alpha   (ring bandwidth,
-        tree latency as NCCL picks for small messages; beta, alpha of the inter-node link when W > G)
+        tree latency as NCCL picks for small messages); beta = beta_intra (W <= G), else
+        min(beta_intra, G beta_inter): one ring per NIC, G NICs per node (NVIDIA/nccl issue 412;
+        ``ttdist.distributed.planner.all_reduce_bus_bandwidth``, which the planner prices too);
+        alpha of the inter-node link when W > G
     CPU (gloo, fitted):        t = n alpha_kind + S / beta_kind, alpha/beta fitted per world size
         by least squares on a micro-benchmark of all_to_all_single / all_reduce run in the same
         job (benchmarks/scaling.py), since loopback gloo has no datasheet; or (``validate``)
@@ -239,8 +242,12 @@ def all_reduce_time(nbytes: float, calls: int, world: int, cluster: Cluster | Fi
         return calls * cluster.ar_alpha + nbytes / cluster.ar_beta
     if world == 1:
         return 0.0
-    link = cluster.intra if world <= cluster.gpus_per_node else cluster.inter
-    return 2 * (world - 1) / world * nbytes / link.bandwidth + calls * 2 * math.ceil(math.log2(world)) * link.latency
+    from ttdist.distributed.planner import all_reduce_bus_bandwidth
+
+    g = cluster.gpus_per_node
+    bus = all_reduce_bus_bandwidth(world, g, cluster.intra.bandwidth, cluster.inter.bandwidth)
+    latency = (cluster.intra if world <= g else cluster.inter).latency
+    return 2 * (world - 1) / world * nbytes / bus + calls * 2 * math.ceil(math.log2(world)) * latency
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,8 +537,8 @@ def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile
 
     TorchRec's own link model stays: an all-to-all costs bytes / intra_host_bw if its W ranks fit
     in a node, else bytes / inter_host_bw (``step_time``: the (W-1)/W of the bytes that leave a
-    rank, split over both links), an all-reduce bytes / (inter_host_bw * local_world_size) ("1
-    NIC per GPU"; ``step_time``: 2 (W-1)/W bytes / the link's bandwidth). The Topology has no
+    rank, split over both links). A TT table's replicated-core all-reduce is priced by ttdist's
+    estimator at ``all_reduce_bus_bandwidth``, as ``step_time`` charges it. The Topology has no
     per-message latency: ``planner_plan`` gives ``make_planner`` a price per call instead."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.constants import HBM_MEM_BW
@@ -1203,8 +1210,9 @@ def predict(profile_jsons: Sequence[str | Path], batch_per_gpu: int, worlds: Seq
         "table-wise, least-loaded rank); planner = ttdist.distributed.make_planner with Topology(world_size=W, "
         "compute_device='cuda') on each preset's links (planned per preset: local_world_size = min(W, its GPUs per "
         "node), intra_host_bw / inter_host_bw = its intra- / inter-node bandwidth; at W = 1, where nothing is "
-        "communicated, infinite bandwidths, one plan for every preset; otherwise TorchRec's link model: an "
-        "all-to-all at one link's bandwidth, an all-reduce at inter_host_bw x local_world_size; and every collective "
+        "communicated, infinite bandwidths, one plan for every preset; otherwise TorchRec's link model for an "
+        "all-to-all (one link's bandwidth), the predictions' for a TT all-reduce (intra_host_bw within a node, "
+        "min(intra_host_bw, inter_host_bw x local_world_size) across nodes); and every collective "
         "call of the plan's sharding groups, TT and TorchRec, priced at what the predictions charge one all-to-all "
         "call at that W, (W-1) x the per-message latency, the all-reduces too) and the "
         "training's constraints, at the same per-GPU batch, "
