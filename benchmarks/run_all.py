@@ -322,6 +322,24 @@ def section_scaling(name: str, d: dict) -> str:
                "bytes counted == predicted"], rows)])
 
 
+def planner_shortfalls(predictions: dict, worlds: list) -> str:
+    """How the planner's plan compares with the plans that put every TT table on one sharding type,
+    per preset and W > 1, by step time (E would compare against each plan's own W = 1 step): the
+    cases where one of those is faster, and by how much."""
+    slower = []
+    for key, planner in predictions.items():
+        preset, kind = key.split("/")
+        if kind != "planner":
+            continue
+        for i, w in enumerate(worlds):
+            best, t = min(((k.split("/")[1], pts[i]["step_time_s"]) for k, pts in predictions.items()
+                           if k.startswith(preset + "/") and k != key), key=lambda x: x[1])
+            if w > 1 and planner[i]["step_time_s"] > t:
+                slower.append(f"{preset} W={w} ({best}, {100 * (planner[i]['step_time_s'] / t - 1):.2f} % faster)")
+    return ("The planner's plan is as fast as every all-one-kind TT plan at each preset and W > 1"
+            + (f", except: {'; '.join(slower)}." if slower else "."))
+
+
 def section_perf(name_v: str, v: Optional[dict], name_p: str, p: Optional[dict]) -> str:
     def plan_text(by_w: dict) -> str:
         return ", ".join(f"{w}: {', '.join(f'{k} {n}' for k, n in plan['tt'].items())}" for w, plan in by_w.items())
@@ -358,7 +376,8 @@ def section_perf(name_v: str, v: Optional[dict], name_p: str, p: Optional[dict])
                         plans = "the planner's TT plan per preset and W, planned on that preset's links: " + "; ".join(
                             f"{preset}: {plan_text(by_w)}" for preset, by_w in by_preset.items())
                     out += [f"{label} ({plans}):", "",
-                            table(["preset / TT plan", *(f"W={w}" for w in worlds)], rows), ""]
+                            table(["preset / TT plan", *(f"W={w}" for w in worlds)], rows), "",
+                            planner_shortfalls(part["predictions"], worlds), ""]
     return "\n".join(out)
 
 
