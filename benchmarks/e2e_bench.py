@@ -9,6 +9,12 @@ Both use the app's own pieces (ttdist.session.build_session: model, TorchRec's p
 DistributedModelParallel, optimizer; ttdist.train.train_step). The timing job holds both models in
 the same ranks and alternates their steps (tt, dense, dense, tt, ...), so the load of a shared
 machine falls on both alike; each variant then gets a short job of its own for its peak RSS.
+The instrumentation below makes every collective synchronous, so the timing job's step times
+are for attributing the step, not for its length: a third job ("natural") trains both variants
+as the app builds them, nothing instrumented, steps alternating the same way, and times each
+ttdist.train.train_step between two barriers (median over the measured steps of the slowest
+rank's time): the step time training sees, where the TT cores' all-reduce and DDP's run
+asynchronously.
 
 Reported per variant (mean over the measured steps, warm-up excluded, then over ranks):
   step time split into input all-to-all, lookup fwd, output all-to-all (fwd, bwd), dense fwd,
@@ -31,9 +37,9 @@ and collectives are waited on where issued, so wall-clock splits are the work of
 a collective's time includes waiting for the slowest rank.
 
   .venv/bin/python benchmarks/e2e_bench.py [--quick] [--ranks 2] [--steps N] [--batch B] [--scale S]
-It re-executes itself three times (timing; memory of tt; memory of dense) as
+It re-executes itself four times (timing; natural; memory of tt; memory of dense) as
   OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node=NPROC \\
-      benchmarks/e2e_bench.py --worker --phase {timing,memory} [--variant {tt,dense}] ...
+      benchmarks/e2e_bench.py --worker --phase {timing,natural,memory} [--variant {tt,dense}] ...
 (the exact commands are in the JSON's worker_commands).
 Writes benchmarks/results/e2e_<device>.json and e2e_<device>_breakdown.png.
 """
@@ -43,6 +49,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -72,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, default=None,
                    help="steps of each variant's own job that measures its peak RSS (default 5; quick 2)")
-    p.add_argument("--phase", choices=["timing", "memory"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["timing", "natural", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--rank-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -119,19 +126,70 @@ def _config_record(cfg) -> dict:
             "embedding_optimizer": cfg.optim.embedding_optimizer}
 
 
-def worker(args) -> None:
-    """--phase timing: both variants in the same processes, steps interleaved (tt, dense, dense,
-    tt, ...), so both see the same machine; --phase memory: one variant alone, for its peak RSS."""
+def variant_configs(args, variants) -> dict:
+    from ttdist.config import load_config
+
+    return {v: load_config(args.config, overrides(args) + VARIANTS[v] + (tt_sharding_overrides(args) if v == "tt" else []))
+            for v in variants}
+
+
+def natural_worker(args) -> None:
+    """--phase natural: both variants built as the app builds them (ttdist.session.build_session),
+    nothing instrumented; each ttdist.train.train_step timed between two barriers, the variants'
+    steps interleaved as in --phase timing. Writes each rank's step times per variant."""
+    import time
+
     import torch
     import torch.distributed as dist
 
-    from ttdist.config import load_config, validate
+    from ttdist.session import build_session
+    from ttdist.train import RunStats, train_step
+
+    cfgs = variant_configs(args, VARIANTS)
+    env = C.init_worker(cfgs["tt"])
+    sessions = {v: build_session(cfgs[v], env) for v in VARIANTS}
+    batches = C.make_batches(cfgs["tt"].data, env.rank, env.world_size, args.warmup + args.steps, env.device)
+    loss_fn, stats = torch.nn.BCEWithLogitsLoss(), RunStats()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for i, batch in enumerate(batches):
+        for v in (list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1]):
+            if env.world_size > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            train_step(sessions[v].model, sessions[v].optimizer, loss_fn, batch, i, cfgs[v], stats)
+            if env.world_size > 1:
+                dist.barrier()  # the step ends when its slowest rank's does
+            if i >= args.warmup:
+                times[v].append(time.perf_counter() - start)
+    C.dump(Path(args.rank_dir) / f"rank{env.rank}.json", {"rank": env.rank, "step_times_s": times})
+    dist.destroy_process_group()
+
+
+def natural_step_times(ranks: list[dict]) -> dict[str, float]:
+    """Per variant: the median over measured steps of the slowest rank's step time."""
+    out = {}
+    for v in VARIANTS:
+        steps = zip(*(r["step_times_s"][v] for r in ranks))
+        out[v] = statistics.median(max(step) for step in steps)
+    return out
+
+
+def worker(args) -> None:
+    """--phase timing: both variants in the same processes, steps interleaved (tt, dense, dense,
+    tt, ...), so both see the same machine; --phase memory: one variant alone, for its peak RSS;
+    --phase natural: ``natural_worker``."""
+    if args.phase == "natural":
+        natural_worker(args)
+        return
+    import torch
+    import torch.distributed as dist
+
+    from ttdist.config import validate
     from ttdist.model import embedding_bytes
     from ttdist.tools.perf_model import compare_bytes, counted_bytes
 
     variants = list(VARIANTS) if args.phase == "timing" else [args.variant]
-    cfgs = {v: load_config(args.config, overrides(args) + VARIANTS[v] + (tt_sharding_overrides(args) if v == "tt" else []))
-            for v in variants}
+    cfgs = variant_configs(args, variants)
     env = C.init_worker(cfgs[variants[0]])
     out = {"rank": env.rank, "world_size": env.world_size, "threads": torch.get_num_threads(), "variants": {}}
     sessions, memory, rss_growth = {}, {}, {}
@@ -232,6 +290,7 @@ def profile(ranks: list[dict]) -> dict:
 
 def ratios(tt: dict, dense: dict) -> dict:
     out = {"step_time_tt_over_dense": tt["step_time_s"] / dense["step_time_s"],
+           "natural_step_time_tt_over_dense": tt["natural_step_time_s"] / dense["natural_step_time_s"],
            "samples_per_s_tt_over_dense": tt["samples_per_s"] / dense["samples_per_s"],
            "embedding_bytes_max_rank_tt_over_dense": tt["embedding_bytes_max_rank"] / dense["embedding_bytes_max_rank"],
            "embedding_bytes_all_ranks_tt_over_dense": tt["embedding_bytes_all_ranks"] / dense["embedding_bytes_all_ranks"],
@@ -296,15 +355,17 @@ def main(argv=None) -> None:
     common += ["--tt-sharding", args.tt_sharding] if args.tt_sharding else []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [("timing", None)] + [("memory", v) for v in VARIANTS]
+        jobs = [("timing", None), ("natural", None)] + [("memory", v) for v in VARIANTS]
         for phase, variant in jobs:
             wargs = ["--phase", phase, "--rank-dir", str(Path(tmp) / f"{phase}_{variant}")] + common
             wargs += ["--variant", variant, "--memory-steps", str(args.memory_steps)] if variant else []
             commands.append(C.torchrun_command("benchmarks/e2e_bench.py", args.ranks, wargs))
             C.relaunch(script, args.ranks, wargs, threads_per_rank=args.threads_per_rank)
         timing = C.read_rank_files(Path(tmp) / "timing_None", args.ranks)
+        natural = natural_step_times(C.read_rank_files(Path(tmp) / "natural_None", args.ranks))
         for variant in VARIANTS:
             runs[variant] = aggregate(timing, C.read_rank_files(Path(tmp) / f"memory_{variant}", args.ranks), variant)
+            runs[variant]["natural_step_time_s"] = natural[variant]
     tt, dense = runs["tt"], runs["dense"]
     result = {
         "benchmark": "e2e", "quick": args.quick,
@@ -326,6 +387,11 @@ def main(argv=None) -> None:
                         "TBE weights, optimizer state, other buffers), each storage once; peak RSS: ru_maxrss of "
                         "the rank's process in a job that builds and trains only that variant (memory_steps steps; "
                         "includes Python, torch, TorchRec, the data and the MLPs)."),
+        "natural_note": ("natural_step_time_s: a job of its own with both variants built as the app builds them, "
+                         "nothing instrumented (the TT cores' and DDP's all-reduces asynchronous), steps alternating "
+                         "as in the timing job; each ttdist.train.train_step timed between two barriers; the median "
+                         "over the measured steps of the slowest rank's time. step_time_s (the timing job) makes "
+                         "every collective synchronous to attribute the step."),
         "design_note": ("Timing: one torchrun job holds both variants (same processes, same batches) and alternates "
                         "their steps (tt, dense, dense, tt, ...), so a shared machine's load falls on both alike. "
                         "Peak RSS: one extra short job per variant."),
@@ -350,6 +416,9 @@ def report(result: dict) -> None:
         print(f"{cat:<22}" + "".join(f"{v:>12.2f}" for v in vals) + f"{ratio:>12.2f}")
     print(f"{'samples/s':<22}" + "".join(f"{r['samples_per_s']:>12.0f}" for r in runs.values())
           + f"{result['ratios']['samples_per_s_tt_over_dense']:>12.2f}")
+    if "natural_step_time_tt_over_dense" in result["ratios"]:
+        print(f"{'step, uninstrumented':<22}" + "".join(f"{r['natural_step_time_s'] * 1e3:>12.2f}" for r in runs.values())
+              + f"{result['ratios']['natural_step_time_tt_over_dense']:>12.2f}   (natural_note)")
     for v, r in runs.items():
         mem = ", ".join(f"{b / 2**20:.2f}" for b in r["embedding_bytes_per_rank"])
         rss = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes_per_rank"])

@@ -291,7 +291,12 @@ def section_e2e(name: str, d: dict) -> str:
         table(["variant", "step ms", "samples/s", "embedding MiB (max rank)", "embedding MiB (all ranks)",
                "peak RSS MiB (max rank)"], rows), "",
         "Step-time breakdown (ms per step, mean over ranks):", "",
-        table(["piece", *runs, "TT / dense"], brk)])
+        table(["piece", *runs, "TT / dense"], brk)]
+        + ([] if "natural_step_time_tt_over_dense" not in ratios else [
+            "", f"Uninstrumented step (a job of its own, the all-reduces asynchronous; median of the slowest rank's "
+            f"step between barriers): " + ", ".join(f"{v} {ms(r['natural_step_time_s'])} ms" for v, r in runs.items())
+            + f"; TT / dense **{num(ratios['natural_step_time_tt_over_dense'])}**. The step times above make every "
+            "collective synchronous, to attribute the step."]))
 
 
 def section_app(name: str, d: dict) -> str:
