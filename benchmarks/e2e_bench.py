@@ -126,7 +126,8 @@ def _config_record(cfg) -> dict:
             "embedding_optimizer": cfg.optim.embedding_optimizer}
 
 
-def variant_configs(args, variants) -> dict:
+def variant_configs(args: argparse.Namespace, variants) -> dict:
+    """Each variant's config: the run's overrides, the variant's, and (TT) the forced sharding."""
     from ttdist.config import load_config
 
     return {v: load_config(args.config, overrides(args) + VARIANTS[v] + (tt_sharding_overrides(args) if v == "tt" else []))

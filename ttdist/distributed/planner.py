@@ -139,9 +139,9 @@ def all_reduce_bus_bandwidth(world_size: int, local_world_size: int, intra_host_
 
 
 def _comms_bw(topology: Topology, collective: CollectiveType, group_size: int) -> float:
-    """Bandwidth (bytes/ms) of a collective over ``group_size`` ranks: TorchRec's, but an
-    all-reduce on TorchRec's default bandwidths (no custom ``comms_bandwidths`` on the Topology)
-    at ``all_reduce_bus_bandwidth``."""
+    """Bandwidth (bytes/ms) of a collective over ``group_size`` ranks: TorchRec's, except an
+    all-reduce on TorchRec's default model of the links (a Topology built without
+    ``generalized_comms_bandwidths``), which is priced at ``all_reduce_bus_bandwidth``."""
     custom = getattr(topology, "_comms_bandwidths", None)
     bandwidths = custom or BasicCommsBandwidths(inter_host_bw=topology.inter_host_bw,
                                                 intra_host_bw=topology.intra_host_bw)
