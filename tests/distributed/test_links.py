@@ -2,6 +2,8 @@
 rating of a plan (TTCollectivesPerfModel): what the planner then chooses. Calibration of the kernel: tests/distributed/conftest.py."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.perf_models import NoopPerfModel
@@ -10,7 +12,8 @@ from tests.distributed.harness import run_ranks
 from tests.distributed.test_tt_costs import MODEL, tt_model
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, make_planner
 from ttdist.distributed.links import LinkModel
-from ttdist.distributed.planner import TTCollectivesPerfModel, torchrec_collective_calls, tt_collective_calls
+from ttdist.distributed.planner import (CALLS_PER_SHARDED_GROUP, TTCollectivesPerfModel, torchrec_collective_calls,
+                                       tt_collective_calls)
 from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE
 
 # The demo's seven TT tables (rows at 5 % of Criteo Kaggle), dim 16, ranks 16.
@@ -102,13 +105,32 @@ def test_link_model_becomes_torchrec_topology_bandwidths():
 
 def _measure(rank: int, world_size: int):
     import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
 
-    from ttdist.distributed.links import measure_links
-    return measure_links(torch.device("cpu"), large_bytes=1 << 18, repeats=3)
+    from ttdist.distributed import links
+
+    measured = links.measure_links(torch.device("cpu"), large_bytes=1 << 18, repeats=3)
+    step = links._sharded_group_step(torch.device("cpu"), dist.group.WORLD)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    calls = sum(e.name.startswith("c10d::") for e in prof.events())
+    # the fit on scripted timings: the group's step 2.5 ms; 8 bytes 0.1 ms; 2^18 bytes 0.1 ms + 2^18 B at 1 GB/s
+    timings = iter([2.5, 0.1, 0.1 + (1 << 18) / 1e6])
+    links._median_ms = lambda fn, repeats: (fn(), next(timings))[1]
+    scripted = links.measure_links(torch.device("cpu"), large_bytes=1 << 18, repeats=3)
+    return measured, calls, scripted
 
 
 @pytest.mark.slow
-def test_measured_links_agree_across_ranks():
+def test_measured_links_price_a_call_as_torchrec_dists_make_it():
+    """The ranks agree on the figures; a call's price is a sharding group's step of TorchRec's own
+    dists divided by the calls the planner counts for a group (which are the calls that step makes):
+    2.5 ms / 5 = 0.5 ms, not a bare all-to-all's 0.1 ms; bandwidth from the two all-to-alls."""
     results = run_ranks(_measure, 2)
-    assert results[0] == results[1]
-    assert results[0].latency_ms > 0 and results[0].bytes_per_ms > 0
+    (measured, calls, scripted), (measured_1, _, _) = results
+    assert measured == measured_1
+    assert measured.latency_ms > 0 and measured.bytes_per_ms > 0
+    assert calls == CALLS_PER_SHARDED_GROUP == tt_collective_calls({TABLE_WISE})
+    assert scripted == LinkModel(latency_ms=0.5, bytes_per_ms=2.0 ** (round(2 * math.log2(1e6)) / 2))
