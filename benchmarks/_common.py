@@ -401,7 +401,7 @@ def _instrument_torchrec_ebc(module, rec: Recorder, name: str = "ebc") -> None:
     module.compute_and_output_dist = lambda ctx, dist_input: module.output_dist(ctx, module.compute(ctx, dist_input))
 
 
-def _ddp_hook(rec: Recorder):
+def _ddp_hook(rec: Recorder, kind: str = "ddp_all_reduce"):
     import torch
     import torch.distributed as dist
 
@@ -411,10 +411,10 @@ def _ddp_hook(rec: Recorder):
         world = dist.get_world_size(group)
         buffer.div_(world)
 
-        def run():  # the unwrapped all_reduce: counted once, as ddp_all_reduce
+        def run():  # the unwrapped all_reduce: counted once, as ``kind``
             getattr(dist.all_reduce, "__wrapped__", dist.all_reduce)(buffer, group=group, async_op=True).wait()
 
-        rec.collective("ddp_all_reduce", buffer.numel() * buffer.element_size(), run)
+        rec.collective(kind, buffer.numel() * buffer.element_size(), run)
         fut = torch.futures.Future()
         fut.set_result(buffer)
         return fut
@@ -438,6 +438,11 @@ def instrument(dmp, rec: Recorder) -> dict:
         elif isinstance(m, ShardedEmbeddingBagCollection):
             _instrument_torchrec_ebc(m, rec)
             found["ebc"].append(fqn)
+            # a data-parallel sharding's lookup, in a DDP of its own (a plain list: not a submodule)
+            for lookup in m._lookups:
+                if isinstance(lookup, DistributedDataParallel):
+                    lookup.register_comm_hook(dist.group.WORLD, _ddp_hook(rec, "ebc_dp_all_reduce"))
+                    found["ddp"] += 1
         elif isinstance(m, DistributedDataParallel):
             m.register_comm_hook(dist.group.WORLD, _ddp_hook(rec))
             found["ddp"] += 1
@@ -495,15 +500,16 @@ CATEGORY_TEXT = {
     "output_a2a_bwd": "pooled-embedding all-to-all, backward (gradients back to the owners)",
     "lookup_bwd_update": "embedding backward + fused optimizer update (TT: core grads + sparse row update; "
                          "TBE: fused backward-update kernel)",
-    "allreduce": "DDP gradient all-reduce of the MLPs + TT replicated-core gradient all-reduce",
-    "dense_optimizer": "MLP optimizer step + zero_grad",
+    "allreduce": "DDP gradient all-reduce of the MLPs (and of data-parallel TorchRec tables, their own DDP) + TT "
+                 "replicated-core gradient all-reduce",
+    "dense_optimizer": "MLP optimizer step (+ data-parallel TorchRec tables: TableOptimizer) + zero_grad",
     "other": "train-loop checks (non-finite input/loss, their all-reduce), Python glue",
 }
 
 
 def category_of(label: str, kind: Optional[str] = None) -> str:
     """Category of an exclusive-time label, or of a collective (label, kind)."""
-    if kind == "ddp_all_reduce":
+    if kind in ("ddp_all_reduce", "ebc_dp_all_reduce"):
         return "allreduce"
     base = label.split("@")[0]
     mod, _, step = base.partition("/")

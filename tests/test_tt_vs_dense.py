@@ -1,4 +1,5 @@
-"""Issue 4's quality check: TT tables cost at most 0.5 % eval AUC against dense TorchRec tables.
+"""Issue 4's quality check: TT tables cost at most 0.5 % eval AUC against dense TorchRec tables
+(TT lower by at most 0.5 %).
 
 Both models are configs/demo.yaml's DLRM (the 7 largest tables TT at ranks [16, 16] vs
 ``model.dense_baseline=true``), trained the same 300 steps of batch 2048 on the same synthetic
@@ -54,8 +55,10 @@ def test_tt_auc_within_half_a_percent_of_dense():
     # forkserver: the processes fork from one that imported this module (and torch) once
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
         dense, tt = pool.map(train, [["model.dense_baseline=true"], []])
-    gap = abs(tt["auc"] - dense["auc"]) / dense["auc"]
-    print(f"\nAUC dense {dense['auc']:.4f}, TT {tt['auc']:.4f}: |gap| {100 * gap:.3f} % "
+    # one-sided: what TT costs. The dense model's own AUC moves by ~0.6 % with the init draw (seeds
+    # 0-2, or its plain tables' plan: 0.802-0.808 here), more than the TT model's (0.806-0.808).
+    gap = (dense["auc"] - tt["auc"]) / dense["auc"]
+    print(f"\nAUC dense {dense['auc']:.4f}, TT {tt['auc']:.4f}: TT lower by {100 * gap:.3f} % "
           f"(limit {100 * MAX_RELATIVE_AUC_GAP:.1f} %), {time.perf_counter() - t0:.0f} s")
     assert dense["eval_samples"] == tt["eval_samples"] == 20 * 2048
     assert dense["auc"] > 0.78 and tt["auc"] > 0.78  # both learnt (teacher ceiling ~0.815, untrained ~0.5)

@@ -2,7 +2,8 @@
 
 Table t (t = 0..25) is named ``t_cat_<t>`` and reads the Criteo feature ``cat_<t>``
 (TorchRec's ``DEFAULT_CAT_NAMES``). The ``model.tt_tables`` largest tables are TT tables;
-the rest are plain TorchRec tables, trained by fbgemm's fused TBE.
+the rest are plain TorchRec tables: trained by fbgemm's fused TBE where they are sharded, and by
+``TableOptimizer`` (the same update) where the planner replicates them (data-parallel).
 """
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from typing import Optional
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingPlan
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from ttdist.config import Config
 from ttdist.distributed import TTEmbeddingBagCollectionSharder, tt_constraints
-from ttdist.distributed.shard_layout import COLUMN_WISE, ROW_WISE, TABLE_WISE
+from ttdist.distributed.shard_layout import COLUMN_WISE, DATA_PARALLEL, ROW_WISE, TABLE_WISE
 from ttdist.modules.collection import MixedEmbeddingBagCollection, TTEmbeddingBagConfig
 
 
@@ -54,25 +57,47 @@ def fused_params(cfg: Config) -> dict:
 
 def plan_constraints(cfg: Config, device_type: str) -> dict[str, ParameterConstraints]:
     """Constraints for the planner: TT tables as ``train.sharding_types`` says; dense tables
-    always on fbgemm's fused kernel (never data-parallel), so every table's optimizer state is
-    sharded state that checkpoints reshard across world sizes. TorchRec's row-wise needs
+    table-/column-wise on fbgemm's fused kernel or data-parallel (TorchRec's dense kernel, trained
+    by ``TableOptimizer``, whose state is named as the fused kernel's, so checkpoints move between
+    the two; ``PlainTableSharder`` pairs each type with its kernel). TorchRec's row-wise needs
     reduce-scatter, which gloo lacks, so dense tables are row-wise only on GPU."""
     forced = cfg.train.sharding_types
-    dense_types = [TABLE_WISE, COLUMN_WISE] + ([ROW_WISE] if device_type == "cuda" else [])
+    dense_types = [TABLE_WISE, COLUMN_WISE, DATA_PARALLEL] + ([ROW_WISE] if device_type == "cuda" else [])
     constraints = tt_constraints({name: kind for name, kind in forced.items()})
     for config in table_configs(cfg):
         if not isinstance(config, TTEmbeddingBagConfig):
             types = [forced[config.name]] if config.name in forced else dense_types
-            constraints[config.name] = ParameterConstraints(sharding_types=types, compute_kernels=["fused"])
+            constraints[config.name] = ParameterConstraints(
+                sharding_types=types, compute_kernels=[EmbeddingComputeKernel.FUSED.value, EmbeddingComputeKernel.DENSE.value])
     unknown = sorted(set(forced) - {c.name for c in table_configs(cfg)})
     if unknown:
         raise ValueError(f"train.sharding_types names unknown tables {unknown}; tables are t_cat_0..t_cat_25")
     return constraints
 
 
+class PlainTableSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's sharder of the plain tables, with one kernel per sharding type: fbgemm's fused
+    kernel (optimizer in backward) for a sharded table, TorchRec's dense kernel for a
+    data-parallel one (the only one TorchRec has) — never a sharded table on the dense kernel,
+    whose sharded weight no optimizer of the app would train."""
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        dense = EmbeddingComputeKernel.DENSE.value
+        kernels = super().compute_kernels(sharding_type, compute_device_type)
+        return [dense] if sharding_type == DATA_PARALLEL else [k for k in kernels if k != dense]
+
+
 def build_sharders(cfg: Config) -> list:
     return [TTEmbeddingBagCollectionSharder(fused_params=fused_params(cfg)),
-            EmbeddingBagCollectionSharder(fused_params=fused_params(cfg))]
+            PlainTableSharder(fused_params=fused_params(cfg))]
+
+
+def replicated_plain_tables(plan: ShardingPlan) -> dict[str, str]:
+    """Parameter name (as DMP names it) -> table name of every plain table the plan makes
+    data-parallel (TT tables are their collection's own)."""
+    return {f"{path}.embedding_bags.{table}.weight": table for path, tables in plan.plan.items()
+            for table, sharding in tables.items()
+            if sharding.sharding_type == DATA_PARALLEL and sharding.compute_kernel == EmbeddingComputeKernel.DENSE.value}
 
 
 def embedding_bytes(cfg: Config) -> dict[str, float]:

@@ -23,8 +23,8 @@ from ttdist.config import Config, OptimConfig, dense_optimizer_class
 from ttdist.distributed import make_planner
 from ttdist.distributed.links import measure_links
 from ttdist.failures import Progress, say
-from ttdist.model import build_model, build_sharders, plan_constraints
-from ttdist.modules.optim import OptimType
+from ttdist.model import build_model, build_sharders, plan_constraints, replicated_plain_tables
+from ttdist.modules.optim import OptimType, TableOptimizer
 from ttdist.process_group import DistEnv, apply_collective_timeout, job_id
 from ttdist.schedule import LRSchedule
 
@@ -102,11 +102,19 @@ def save_and_print_plan(plan: ShardingPlan, model: torch.nn.Module, cfg: Config,
 
 
 def build_optimizer(model: DistributedModelParallel, cfg: OptimConfig) -> KeyedOptimizer:
-    """Fused optimizers of the tables (in backward) + any torch optimizer for the MLPs."""
+    """Fused optimizers of the sharded tables (in backward), the same update for the data-parallel
+    plain tables (``TableOptimizer``, after DDP's all-reduce) and a torch optimizer for the MLPs."""
+    params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    replicated = replicated_plain_tables(model.plan)
+    tables = {name: params.pop(name) for name in replicated if name in params}
     cls = dense_optimizer_class(cfg.dense_optimizer)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(model.named_parameters())),
-                                  lambda params: cls(params, lr=cfg.dense_lr))
-    optimizer = CombinedOptimizer([model.fused_optimizer, dense])
+    optimizers = [model.fused_optimizer]
+    if tables:
+        optimizers.append(KeyedOptimizerWrapper(tables, lambda weights: TableOptimizer(
+            [(replicated[name], w) for name, w in zip(tables, weights)], cfg.embedding_optimizer, cfg.embedding_lr,
+            cfg.eps)))
+    optimizers.append(KeyedOptimizerWrapper(params, lambda params: cls(params, lr=cfg.dense_lr)))
+    optimizer = CombinedOptimizer(optimizers)
     optimizer.init_state()  # materialise lazy state, so checkpoints load in place
     return optimizer
 

@@ -36,3 +36,31 @@ def test_two_rank_checkpoint_restores_on_other_world_sizes(uninterrupted, nproc,
     assert restored["world_size"] == nproc
     assert restored["auc"] == pytest.approx(full["auc"], abs=1e-6)
     assert restored["logloss"] == pytest.approx(full["logloss"], rel=1e-5)
+
+
+def _plain_tables(kind: str) -> list[str]:
+    """train.sharding_types putting every plain (non-TT) table of the TINY config on ``kind``."""
+    from tests.app.common import ROOT, TINY
+    from ttdist.config import load_config
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [o for o in TINY if not o.startswith("train.world_size")])
+    tt = set(cfg.tt_table_indices())
+    return [f"train.sharding_types.t_cat_{t}={kind}" for t in range(26) if t not in tt]
+
+
+def test_plain_tables_resume_between_sharded_and_data_parallel(tmp_path):
+    """Plain tables table-wise for steps 1-6 (fbgemm's fused state), resumed data-parallel for
+    7-12 (TableOptimizer): each step's loss is that of a run that stayed table-wise (row-wise
+    Adagrad does not see DDP's mean over the ranks where table-wise sums them, but for eps), so the
+    weights and the optimizer state crossed over by name."""
+    table_wise, data_parallel = _plain_tables("table_wise"), _plain_tables("data_parallel")
+    launch(2, tmp_path, "stayed", "train.steps=12", "checkpoint.every_steps=6", "checkpoint.resume=false", *table_wise)
+    launch(2, tmp_path, "moved", "train.steps=6", "checkpoint.every_steps=6", "checkpoint.resume=false", *table_wise)
+    run = launch(2, tmp_path, "moved", "train.steps=12", "checkpoint.every_steps=6", "checkpoint.resume=true",
+                 *data_parallel)
+    assert "resumed from" in run.stdout + run.stderr
+    plan = (tmp_path / "moved" / "plan.yaml").read_text()
+    assert "data_parallel" in plan and "dense" in plan
+    stayed, moved = losses(tmp_path / "stayed"), losses(tmp_path / "moved")
+    for step in range(7, 13):
+        assert moved[step] == pytest.approx(stayed[step], rel=1e-5), (step, moved, stayed)

@@ -25,7 +25,9 @@ def test_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
                  env={"TTDIST_FAULT_HANG_STEP": "2", "TTDIST_FAULT_HANG_RANK": "1"})
     assert run.returncode != 0, run.tail()
     assert "[rank 1] fault injection: hanging at the start of step 2" in run.stderr
-    m = re.search(r"\[rank 0\] CollectiveError: rank 0: collective all_to_all_single \(async\) \(the last one this rank issued\) "
+    # the first collective of a step: an all-to-all, or an all-reduce where every table is replicated
+    m = re.search(r"\[rank 0\] CollectiveError: rank 0: collective (?:all_to_all_single|all_reduce)(?: \(async\))? "
+                  r"\(the last one this rank issued\) "
                   r"in 'step 2 forward' timed out after ([\d.]+) s \(train.collective_timeout_s = 10\); "
                   r"rank\(s\) \[1\] never reached this collective \(hung or dead\); last phase per rank: "
                   r"rank 0: 'step 2 forward' [^\n]*; rank 1: 'step 1 backward'", run.stderr)

@@ -1,8 +1,9 @@
-"""Optimizers fused into the TT backward, named as in FBTT-Embedding and fbgemm (``EmbOptimType``)."""
+"""Optimizers fused into the TT backward, named as in FBTT-Embedding and fbgemm (``EmbOptimType``),
+and ``TableOptimizer``: their update for whole tables that train as plain parameters."""
 from __future__ import annotations
 
 import enum
-from typing import Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -40,3 +41,42 @@ def optimizer_state_like(weight: torch.Tensor, optimizer: OptimType) -> torch.Te
     if optimizer.code == 2:
         return torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
     return torch.zeros(0, dtype=dtype, device=weight.device)
+
+
+class TableOptimizer(torch.optim.Optimizer):
+    """The fused optimizers' update (``ttdist.ops.apply_updates``: fbgemm's exact SGD, Adagrad,
+    row-wise Adagrad) for embedding tables that train as plain parameters: TorchRec's
+    data-parallel tables, whose dense gradient DDP averages over the ranks.
+
+    ``tables``: (table name, weight [rows, dim]) pairs. The state of table ``t`` is
+    ``{"t.momentum1": ...}``, named and shaped as fbgemm's fused optimizer names it (row-wise
+    Adagrad [rows], Adagrad [rows, dim], SGD none), so a checkpoint taken with the table sharded
+    loads with it data-parallel and back (DCP matches the key and reshards). A row whose gradient
+    is zero is left unchanged, as the fused (sparse) update leaves an unread row.
+    """
+
+    def __init__(self, tables: Sequence[tuple[str, torch.nn.Parameter]], optimizer: Union[OptimType, str],
+                 lr: float, eps: float) -> None:
+        super().__init__([weight for _, weight in tables], {"lr": lr, "eps": eps})
+        self.optimizer = OptimType.parse(optimizer)
+        self._states = {}  # weight -> its state tensor (SGD's empty one is not saved)
+        for name, weight in tables:
+            state = optimizer_state_like(weight, self.optimizer)
+            self._states[weight] = state
+            if self.optimizer.code != 0:
+                self.state[weight] = {f"{name}.momentum1": state}
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        from ttdist.ops import apply_updates
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            weights = [w for w in group["params"] if w.grad is not None]
+            if weights:
+                apply_updates(weights, [self._states[w] for w in weights], [w.grad for w in weights],
+                              self.optimizer.code, group["lr"], group["eps"])
+        return loss

@@ -416,13 +416,16 @@ class Plan:
     """Where every table lives. ``tt``: {table: ParameterSharding}; TorchRec tables:
     ``eb_units`` one (feature, dim, rank) per table-wise feature, ``eb_column_wise`` one
     (feature, shard dim, rank) per column-wise shard, ``eb_row_wise`` one (feature, dim) per
-    row-wise feature (TorchRec runs one input and one output dist per sharding type)."""
+    row-wise feature (TorchRec runs one input and one output dist per sharding type),
+    ``eb_data_parallel`` one (features, dim, rows) per data-parallel table (every rank looks up
+    its own samples; DDP all-reduces the table's gradient)."""
 
     world_size: int
     tt: dict
     eb_units: list = field(default_factory=list)
     eb_column_wise: list = field(default_factory=list)
     eb_row_wise: list = field(default_factory=list)
+    eb_data_parallel: list = field(default_factory=list)
 
     def eb_groups(self) -> list[str]:
         """The TorchRec sharding types present (one KJTAllToAll each)."""
@@ -460,7 +463,7 @@ class Plan:
         from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
         from torchrec.distributed.types import ParameterSharding
 
-        tt, units, column_wise, row_wise = {}, [], [], []
+        tt, units, column_wise, row_wise, data_parallel = {}, [], [], [], []
         tt_names = {c.name for c in spec.tt_configs}
         for c in spec.eb_configs + spec.tt_configs:
             p = summary[c.name]
@@ -478,10 +481,12 @@ class Plan:
                 column_wise += [(f, s["sizes"][1], s["rank"]) for f in c.feature_names for s in shards]
             elif p["sharding_type"] == "row_wise":
                 row_wise += [(f, c.embedding_dim) for f in c.feature_names]
+            elif p["sharding_type"] == "data_parallel":
+                data_parallel.append((len(c.feature_names), c.embedding_dim, c.num_embeddings))
             else:
                 raise NotImplementedError(f"TorchRec {p['sharding_type']} tables are not modelled (table {c.name}); "
-                                          "ttdist plans TorchRec tables table-, column- or row-wise")
-        return Plan(world_size, tt, units, column_wise, row_wise)
+                                          "ttdist plans TorchRec tables table-, column-, row-wise or data-parallel")
+        return Plan(world_size, tt, units, column_wise, row_wise, data_parallel)
 
     def sharding_counts(self) -> dict[str, dict[str, int]]:
         """How many TT / TorchRec tables (features) each sharding type holds."""
@@ -489,7 +494,7 @@ class Plan:
         for ps in self.tt.values():
             tt[ps.sharding_type] = tt.get(ps.sharding_type, 0) + 1
         eb = {"table_wise": len(self.eb_units), "column_wise_shards": len(self.eb_column_wise),
-              "row_wise": len(self.eb_row_wise)}
+              "row_wise": len(self.eb_row_wise), "data_parallel": len(self.eb_data_parallel)}
         return {"tt": tt, "torchrec": eb}
 
 
@@ -658,6 +663,8 @@ def collective_bytes(spec: ModelSpec, plan: Plan, rank: int, batch: int, layout:
     for k, b in e.items():
         out[f"ebc.{k}"] = b
     out["ddp_all_reduce"] = spec.dense_param_bytes
+    # TorchRec wraps the data-parallel tables' lookup in a DDP of its own (none at W = 1)
+    out["ebc.data_parallel_grad_all_reduce"] = 4 * sum(d * n for _, d, n in plan.eb_data_parallel) if w > 1 else 0
     return out
 def counted_bytes(collectives: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Counted per-step bytes (benchmarks' ``"<label>|<kind>"`` records) under collective_bytes' keys.
@@ -675,6 +682,8 @@ def counted_bytes(collectives: Mapping[str, Mapping[str, float]]) -> dict[str, f
         base, _, group = label.partition("@")
         if kind == "ddp_all_reduce":
             add("ddp_all_reduce", b)
+        elif kind == "ebc_dp_all_reduce":
+            add("ebc.data_parallel_grad_all_reduce", b)
         elif label == "other" and kind == "all_reduce":
             add("train_loop_flag_all_reduce", b)
         elif base == "tt/input_dist" and kind == "all_reduce" and not group:
@@ -780,7 +789,7 @@ def ids_per_rank(spec: ModelSpec, plan: Plan, batch: int) -> tuple[list[float], 
     for _, _, r in plan.eb_units + plan.eb_column_wise:
         eb[r] += w * batch
     for r in range(w):
-        eb[r] += len(plan.eb_row_wise) * batch
+        eb[r] += (len(plan.eb_row_wise) + sum(nf for nf, _, _ in plan.eb_data_parallel)) * batch
     return tt, eb
 
 
@@ -799,6 +808,7 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
     f_tt = sum(len(c.feature_names) for c in spec.tt_configs)
     f_eb = sum(len(c.feature_names) for c in spec.eb_configs)
     replicas = replicated_core_elements(spec, plan)
+    dp_elements = sum(d * n for _, d, n in plan.eb_data_parallel)
 
     def piece(per_rank: Sequence[float]) -> float:
         worst = max(per_rank)
@@ -818,7 +828,8 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
                      "tt_replica": int(byts.get("tt.replicated_grad_all_reduce", 0) > 0),
                      "eb_index": INDEX_ALL_TO_ALL_CALLS * len(eb_groups), "eb_pooled": len(set(eb_groups) - {"row_wise"}),
                      "eb_row_wise": int("row_wise" in eb_groups), "flag": int(w > 1),
-                     "ddp": max(1, math.ceil(spec.dense_param_bytes / 25e6))}
+                     "ddp": max(1, math.ceil(spec.dense_param_bytes / 25e6)),
+                     "eb_dp": math.ceil(byts["ebc.data_parallel_grad_all_reduce"] / 25e6)}
     n = {**default_calls, **(calls or {})}
 
     def tt_sum(prefix: str) -> float:
@@ -861,8 +872,9 @@ def step_time(profile: Profile, spec: ModelSpec, plan: Plan, batch: int, links: 
         "lookup_bwd_update": piece([x + p.ebc_bwd_s_per_id * y for x, y in zip(tt_bwd, eb_ids)])
         + uniform(p.tt_replica_s_per_element * replicas),
         "allreduce": ar(byts.get("tt.replicated_grad_all_reduce", 0), n["tt_replica"])
-        + ar(byts["ddp_all_reduce"], n["ddp"]),
-        "dense_optimizer": uniform(p.optimizer_s_per_step),
+        + ar(byts["ddp_all_reduce"], n["ddp"]) + ar(byts["ebc.data_parallel_grad_all_reduce"], n["eb_dp"]),
+        # data-parallel TorchRec tables: the fused tables' update on whole tables (TableOptimizer)
+        "dense_optimizer": uniform(p.optimizer_s_per_step + p.tt_replica_s_per_element * dp_elements),
         "other": uniform(p.other_s_per_step) + ar(16 * w, n["flag"]),
     }
     return {"step_time_s": sum(parts.values()), "breakdown_s": parts, "max_rank_bytes": byts,
