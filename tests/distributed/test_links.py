@@ -134,3 +134,31 @@ def test_measured_links_price_a_call_as_torchrec_dists_make_it():
     assert measured.latency_ms > 0 and measured.bytes_per_ms > 0
     assert calls == CALLS_PER_SHARDED_GROUP == tt_collective_calls({TABLE_WISE})
     assert scripted == LinkModel(latency_ms=0.5, bytes_per_ms=2.0 ** (round(2 * math.log2(1e6)) / 2))
+
+
+def test_per_module_uniform_proposer_offers_every_combination_of_module_types():
+    """One plan per (TT module type, TorchRec module type) pair that covers every table of each
+    module, each table on its cheapest option of that type; a type some table lacks is never
+    offered for that module. (TorchRec's UniformProposer offers one type for all modules.)"""
+    from types import SimpleNamespace
+
+    from ttdist.distributed.planner import PerModuleUniformProposer
+
+    def option(path, table, kind, perf):
+        return SimpleNamespace(path=path, fqn=f"{path}.{table}", sharding_type=kind,
+                               shards=[SimpleNamespace(perf=SimpleNamespace(total=perf))])
+
+    space = [option("tt", "a", TABLE_WISE, 2.0), option("tt", "a", TABLE_WISE, 1.0), option("tt", "a", DATA_PARALLEL, 3.0),
+             option("tt", "b", TABLE_WISE, 1.0), option("tt", "b", DATA_PARALLEL, 1.0), option("tt", "b", ROW_WISE, 1.0),
+             option("ebc", "x", TABLE_WISE, 1.0), option("ebc", "x", COLUMN_WISE, 1.0), option("ebc", "x", DATA_PARALLEL, 1.0)]
+    proposer = PerModuleUniformProposer()
+    proposer.load(space)
+    proposals = []
+    while (p := proposer.propose()) is not None:
+        proposals.append(p)
+        proposer.feedback(partitionable=True)
+    kinds = sorted((p[0].sharding_type, p[2].sharding_type) for p in proposals)
+    assert kinds == sorted((t, e) for t in (TABLE_WISE, DATA_PARALLEL) for e in (TABLE_WISE, COLUMN_WISE, DATA_PARALLEL))
+    for p in proposals:
+        assert sorted(o.fqn for o in p) == ["ebc.x", "tt.a", "tt.b"]
+        assert all(o.shards[0].perf.total == 1.0 for o in p if o.sharding_type == TABLE_WISE)  # the cheapest

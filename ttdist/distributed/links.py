@@ -33,7 +33,7 @@ from torchrec.distributed.dist_data import KJTAllToAll, PooledEmbeddingsAllToAll
 from torchrec.distributed.planner import Topology
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from ttdist.distributed.planner import CALLS_PER_SHARDED_GROUP
+from ttdist.distributed.planner import CALLS_PER_SHARDED_GROUP, bus_topology
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ class LinkModel:
     bytes_per_ms: float
 
     def topology(self, world_size: int, compute_device: str) -> Topology:
-        """TorchRec's Topology with these links as its intra- and inter-host bandwidth."""
-        return Topology(world_size=world_size, compute_device=compute_device, intra_host_bw=self.bytes_per_ms,
-                        inter_host_bw=self.bytes_per_ms)
+        """TorchRec's Topology with these links as its intra- and inter-host bandwidth (all-reduces
+        priced by ``planner.BusBandwidths``)."""
+        return bus_topology(world_size, compute_device, self.bytes_per_ms, self.bytes_per_ms)
 
 
 def _half_octave(x: float) -> float:

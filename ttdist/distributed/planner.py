@@ -18,6 +18,7 @@ tables too — see "DMP without plan=" in docs/planner.md for what that covers a
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Optional
 
@@ -26,6 +27,8 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner import enumerators as _enumerators
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.perf_models import NoopPerfModel
+from torchrec.distributed.planner.proposers import (GreedyProposer, GridSearchProposer, Proposer,
+                                                    UniformProposer)
 from torchrec.distributed.planner.estimator import EmbeddingPerfEstimatorFactory, EmbeddingPerfEstimatorV2
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.planner.types import (BasicCommsBandwidths, CollectiveType, ParameterConstraints, Perf,
@@ -138,6 +141,28 @@ def all_reduce_bus_bandwidth(world_size: int, local_world_size: int, intra_host_
     return min(intra_host_bw, inter_host_bw * local_world_size)
 
 
+class BusBandwidths(BasicCommsBandwidths):
+    """TorchRec's two-link model (``intra_host_bw`` within a host, ``inter_host_bw`` across),
+    but an all-reduce priced at ``all_reduce_bus_bandwidth``. The Topologies ttdist builds (the
+    app's measured links, the perf model's presets) carry it, so that TorchRec's estimator prices
+    a data-parallel TorchRec table's gradient all-reduce as ttdist prices a replicated core's
+    and as ``perf_model.step_time`` charges both."""
+
+    def get_bw(self, local_world_size: int, world_size: int, collective_type: CollectiveType) -> float:
+        if collective_type == CollectiveType.ALL_REDUCE:
+            return all_reduce_bus_bandwidth(world_size, local_world_size, self.intra_host_bw, self.inter_host_bw)
+        return super().get_bw(local_world_size, world_size, collective_type)
+
+
+def bus_topology(world_size: int, compute_device: str, intra_host_bw: float, inter_host_bw: float,
+                 **kwargs) -> Topology:
+    """TorchRec's ``Topology`` on these links (bytes/ms), all-reduces priced by ``BusBandwidths``;
+    ``kwargs``: Topology's other arguments."""
+    return Topology(world_size=world_size, compute_device=compute_device,
+                    generalized_comms_bandwidths=BusBandwidths(inter_host_bw=inter_host_bw, intra_host_bw=intra_host_bw),
+                    **kwargs)
+
+
 def _comms_bw(topology: Topology, collective: CollectiveType, group_size: int) -> float:
     """Bandwidth (bytes/ms) of a collective over ``group_size`` ranks: TorchRec's, except an
     all-reduce on TorchRec's default model of the links (a Topology built without
@@ -215,9 +240,52 @@ def make_planner(topology: Topology, batch_size: int, constraints: Optional[dict
     estimators = [TTPerfEstimator(topology, constraints, cost_model), TTStorageEstimator(topology, constraints, optimizer)]
     enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints,
                                      estimator=estimators)
+    proposers = [GridSearchProposer(), GreedyProposer(), GreedyProposer(use_depth=False), UniformProposer(),
+                 PerModuleUniformProposer()]  # TorchRec's default four, and one per module
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, enumerator=enumerator,
-                                    constraints=constraints,
+                                    constraints=constraints, proposer=proposers,
                                     performance_model=TTCollectivesPerfModel(topology, collective_latency_ms))
+
+
+class PerModuleUniformProposer(Proposer):
+    """Plans in which every embedding module's tables share one sharding type (each table its
+    cheapest option of that type), one plan per combination of the modules' types.
+
+    TorchRec's UniformProposer offers one type for every table of every module, and only a type
+    that every table has: with the plain tables allowed data-parallel it offered all 26 demo tables
+    data-parallel, but no longer the TT tables data-parallel beside the plain tables table-wise,
+    and its greedy proposers did not reach that plan either (Criteo Terabyte, 64 GPUs on PCIe:
+    the planner took table-wise TT tables, which the perf model rates 35 % slower). A TT collection
+    and TorchRec's tables are one sharding group each per type, so these are the plans whose
+    collective calls are fewest (``TTCollectivesPerfModel``)."""
+
+    def __init__(self) -> None:
+        self._proposals: list[list[ShardingOption]] = []
+        self._index = 0
+
+    def load(self, search_space: list[ShardingOption], enumerator=None) -> None:
+        cheapest: dict[str, dict[str, dict[str, ShardingOption]]] = {}  # module -> type -> table -> option
+        tables: dict[str, set[str]] = {}
+        for o in search_space:
+            tables.setdefault(o.path, set()).add(o.fqn)
+            best = cheapest.setdefault(o.path, {}).setdefault(o.sharding_type, {})
+            if o.fqn not in best or _option_score(o) < _option_score(best[o.fqn]):
+                best[o.fqn] = o
+        per_module = [[list(by_table.values()) for by_table in types.values() if set(by_table) == tables[path]]
+                      for path, types in cheapest.items()]
+        self._proposals = [[o for group in combo for o in group] for combo in itertools.product(*per_module)]
+        self._index = 0
+
+    def propose(self) -> Optional[list[ShardingOption]]:
+        return self._proposals[self._index] if self._index < len(self._proposals) else None
+
+    def feedback(self, partitionable: bool, plan=None, perf_rating=None, storage_constraint=None) -> None:
+        self._index += 1
+
+
+def _option_score(option: ShardingOption) -> float:
+    """An option's busiest shard's perf (TorchRec's proposers' score)."""
+    return max(shard.perf.total for shard in option.shards)
 
 
 # Collective calls per step of one sharding group: the ids' KJTAllToAll (TorchRec's, which the TT

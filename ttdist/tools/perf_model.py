@@ -542,11 +542,14 @@ def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile
 
     TorchRec's own link model stays: an all-to-all costs bytes / intra_host_bw if its W ranks fit
     in a node, else bytes / inter_host_bw (``step_time``: the (W-1)/W of the bytes that leave a
-    rank, split over both links). A TT table's replicated-core all-reduce is priced by ttdist's
-    estimator at ``all_reduce_bus_bandwidth``, as ``step_time`` charges it. The Topology has no
+    rank, split over both links). Every all-reduce (a TT table's replicated cores, a data-parallel
+    TorchRec table's gradient) is priced at ``all_reduce_bus_bandwidth`` (``planner.BusBandwidths``),
+    as ``step_time`` charges it. The Topology has no
     per-message latency: ``planner_plan`` gives ``make_planner`` a price per call instead."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.constants import HBM_MEM_BW
+
+    from ttdist.distributed.planner import bus_topology
 
     if world_size == 1:
         intra = inter = math.inf
@@ -556,9 +559,9 @@ def planner_topology(cfg, world_size: int, batch_per_rank: int, profile: Profile
         intra, inter = links.intra.bandwidth / 1e3, links.inter.bandwidth / 1e3
     charged = torchrec_lookup_s_per_id(cfg, batch_per_rank, Topology(world_size=1, compute_device="cuda"))
     assumed = profile.ebc_fwd_s_per_id + profile.ebc_bwd_s_per_id
-    return Topology(world_size=world_size, compute_device="cuda",
-                    local_world_size=1 if world_size == 1 else min(world_size, links.gpus_per_node),
-                    hbm_mem_bw=HBM_MEM_BW * charged / assumed, intra_host_bw=intra, inter_host_bw=inter)
+    return bus_topology(world_size, "cuda", intra, inter,
+                        local_world_size=1 if world_size == 1 else min(world_size, links.gpus_per_node),
+                        hbm_mem_bw=HBM_MEM_BW * charged / assumed)
 
 
 def planner_plan(cfg, spec: ModelSpec, world_size: int, batch_per_rank: int, profile: Profile,
