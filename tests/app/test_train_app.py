@@ -2,6 +2,7 @@
 import shutil
 
 import pytest
+import yaml
 
 from tests.app.common import launch, losses, reference_run, summary
 
@@ -48,19 +49,21 @@ def _plain_tables(kind: str) -> list[str]:
     return [f"train.sharding_types.t_cat_{t}={kind}" for t in range(26) if t not in tt]
 
 
-def test_plain_tables_resume_between_sharded_and_data_parallel(tmp_path):
-    """Plain tables table-wise for steps 1-6 (fbgemm's fused state), resumed data-parallel for
-    7-12 (TableOptimizer): each step's loss is that of a run that stayed table-wise (row-wise
-    Adagrad does not see DDP's mean over the ranks where table-wise sums them, but for eps), so the
-    weights and the optimizer state crossed over by name."""
-    table_wise, data_parallel = _plain_tables("table_wise"), _plain_tables("data_parallel")
-    launch(2, tmp_path, "stayed", "train.steps=12", "checkpoint.every_steps=6", "checkpoint.resume=false", *table_wise)
-    launch(2, tmp_path, "moved", "train.steps=6", "checkpoint.every_steps=6", "checkpoint.resume=false", *table_wise)
-    run = launch(2, tmp_path, "moved", "train.steps=12", "checkpoint.every_steps=6", "checkpoint.resume=true",
-                 *data_parallel)
+def test_plain_tables_resume_between_data_parallel_and_sharded(uninterrupted, tmp_path):
+    """The shared run replicates the plain tables (TableOptimizer); its step-6 checkpoint resumed
+    with them table-wise (fbgemm's fused state) trains steps 7-12 as the run that stayed
+    replicated did (rel 1e-5: row-wise Adagrad does not see DDP's mean over the ranks where
+    table-wise sums them, but for eps): the weights and the optimizer state crossed over by name."""
+    full_dir, _ = uninterrupted
+    shared = yaml.safe_load((full_dir / "plan.yaml").read_text())["sparse_arch.embedding_bag_collection.dense"]
+    assert {t["sharding_type"] for t in shared.values()} == {"data_parallel"}  # the shared run's plain tables
+    (tmp_path / "moved" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_dir / "checkpoints" / "step_00000006", tmp_path / "moved" / "checkpoints" / "step_00000006")
+    run = launch(2, tmp_path, "moved", "train.steps=12", "checkpoint.resume=true", "checkpoint.at_end=false",
+                 *_plain_tables("table_wise"))
     assert "resumed from" in run.stdout + run.stderr
-    plan = (tmp_path / "moved" / "plan.yaml").read_text()
-    assert "data_parallel" in plan and "dense" in plan
-    stayed, moved = losses(tmp_path / "stayed"), losses(tmp_path / "moved")
+    plan = yaml.safe_load((tmp_path / "moved" / "plan.yaml").read_text())
+    assert {t["sharding_type"] for t in plan["sparse_arch.embedding_bag_collection.dense"].values()} == {"table_wise"}
+    stayed, moved = losses(full_dir), losses(tmp_path / "moved")
     for step in range(7, 13):
         assert moved[step] == pytest.approx(stayed[step], rel=1e-5), (step, moved, stayed)
