@@ -162,3 +162,7 @@ def test_per_module_uniform_proposer_offers_every_combination_of_module_types():
     for p in proposals:
         assert sorted(o.fqn for o in p) == ["ebc.x", "tt.a", "tt.b"]
         assert all(o.shards[0].perf.total == 1.0 for o in p if o.sharding_type == TABLE_WISE)  # the cheapest
+    capped = PerModuleUniformProposer()
+    capped.MAX_PROPOSALS = 5  # more combinations than it rates: none offered (TorchRec's grid search does the same)
+    capped.load(space)
+    assert capped.propose() is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -259,6 +260,8 @@ class PerModuleUniformProposer(Proposer):
     and TorchRec's tables are one sharding group each per type, so these are the plans whose
     collective calls are fewest (``TTCollectivesPerfModel``)."""
 
+    MAX_PROPOSALS = 1024  # 5 modules of 4 sharding types each
+
     def __init__(self) -> None:
         self._proposals: list[list[ShardingOption]] = []
         self._index = 0
@@ -273,7 +276,10 @@ class PerModuleUniformProposer(Proposer):
                 best[o.fqn] = o
         per_module = [[list(by_table.values()) for by_table in types.values() if set(by_table) == tables[path]]
                       for path, types in cheapest.items()]
-        self._proposals = [[o for group in combo for o in group] for combo in itertools.product(*per_module)]
+        combinations = math.prod(len(types) for types in per_module)
+        # as TorchRec's GridSearchProposer, nothing where the combinations are too many to rate
+        self._proposals = ([[o for group in combo for o in group] for combo in itertools.product(*per_module)]
+                           if combinations <= self.MAX_PROPOSALS else [])
         self._index = 0
 
     def propose(self) -> Optional[list[ShardingOption]]:
