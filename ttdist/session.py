@@ -106,7 +106,11 @@ def build_optimizer(model: DistributedModelParallel, cfg: OptimConfig) -> KeyedO
     plain tables (``TableOptimizer``, after DDP's all-reduce) and a torch optimizer for the MLPs."""
     params = dict(in_backward_optimizer_filter(model.named_parameters()))
     replicated = replicated_plain_tables(model.plan)
-    tables = {name: params.pop(name) for name in replicated if name in params}
+    missing = sorted(set(replicated) - set(params))
+    if missing:  # they would train with the MLPs' optimizer
+        raise RuntimeError(f"data-parallel tables {missing} of the plan are not parameters of the model; "
+                           f"its trainable parameters: {sorted(params)[:8]} ...")
+    tables = {name: params.pop(name) for name in replicated}
     cls = dense_optimizer_class(cfg.dense_optimizer)
     optimizers = [model.fused_optimizer]
     if tables:
