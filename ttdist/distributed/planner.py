@@ -165,15 +165,14 @@ def bus_topology(world_size: int, compute_device: str, intra_host_bw: float, int
 
 
 def _comms_bw(topology: Topology, collective: CollectiveType, group_size: int) -> float:
-    """Bandwidth (bytes/ms) of a collective over ``group_size`` ranks: TorchRec's, except an
-    all-reduce on TorchRec's default model of the links (a Topology built without
-    ``generalized_comms_bandwidths``), which is priced at ``all_reduce_bus_bandwidth``."""
-    custom = getattr(topology, "_comms_bandwidths", None)
-    bandwidths = custom or BasicCommsBandwidths(inter_host_bw=topology.inter_host_bw,
-                                                intra_host_bw=topology.intra_host_bw)
+    """Bandwidth (bytes/ms) of a collective over ``group_size`` ranks: the Topology's model of the
+    links, TorchRec's default one (a Topology built without ``generalized_comms_bandwidths``) read
+    as ``BusBandwidths``, so that an all-reduce is priced at ``all_reduce_bus_bandwidth``."""
+    bandwidths = getattr(topology, "_comms_bandwidths", None) or BasicCommsBandwidths(
+        inter_host_bw=topology.inter_host_bw, intra_host_bw=topology.intra_host_bw)
+    if type(bandwidths) is BasicCommsBandwidths:
+        bandwidths = BusBandwidths(inter_host_bw=bandwidths.inter_host_bw, intra_host_bw=bandwidths.intra_host_bw)
     local = min(topology.local_world_size, group_size)
-    if collective == CollectiveType.ALL_REDUCE and type(bandwidths) is BasicCommsBandwidths:
-        return all_reduce_bus_bandwidth(group_size, local, bandwidths.intra_host_bw, bandwidths.inter_host_bw)
     return bandwidths.get_bw(local_world_size=local, world_size=group_size, collective_type=collective)
 
 

@@ -59,12 +59,9 @@ class TableOptimizer(torch.optim.Optimizer):
                  lr: float, eps: float) -> None:
         super().__init__([weight for _, weight in tables], {"lr": lr, "eps": eps})
         self.optimizer = OptimType.parse(optimizer)
-        self._states = {}  # weight -> its state tensor (SGD's empty one is not saved)
         for name, weight in tables:
-            state = optimizer_state_like(weight, self.optimizer)
-            self._states[weight] = state
-            if self.optimizer.code != 0:
-                self.state[weight] = {f"{name}.momentum1": state}
+            if self.optimizer.code != 0:  # SGD keeps none
+                self.state[weight] = {f"{name}.momentum1": optimizer_state_like(weight, self.optimizer)}
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -77,6 +74,7 @@ class TableOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             weights = [w for w in group["params"] if w.grad is not None]
             if weights:
-                apply_updates(weights, [self._states[w] for w in weights], [w.grad for w in weights],
-                              self.optimizer.code, group["lr"], group["eps"])
+                states = [next(iter(self.state[w].values())) if self.state[w] else optimizer_state_like(w, self.optimizer)
+                          for w in weights]
+                apply_updates(weights, states, [w.grad for w in weights], self.optimizer.code, group["lr"], group["eps"])
         return loss
