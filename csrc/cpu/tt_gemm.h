@@ -33,6 +33,11 @@ struct GemmKernels {
   // (q other than (4, 4, 4), r2 other than the vector width, r1 not a multiple of it or too large).
   bool (*prefix_rows_acc)(int64_t q0, int64_t q1, int64_t q2, int64_t r1, int64_t r2, int64_t m, const T* A,
                           const T* B, const T* const* C, const T* g, T* dA, T* dB, T* const* dC);
+  // Pooled sums of gathered rows: out[b * ld_out + e] = sum_{i in [offsets[b], offsets[b + 1])}
+  // w[i] * rows[i][e] for b < sums, e < D (w null: weights 1; an empty range gives zeros). The
+  // rows ahead are prefetched: they are gathered from buffers larger than the cache.
+  void (*pool_rows)(int64_t sums, const int64_t* offsets, int64_t D, const T* const* rows, const T* w, T* out,
+                    int64_t ld_out);
   const char* isa;
 };
 

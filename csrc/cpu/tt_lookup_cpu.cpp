@@ -158,9 +158,12 @@ struct TableBatch {
   }
 };
 
-// Per-position pooling factor: per-sample weight times 1/len for mean bags.
+// Per-position pooling factor: per-sample weight times 1/len for mean bags; empty when every
+// factor is 1 (no weights, no mean-pooled feature).
 template <typename acc_t>
 std::vector<acc_t> position_scales(const LookupArgs& a, const int64_t* offsets, int64_t B, const Tensor& indices) {
+  const bool any_mean = std::find(a.pooling_modes.begin(), a.pooling_modes.end(), kPoolingMean) != a.pooling_modes.end();
+  if (!a.per_sample_weights.has_value() && !any_mean) return {};
   const int64_t N = indices.numel();
   std::vector<acc_t> scale(N, acc_t(1));
   if (a.per_sample_weights.has_value()) {
@@ -177,6 +180,21 @@ std::vector<acc_t> position_scales(const LookupArgs& a, const int64_t* offsets, 
     }
   });
   return scale;
+}
+
+// out[b * ld_out + e] = sum_{i in [offsets[b], offsets[b + 1])} w[i] * rows[i][e] for b < sums,
+// e < D (w null: weights 1): the pooling of forward and the row gradients of backward, by the
+// vectorized kernel of tt_gemm.h where the rows are acc_t.
+template <typename acc_t, typename src_t>
+void pool_rows(int64_t sums, const int64_t* offsets, int64_t D, const src_t* const* rows, const acc_t* w, acc_t* out,
+               int64_t ld_out) {
+  if constexpr (kFastGemm<acc_t, src_t>) return fast_gemm<acc_t>().pool_rows(sums, offsets, D, rows, w, out, ld_out);
+  for (int64_t b = 0; b < sums; ++b) {
+    acc_t* o = out + b * ld_out;
+    std::fill(o, o + D, acc_t(0));
+    for (int64_t i = offsets[b]; i < offsets[b + 1]; ++i)
+      for (int64_t e = 0; e < D; ++e) o[e] += (w ? w[i] : acc_t(1)) * static_cast<acc_t>(rows[i][e]);
+  }
 }
 
 // Runs fn(begin, end) over [0, n) in chunks of `grain` items that the threads take as they free
@@ -710,29 +728,25 @@ std::vector<const scalar_t*> table_core_ptrs(const std::vector<Tensor>& cores, c
 }
 
 // Gradient of each unique row of table t (U, D): sum over its positions of
-// scale * grad_output[bag, cols]. Every row has a position, whose term starts it: not zeroed.
+// scale * grad_output[bag, cols] (`scale` empty: 1).
 template <typename acc_t, typename scalar_t>
 std::unique_ptr<acc_t[]> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
                                        const std::vector<acc_t>& scale) {
   const TableBatch& tb = pr.batches[t];
-  const int64_t D = pr.shapes[t].dim, U = tb.U;
+  const int64_t D = pr.shapes[t].dim, U = tb.U, M = tb.group[U];
   std::unique_ptr<acc_t[]> grad(new acc_t[U * D]);
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t ld = grad_output.size(1);
+  std::vector<const scalar_t*> src(M);  // per position of the table (in `order`): its gradient row
+  std::vector<acc_t> weight(scale.empty() ? 0 : M);
   parallel_chunks(U, dynamic_grain(U, 64), [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      acc_t* g = grad.get() + u * D;
-      for (int64_t n = tb.group[u]; n < tb.group[u + 1]; ++n) {
-        const int64_t j = tb.order[n];
-        const int64_t fb = pr.bag_of[j];
-        const scalar_t* src = go + (fb % pr.B) * ld + pr.col_offset[fb / pr.B];
-        if (n == tb.group[u]) {
-          for (int64_t e = 0; e < D; ++e) g[e] = scale[j] * static_cast<acc_t>(src[e]);
-        } else {
-          for (int64_t e = 0; e < D; ++e) g[e] += scale[j] * static_cast<acc_t>(src[e]);
-        }
-      }
+    for (int64_t n = tb.group[u0]; n < tb.group[u1]; ++n) {
+      const int64_t j = tb.order[n], fb = pr.bag_of[j];
+      src[n] = go + (fb % pr.B) * ld + pr.col_offset[fb / pr.B];
+      if (!scale.empty()) weight[n] = scale[j];
     }
+    pool_rows<acc_t, scalar_t>(u1 - u0, tb.group + u0, D, src.data(), scale.empty() ? nullptr : weight.data(),
+                               grad.get() + u0 * D, D);
   });
   return grad;
 }
@@ -824,7 +838,9 @@ Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, con
     const auto scale = position_scales<acc_t>(a, offsets.data_ptr<int64_t>(), pr.B, indices);
     const int64_t* off = offsets.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    const acc_t* weight = scale.empty() ? nullptr : scale.data();
     const int64_t F = static_cast<int64_t>(a.feature_table_map.size());
+    std::vector<const acc_t*> src(pr.N);  // per position: its table's row in `rows`
     for (int64_t t = 0; t < static_cast<int64_t>(pr.shapes.size()); ++t) {
       const TableBatch& tb = pr.batches[t];
       const int64_t D = pr.shapes[t].dim;
@@ -833,15 +849,16 @@ Tensor tt_forward_cpu(const std::vector<Tensor>& cores, const LookupArgs& a, con
       for (int64_t f = 0; f < F; ++f) {
         if (a.feature_table_map[f] != t) continue;
         parallel_chunks(pr.B, dynamic_grain(pr.B, 32), [&](int64_t b0, int64_t b1) {
-          std::vector<acc_t> bag(D);
-          for (int64_t b = b0; b < b1; ++b) {
-            std::fill(bag.begin(), bag.end(), acc_t(0));
-            for (int64_t j = off[f * pr.B + b]; j < off[f * pr.B + b + 1]; ++j) {
-              const acc_t* src = rows.get() + pr.unique_of[j] * D;
-              for (int64_t e = 0; e < D; ++e) bag[e] += scale[j] * src[e];
-            }
-            scalar_t* dst = o + b * pr.total_dim + pr.col_offset[f];
-            for (int64_t e = 0; e < D; ++e) dst[e] = static_cast<scalar_t>(bag[e]);
+          const int64_t* bag_off = off + f * pr.B + b0;
+          for (int64_t j = bag_off[0]; j < bag_off[b1 - b0]; ++j) src[j] = rows.get() + pr.unique_of[j] * D;
+          scalar_t* dst = o + b0 * pr.total_dim + pr.col_offset[f];
+          if constexpr (std::is_same_v<acc_t, scalar_t>) {
+            pool_rows<acc_t, acc_t>(b1 - b0, bag_off, D, src.data(), weight, reinterpret_cast<acc_t*>(dst), pr.total_dim);
+          } else {
+            std::vector<acc_t> bags((b1 - b0) * D);
+            pool_rows<acc_t, acc_t>(b1 - b0, bag_off, D, src.data(), weight, bags.data(), D);
+            for (int64_t b = 0; b < b1 - b0; ++b)
+              for (int64_t e = 0; e < D; ++e) dst[b * pr.total_dim + e] = static_cast<scalar_t>(bags[b * D + e]);
           }
         });
       }

@@ -44,13 +44,19 @@ def test_forward_backward_match_reference_and_dense(d, mode, dtype, weighted):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,dim,ranks", [(5000, 16, [16, 16]), (5000, 64, [8, 8])])
-def test_vectorized_shapes_match_reference(n, dim, ranks, dtype):
+@pytest.mark.parametrize("pooling", ["sum", "mean", "weighted"])
+def test_vectorized_shapes_match_reference(n, dim, ranks, dtype, pooling):
     """Ranks that are multiples of the CPU kernels' vector width with a narrow last core (the
     demo's q = (4, 2, 2) at rank 16, FBTT's q = (4, 4, 4) at rank 8): the vectorized narrow-product
-    path, against the reference, forward and core gradients."""
-    tt = ttdist.TTEmbeddingBag(n, dim, ranks, dtype=dtype, include_last_offset=True)
+    path, against the reference, forward and core gradients; the rows pooled (and their gradients
+    gathered) by the vectorized kernel, whole register blocks of 64 values, with and without
+    per-position factors."""
+    tt = ttdist.TTEmbeddingBag(n, dim, ranks, dtype=dtype, include_last_offset=True,
+                               mode="mean" if pooling == "mean" else "sum")
     assert tt.tt_cores[-1].shape[2] in (2, 4)
-    assert_lookup_matches_reference(tt, *random_bags(n, batch=65, max_len=10), dtype)
+    indices, offsets = random_bags(n, batch=65, max_len=10)
+    weights = torch.rand(indices.numel(), dtype=dtype) + 0.5 if pooling == "weighted" else None
+    assert_lookup_matches_reference(tt, indices, offsets, dtype, weights)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -87,16 +93,16 @@ def test_three_core_fused_prefix_rows_match_reference(dtype, ranks):
     assert_lookup_matches_reference(tt, indices, torch.arange(0, 301, 6), dtype)
 
 
-def assert_lookup_matches_reference(tt: ttdist.TTEmbeddingBag, indices, offsets, dtype) -> None:
+def assert_lookup_matches_reference(tt: ttdist.TTEmbeddingBag, indices, offsets, dtype, weights=None) -> None:
     """The lookup's output and core gradients (for a random output gradient) against the fp64
     reference of the same cores; absolute tolerance relative to the largest entry, since a core
     gradient sums over every row that reads its slice (an entry near zero by cancellation carries
     the rounding of terms that are not)."""
-    out = tt(indices, offsets)
+    out = tt(indices, offsets, weights)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     cores = [c.detach().double().requires_grad_(True) for c in tt.tt_cores]
-    ref = tt_forward_reference(cores, tt._spec(), indices, offsets)
+    ref = tt_forward_reference(cores, tt._spec(), indices, offsets, None if weights is None else weights.double())
     ref.backward(grad_out.double())
     for actual, expected in [(out, ref.detach())] + [(c.grad, r.grad) for c, r in zip(tt.tt_cores, cores)]:
         tol = TOL[dtype]
