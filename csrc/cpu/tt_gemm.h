@@ -27,12 +27,12 @@ struct GemmKernels {
                          const T* C, const T* g, T* dA, T* dB, T* dC);
   // The trie walk's backward of the m rows of a three-core table under one prefix (i_0, i_1):
   // A (q0 x r1), B (r1 q1 x r2) the prefix's core slices, C[k] (r2 x q2) row k's last one,
-  // g (m, q0 q1 x q2) the rows' gradients; with P = A @ B (q0 q1 x r2, B as r1 x q1 r2) and
+  // g[k] (q0 q1 x q2) row k's gradient; with P = A @ B (q0 q1 x r2, B as r1 x q1 r2) and
   // Y = sum_k g_k @ C[k]^T (q0 q1 x r2): dC[k] += P^T @ g_k, dB += A^T @ Y (Y as q0 x q1 r2),
   // dA += Y @ B^T (B as r1 x q1 r2). False (nothing written) for shapes it does not vectorize
   // (q other than (4, 4, 4), r2 other than the vector width, r1 not a multiple of it or too large).
   bool (*prefix_rows_acc)(int64_t q0, int64_t q1, int64_t q2, int64_t r1, int64_t r2, int64_t m, const T* A,
-                          const T* B, const T* const* C, const T* g, T* dA, T* dB, T* const* dC);
+                          const T* B, const T* const* C, const T* const* g, T* dA, T* dB, T* const* dC);
   // Pooled sums of gathered rows: out[b * ld_out + e] = sum_{i in [offsets[b], offsets[b + 1])}
   // w[i] * rows[i][e] for b < sums, e < D (w null: weights 1; an empty range gives zeros). The
   // rows ahead are prefetched: they are gathered from buffers larger than the cache.

@@ -336,7 +336,7 @@ bool middle_out_is_cheaper(const TableShape& s, const TableBatch& tb) {
 // Middle-out backward of a three-core table (see middle_out_is_cheaper), fp32 / fp64.
 template <typename acc_t>
 void backward_table_middle_out(const TableShape& s, const std::vector<const acc_t*>& cores, const TableBatch& tb,
-                               const acc_t* grad_rows, const std::vector<acc_t*>& out) {
+                               const acc_t* const* grad_rows, const std::vector<acc_t*>& out) {
   const int64_t q0 = s.q[0], q1 = s.q[1], q2 = s.q[2], r1 = s.r[1], r2 = s.r[2];
   accumulate_in_chunks<acc_t>(s, tb.U, out, [&](const std::vector<acc_t*>& dcore, int64_t u0, int64_t u1) {
     std::vector<acc_t> U(r1 * q1 * q2), S(r1 * q1 * q2);
@@ -345,7 +345,7 @@ void backward_table_middle_out(const TableShape& s, const std::vector<const acc_
       const acc_t* A = cores[0] + i[0] * s.slice[0];  // (q_0, r_1)
       const acc_t* B = cores[1] + i[1] * s.slice[1];  // (r_1 q_1, r_2)
       const acc_t* C = cores[2] + i[2] * s.slice[2];  // (r_2, q_2)
-      const acc_t* g = grad_rows + u * s.dim;         // (q_0, q_1 q_2)
+      const acc_t* g = grad_rows[u];                  // (q_0, q_1 q_2)
       acc_t *dA = dcore[0] + i[0] * s.slice[0], *dB = dcore[1] + i[1] * s.slice[1], *dC = dcore[2] + i[2] * s.slice[2];
       if (fast_gemm<acc_t>().middle_out_acc(q0, q1, q2, r1, r2, A, B, C, g, dA, dB, dC)) continue;
       std::fill(U.begin(), U.end(), acc_t(0));
@@ -359,12 +359,12 @@ void backward_table_middle_out(const TableShape& s, const std::vector<const acc_
 }
 
 // The trie walk's backward of the m rows of a three-core table under one prefix (i_0, i_1) (A, B
-// its core slices, C[k] and g + k * dim row k's last slice and gradient; dA the gradient of
+// its core slices, C[k] and g[k] row k's last slice and gradient; dA the gradient of
 // P_0 = A), by the fused kernel of tt_gemm.h: false (nothing written) for shapes or dtypes it does
 // not take.
 template <typename acc_t, typename scalar_t>
 bool prefix_rows_acc(const TableShape& s, int64_t m, const scalar_t* A, const scalar_t* B, const scalar_t* const* C,
-                     const acc_t* g, acc_t* dA, acc_t* dB, acc_t* const* dC) {
+                     const acc_t* const* g, acc_t* dA, acc_t* dB, acc_t* const* dC) {
   if constexpr (kFastGemm<acc_t, scalar_t>) {
     return fast_gemm<acc_t>().prefix_rows_acc(s.q[0], s.q[1], s.q[2], s.r[1], s.r[2], m, A, B, C, g, dA, dB, dC);
   } else {
@@ -372,21 +372,22 @@ bool prefix_rows_acc(const TableShape& s, int64_t m, const scalar_t* A, const sc
   }
 }
 
-// Reverse-mode pass: grad_rows (U, D) -> dense core gradients, accumulated into `out[k]` (acc_t,
-// p_k * slice_k elements each, zero on entry): a trie walk over the sorted rows (prefix products
-// and their gradients shared by rows with a common prefix; for three cores, the rows under each
-// prefix P_1 in one fused kernel where it takes the shape), or for three cores the middle-out
-// order when that takes fewer multiply-adds.
+// Reverse-mode pass: grad_rows (U rows' gradients, D values each) -> dense core gradients,
+// accumulated into `out[k]` (acc_t, p_k * slice_k elements each, zero on entry): a trie walk
+// over the sorted rows (prefix products and their gradients shared by rows with a common prefix;
+// for three cores, the rows under each prefix P_1 in one fused kernel where it takes the shape),
+// or for three cores the middle-out order when that takes fewer multiply-adds.
 template <typename scalar_t>
 void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cores, const TableBatch& tb,
-                    const at::opmath_type<scalar_t>* grad_rows, const std::vector<at::opmath_type<scalar_t>*>& out) {
+                    const at::opmath_type<scalar_t>* const* grad_rows,
+                    const std::vector<at::opmath_type<scalar_t>*>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t U = tb.U;
   if (s.d == 1) {  // one core: row i is the slice i itself (r_0 = r_1 = 1), its gradient the row's
     at::parallel_for(0, U, 256, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {  // rows are unique: no two tasks write one slice
         acc_t* dS = out[0] + tb.rows[u] * s.slice[0];
-        for (int64_t e = 0; e < s.dim; ++e) dS[e] += grad_rows[u * s.dim + e];
+        for (int64_t e = 0; e < s.dim; ++e) dS[e] += grad_rows[u][e];
       }
     });
     return;
@@ -437,7 +438,7 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
           last_grads.push_back(dcore[2] + c * s.slice[2]);
         }
         if (prefix_rows_acc<acc_t, scalar_t>(s, e - u, stack.slice(0, i[0]), stack.slice(1, i[1]), last_slices.data(),
-                                             grad_rows + u * s.dim, dP[0].data(), dcore[1] + i[1] * s.slice[1],
+                                             grad_rows + u, dP[0].data(), dcore[1] + i[1] * s.slice[1],
                                              last_grads.data())) {
           stack.advance(i, from, 0);
           fused = true;
@@ -450,7 +451,7 @@ void backward_table(const TableShape& s, const std::vector<const scalar_t*>& cor
       stack.digit[d - 1] = i[d - 1];
       // Leaf: W_row = P_{d-2} (Q_{d-2}, r_{d-1}) @ S_{d-1} (r_{d-1}, q_{d-1}).
       const int64_t M = s.Q[d - 2], K = s.r[d - 1], N = s.q[d - 1];
-      const acc_t* g = grad_rows + u * s.dim;
+      const acc_t* g = grad_rows[u];
       acc_t* dS = dcore[d - 1] + stack.digit[d - 1] * s.slice[d - 1];
       gemm_tn_acc<acc_t>(M, K, N, stack.P[d - 2].data(), g, dS);
       gemm_nt_acc<acc_t, scalar_t>(M, K, N, g, stack.slice(d - 1, stack.digit[d - 1]), dP[d - 2].data());
@@ -727,14 +728,22 @@ std::vector<const scalar_t*> table_core_ptrs(const std::vector<Tensor>& cores, c
   return ptrs;
 }
 
-// Gradient of each unique row of table t (U, D): sum over its positions of
-// scale * grad_output[bag, cols] (`scale` empty: 1).
+// The gradient of each unique row of table t (D values each): the sum over its positions of
+// scale * grad_output[bag, cols]. A row looked up once with factor 1 (fp32 / fp64) points into
+// grad_output itself, so a batch of distinct rows copies nothing; the others are summed into
+// `staging`.
+template <typename acc_t>
+struct RowGradients {
+  std::vector<const acc_t*> row;     // U pointers
+  std::unique_ptr<acc_t[]> staging;  // (U, D): row u's sum at u * D, where one is needed
+};
+
 template <typename acc_t, typename scalar_t>
-std::unique_ptr<acc_t[]> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
-                                       const std::vector<acc_t>& scale) {
+RowGradients<acc_t> row_gradients(const Prepared& pr, int64_t t, const Tensor& grad_output,
+                                  const std::vector<acc_t>& scale) {
   const TableBatch& tb = pr.batches[t];
   const int64_t D = pr.shapes[t].dim, U = tb.U, M = tb.group[U];
-  std::unique_ptr<acc_t[]> grad(new acc_t[U * D]);
+  RowGradients<acc_t> grads{std::vector<const acc_t*>(U), std::unique_ptr<acc_t[]>(new acc_t[U * D])};
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t ld = grad_output.size(1);
   std::vector<const scalar_t*> src(M);  // per position of the table (in `order`): its gradient row
@@ -745,10 +754,19 @@ std::unique_ptr<acc_t[]> row_gradients(const Prepared& pr, int64_t t, const Tens
       src[n] = go + (fb % pr.B) * ld + pr.col_offset[fb / pr.B];
       if (!scale.empty()) weight[n] = scale[j];
     }
-    pool_rows<acc_t, scalar_t>(u1 - u0, tb.group + u0, D, src.data(), scale.empty() ? nullptr : weight.data(),
-                               grad.get() + u0 * D, D);
+    for (int64_t u = u0; u < u1; ++u) {
+      if constexpr (kFastGemm<acc_t, scalar_t>) {
+        if (scale.empty() && tb.group[u + 1] - tb.group[u] == 1) {
+          grads.row[u] = src[tb.group[u]];
+          continue;
+        }
+      }
+      acc_t* sum = grads.staging.get() + u * D;
+      pool_rows<acc_t, scalar_t>(1, tb.group + u, D, src.data(), scale.empty() ? nullptr : weight.data(), sum, D);
+      grads.row[u] = sum;
+    }
   });
-  return grad;
+  return grads;
 }
 
 // Applies one optimizer step to the listed rows of `weight` (rows, row_len).
@@ -812,7 +830,8 @@ void backward_tables(const Tensor& grad_output, const std::vector<Tensor>& cores
     if (pr.batches[t].empty()) continue;
     const auto grad_rows = row_gradients<acc_t, scalar_t>(pr, t, go, scale);
     const std::vector<acc_t*> out = buffers(t, pr.shapes[t], pr.core_begin[t]);
-    backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.get(), out);
+    backward_table<scalar_t>(pr.shapes[t], table_core_ptrs<scalar_t>(cores, pr, t), pr.batches[t], grad_rows.row.data(),
+                             out);
     consume(t, pr.batches[t], pr.shapes[t], pr.core_begin[t]);
   }
 }
