@@ -666,8 +666,9 @@ def collective_bytes(spec: ModelSpec, plan: Plan, rank: int, batch: int, layout:
     for k, b in e.items():
         out[f"ebc.{k}"] = b
     out["ddp_all_reduce"] = spec.dense_param_bytes
-    # TorchRec wraps the data-parallel tables' lookup in a DDP of its own (none at W = 1)
-    out["ebc.data_parallel_grad_all_reduce"] = 4 * sum(d * n for _, d, n in plan.eb_data_parallel) if w > 1 else 0
+    # TorchRec wraps the data-parallel tables' lookup in a DDP of its own, which all-reduces at
+    # W = 1 too (as the MLPs' DDP does)
+    out["ebc.data_parallel_grad_all_reduce"] = 4 * sum(d * n for _, d, n in plan.eb_data_parallel)
     return out
 def counted_bytes(collectives: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Counted per-step bytes (benchmarks' ``"<label>|<kind>"`` records) under collective_bytes' keys.
