@@ -170,23 +170,22 @@ class TableBatchedTTEmbeddingBag(nn.Module):
             raise ValueError("per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
         names = [self.table_names[t] for t in self.feature_table_map]
         rows = [self.shapes[t].num_embeddings for t in self.feature_table_map]
+        cores = self.lookup_cores()
         given = (indices, offsets, per_sample_weights)
         # Without caches the op checks the values before it reads a core (tt_prepare); the caches
         # read the indices first, so they need them checked here.
         indices, offsets, per_sample_weights = normalize_lookup_inputs(
-            *given, names, rows, self.include_last_offset, self.dtype, self.lookup_cores()[0].device,
+            *given, names, rows, self.include_last_offset, self.dtype, cores[0].device,
             check_values=bool(self.caches))
         if self.caches and self.training:
             self._count_cache_rows(indices, offsets)
         if any(c.populated for c in self.caches.values()):
             return self._forward_with_cache(indices, offsets, per_sample_weights)
         try:
-            return tt_lookup(self.lookup_cores(), self._spec(), indices, offsets, per_sample_weights,
-                             self._fused(), self._anchor)
+            return tt_lookup(cores, self._spec(), indices, offsets, per_sample_weights, self._fused(), self._anchor)
         except (IndexError, ValueError):
             # the op names the table by its index: name it, the value and the range as the user knows them
-            normalize_lookup_inputs(*given, names, rows, self.include_last_offset, self.dtype,
-                                    self.lookup_cores()[0].device)
+            normalize_lookup_inputs(*given, names, rows, self.include_last_offset, self.dtype, cores[0].device)
             raise
 
     def _feature_segments(self, offsets: Tensor) -> list[tuple[int, int]]:
