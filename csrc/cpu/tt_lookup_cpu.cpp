@@ -735,7 +735,7 @@ std::vector<const scalar_t*> table_core_ptrs(const std::vector<Tensor>& cores, c
 template <typename acc_t>
 struct RowGradients {
   std::vector<const acc_t*> row;     // U pointers
-  std::unique_ptr<acc_t[]> staging;  // (U, D): row u's sum at u * D, where one is needed
+  std::unique_ptr<acc_t[]> staging;  // (U, D): row u's sum at u * D, where one is needed (else null)
 };
 
 template <typename acc_t, typename scalar_t>
@@ -743,7 +743,10 @@ RowGradients<acc_t> row_gradients(const Prepared& pr, int64_t t, const Tensor& g
                                   const std::vector<acc_t>& scale) {
   const TableBatch& tb = pr.batches[t];
   const int64_t D = pr.shapes[t].dim, U = tb.U, M = tb.group[U];
-  RowGradients<acc_t> grads{std::vector<const acc_t*>(U), std::unique_ptr<acc_t[]>(new acc_t[U * D])};
+  // every row read once with factor 1 (M == U positions): all point into grad_output, no staging
+  const bool all_direct = kFastGemm<acc_t, scalar_t> && scale.empty() && M == U;
+  RowGradients<acc_t> grads{std::vector<const acc_t*>(U),
+                            all_direct ? nullptr : std::unique_ptr<acc_t[]>(new acc_t[U * D])};
   const scalar_t* go = grad_output.data_ptr<scalar_t>();
   const int64_t ld = grad_output.size(1);
   std::vector<const scalar_t*> src(M);  // per position of the table (in `order`): its gradient row
